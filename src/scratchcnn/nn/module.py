@@ -1,0 +1,380 @@
+"""Parameter, Module and Sequential: the containers every layer is built from.
+
+The design follows ``torch.nn.Module`` so that a model written here lines up with its PyTorch twin
+name for name, with one deliberate difference: there is no autograd. Every module writes its own
+``backward(grad_output) -> grad_input``, which
+
+* uses what its last ``forward`` cached (so call ``forward`` first, once per ``backward``),
+* *adds* the gradients of its parameters into ``Parameter.grad`` (as autograd accumulates), and
+* returns the gradient of the loss with respect to the module's input.
+
+Activations are logically NCHW like PyTorch's. A layer may return an array whose *memory* is
+channels-last (a transposed view, like ``torch.channels_last``), because that is the faster layout
+for im2col convolution; shapes and values are exactly PyTorch's either way, so never assume an
+output is C-contiguous.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+_grad_enabled = True
+
+
+@contextlib.contextmanager
+def no_grad() -> Iterator[None]:
+    """Like ``torch.no_grad()``: inside it, layers keep no cache for ``backward``.
+
+    Inference then needs less memory and time; calling ``backward`` afterwards is an error.
+    """
+    global _grad_enabled
+    previous = _grad_enabled
+    _grad_enabled = False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+def is_grad_enabled() -> bool:
+    """Whether layers currently cache what ``backward`` needs (False inside ``no_grad()``)."""
+    return _grad_enabled
+
+
+def as_float_dtype(dtype: Any) -> np.dtype:
+    """Validate a floating dtype argument (``None`` means the float32 default)."""
+    resolved = np.dtype(np.float32 if dtype is None else dtype)
+    if resolved not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be float32 or float64, got {resolved}")
+    return resolved
+
+
+class Parameter:
+    """A trainable array: ``.data`` is its value, ``.grad`` the accumulated gradient or None."""
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data: np.ndarray) -> None:
+        data = np.ascontiguousarray(data)
+        if data.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"Parameter data must be float32 or float64, got {data.dtype}")
+        self.data: np.ndarray = data
+        self.grad: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+    def accumulate_grad(self, grad: np.ndarray) -> None:
+        """Add ``grad`` into ``.grad`` (autograd semantics); the array is copied, never aliased."""
+        if grad.shape != self.data.shape or grad.dtype != self.data.dtype:
+            # A mismatch here is a bug in a layer's backward, not a user error.
+            raise RuntimeError(
+                f"gradient of shape {grad.shape} and dtype {grad.dtype} does not match parameter "
+                f"of shape {self.data.shape} and dtype {self.data.dtype}"
+            )
+        if self.grad is None:
+            self.grad = np.array(grad, copy=True, order="C")
+        else:
+            self.grad += grad
+
+    def __repr__(self) -> str:
+        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+class LoadResult(NamedTuple):
+    """What ``load_state_dict(..., strict=False)`` left out, as in PyTorch."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+class Module:
+    """Base class of every layer and model. Subclasses set parameters, buffers and submodules as
+    attributes in ``__init__`` (after ``super().__init__()``) and implement ``forward`` and
+    ``backward``."""
+
+    training: bool
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    # -- registration -----------------------------------------------------------------------
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "_parameters" not in self.__dict__:
+            raise AttributeError(
+                f"cannot assign {name!r} before Module.__init__() is called; "
+                f"call super().__init__() first in {type(self).__name__}.__init__"
+            )
+        if isinstance(value, Parameter):
+            self._buffers.pop(name, None)
+            self._modules.pop(name, None)
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
+            self._modules[name] = value
+        elif name in self._parameters:
+            if value is not None:
+                raise TypeError(f"cannot assign {type(value).__name__} to parameter {name!r}")
+            del self._parameters[name]
+        elif name in self._buffers:
+            self._buffers[name] = value
+        object.__setattr__(self, name, value)
+
+    def register_buffer(self, name: str, array: np.ndarray | None) -> None:
+        """A non-trainable array saved in ``state_dict`` (e.g. BatchNorm's running statistics)."""
+        self._buffers[name] = array
+        object.__setattr__(self, name, array)
+
+    # -- computation ------------------------------------------------------------------------
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward")
+
+    def backward(self, grad_output: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(f"{type(self).__name__} does not implement backward")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    # -- traversal --------------------------------------------------------------------------
+
+    def named_children(self) -> Iterator[tuple[str, Module]]:
+        yield from self._modules.items()
+
+    def children(self) -> Iterator[Module]:
+        for _, module in self.named_children():
+            yield module
+
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+        """This module and every submodule, depth first, in registration order."""
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self) -> Iterator[Module]:
+        for _, module in self.named_modules():
+            yield module
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        seen: set[int] = set()
+        for module_name, module in self.named_modules(prefix):
+            for name, param in module._parameters.items():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield (f"{module_name}.{name}" if module_name else name), param
+
+    def parameters(self) -> Iterator[Parameter]:
+        for _, param in self.named_parameters():
+            yield param
+
+    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
+        for module_name, module in self.named_modules(prefix):
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    yield (f"{module_name}.{name}" if module_name else name), buffer
+
+    # -- modes and dtype ----------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> Module:
+        for module in self.modules():
+            object.__setattr__(module, "training", bool(mode))
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in self.parameters():
+            if set_to_none:
+                param.grad = None
+            elif param.grad is not None:
+                param.grad.fill(0)
+
+    def to(self, dtype: Any) -> Module:
+        """Cast parameters, gradients and floating buffers to ``dtype`` in place; returns self."""
+        dtype = as_float_dtype(dtype)
+        for param in self.parameters():
+            param.data = param.data.astype(dtype, copy=False)
+            if param.grad is not None:
+                param.grad = param.grad.astype(dtype, copy=False)
+        for module in self.modules():
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None and buffer.dtype in FLOAT_DTYPES:
+                    module.register_buffer(name, buffer.astype(dtype, copy=False))
+        return self
+
+    def float(self) -> Module:
+        return self.to(np.float32)
+
+    def double(self) -> Module:
+        return self.to(np.float64)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> OrderedDict[str, np.ndarray]:
+        """Copies of every parameter and buffer, keyed and ordered exactly as PyTorch's."""
+        state: OrderedDict[str, np.ndarray] = OrderedDict()
+        for module_name, module in self.named_modules():
+            dot = f"{module_name}." if module_name else ""
+            for name, param in module._parameters.items():
+                state[dot + name] = param.data.copy()
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    state[dot + name] = buffer.copy()
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadResult:
+        """Copy arrays (NumPy arrays, or anything ``np.asarray`` accepts, such as CPU tensors)
+        into this module's parameters and buffers, keeping their dtypes."""
+        targets: dict[str, tuple[Module, str, np.ndarray]] = {}
+        for module_name, module in self.named_modules():
+            dot = f"{module_name}." if module_name else ""
+            for name, param in module._parameters.items():
+                targets[dot + name] = (module, name, param.data)
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    targets[dot + name] = (module, name, buffer)
+        missing = [key for key in targets if key not in state_dict]
+        unexpected = [key for key in state_dict if key not in targets]
+        where = f"loading state_dict into {type(self).__name__}"
+        if strict and (missing or unexpected):
+            raise ValueError(
+                f"{where}: missing keys {missing}, unexpected keys {unexpected}; "
+                "the state_dict must come from the same architecture"
+            )
+        values = {}
+        for key, (_, _, current) in targets.items():
+            if key not in state_dict:
+                continue
+            value = np.asarray(state_dict[key])
+            if value.shape != current.shape:
+                raise ValueError(
+                    f"{where}: {key!r} has shape {value.shape} but the model expects "
+                    f"{current.shape}; the state_dict must come from the same architecture"
+                )
+            if not np.can_cast(value.dtype, current.dtype, casting="same_kind"):
+                raise ValueError(f"{where}: {key!r} has dtype {value.dtype}, expected {current.dtype}")
+            values[key] = value
+        # Validate everything before copying anything, so a bad state_dict changes nothing.
+        for key, value in values.items():
+            _, _, current = targets[key]
+            current[...] = value
+        return LoadResult(missing, unexpected)
+
+    # -- display ----------------------------------------------------------------------------
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def describe(self) -> str:
+        """One-line description used in error messages, e.g. ``Linear(in_features=3, ...)``."""
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def __repr__(self) -> str:
+        if not self._modules:
+            return self.describe()
+        lines = [f"{type(self).__name__}("]
+        for name, module in self._modules.items():
+            child = repr(module).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {child}")
+        lines.append(")")
+        return "\n".join(lines)
+
+
+def check_input(
+    module: Module,
+    x: Any,
+    ndim: int,
+    expected: str,
+    *,
+    dim: int | None = None,
+    size: int | None = None,
+) -> np.ndarray:
+    """Validate a layer's input and return it as an array.
+
+    Raises a ValueError naming the layer, the shape it expects (``expected``, e.g.
+    ``"(N, 3, H, W)"``) and the shape it got, when the rank is not ``ndim`` or when axis ``dim``
+    does not have length ``size``; and a TypeError when the dtype is not floating or differs from
+    the layer's parameters (silent upcasts are refused, as in PyTorch).
+    """
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{module.describe()}: expected a NumPy array, got {type(x).__name__}")
+    if x.ndim != ndim or (dim is not None and x.shape[dim] != size):
+        raise ValueError(
+            f"{module.describe()}: expected input of shape {expected}, got {tuple(x.shape)}"
+        )
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{module.describe()}: expected float32 or float64 input, got {x.dtype}; "
+            "convert it first, e.g. x.astype(np.float32)"
+        )
+    for param in module._parameters.values():
+        if param.dtype != x.dtype:
+            raise TypeError(
+                f"{module.describe()}: input is {x.dtype} but the layer's parameters are "
+                f"{param.dtype}; cast one to match, e.g. model.to(np.{x.dtype})"
+            )
+        break
+    return x
+
+
+class Sequential(Module):
+    """Modules applied in order; children are named ``"0"``, ``"1"``, ... as in PyTorch."""
+
+    def __init__(self, *modules: Module | Mapping[str, Module]) -> None:
+        super().__init__()
+        if len(modules) == 1 and isinstance(modules[0], Mapping):
+            items: Iterable[tuple[str, Module]] = modules[0].items()
+        else:
+            items = ((str(i), m) for i, m in enumerate(modules))
+        for name, module in items:
+            if not isinstance(module, Module):
+                raise TypeError(f"Sequential takes Modules, got {type(module).__name__}")
+            setattr(self, name, module)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        for module in self._modules.values():
+            x = module(x)
+        return x
+
+    def backward(self, grad_output: np.ndarray) -> np.ndarray:
+        for module in reversed(self._modules.values()):
+            grad_output = module.backward(grad_output)
+        return grad_output
+
+    def append(self, module: Module) -> Sequential:
+        setattr(self, str(len(self._modules)), module)
+        return self
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(self._modules.values())
+
+    def __getitem__(self, index: int | slice) -> Module:
+        modules = list(self._modules.values())
+        if isinstance(index, slice):
+            return Sequential(*modules[index])
+        return modules[index]
