@@ -18,7 +18,9 @@ def rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.max(np.abs(actual - expected)) / scale)
 
 
-def assert_close(actual: np.ndarray, expected: np.ndarray, tol: float = 1e-8, what: str = "") -> None:
+def assert_close(
+    actual: np.ndarray, expected: np.ndarray, tol: float = 1e-8, what: str = ""
+) -> None:
     error = rel_error(actual, expected)
     assert error <= tol, f"{what}: relative error {error:.3e} > {tol:.0e}"
 

@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="scratchcnn",
         description="A CNN written from scratch in NumPy, compared side by side with PyTorch.",
     )
-    parser.add_argument("--version", action="version", version=f"scratchcnn {scratchcnn.__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"scratchcnn {scratchcnn.__version__}"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         try:

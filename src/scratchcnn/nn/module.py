@@ -274,7 +274,9 @@ class Module:
                     f"{current.shape}; the state_dict must come from the same architecture"
                 )
             if not np.can_cast(value.dtype, current.dtype, casting="same_kind"):
-                raise ValueError(f"{where}: {key!r} has dtype {value.dtype}, expected {current.dtype}")
+                raise ValueError(
+                    f"{where}: {key!r} has dtype {value.dtype}, expected {current.dtype}"
+                )
             values[key] = value
         # Validate everything before copying anything, so a bad state_dict changes nothing.
         for key, value in values.items():
