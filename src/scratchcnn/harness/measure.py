@@ -1,0 +1,153 @@
+"""Timing and peak-memory helpers (shared by ``compare`` and, later, ``bench``).
+
+Peak memory is measured the same way for every framework: the work runs in a fresh Python
+subprocess, and we report the peak resident set size (Linux ``VmHWM``) during the work minus the
+resident size just before it, after imports and data loading. Separate processes keep one side's
+freed-but-retained heap from hiding the other's allocations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+_MB = 1024 * 1024
+
+
+class Stopwatch:
+    """``with Stopwatch() as watch: ...`` then ``watch.seconds`` (wall time, perf_counter)."""
+
+    seconds: float = 0.0
+
+    def __enter__(self) -> Stopwatch:
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._start
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def current_rss_mb() -> float | None:
+    """Resident set size now, in MiB (None where /proc is unavailable)."""
+    kb = _status_kb("VmRSS")
+    return None if kb is None else kb / 1024
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class _RssSampler(threading.Thread):
+    """Fallback when the peak mark can't be reset: poll VmRSS every few milliseconds."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak_kb = _status_kb("VmRSS") or 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(0.002):
+            self.peak_kb = max(self.peak_kb, _status_kb("VmRSS") or 0)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak_kb, _status_kb("VmRSS") or 0)
+
+
+class PeakMemory:
+    """``with PeakMemory() as peak: work()`` then ``peak.mb``: the peak RSS above the RSS at
+    entry, in MiB, and ``peak.method`` saying how it was measured."""
+
+    mb: float | None = None
+    method: str = "unavailable"
+
+    def __enter__(self) -> PeakMemory:
+        self._baseline_kb = _status_kb("VmRSS")
+        self._sampler: _RssSampler | None = None
+        if self._baseline_kb is not None and not _reset_peak():
+            self._sampler = _RssSampler()
+            self._sampler.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._baseline_kb is None:
+            return
+        if self._sampler is not None:
+            peak_kb, self.method = self._sampler.stop(), "VmRSS sampled every 2 ms"
+        else:
+            peak_kb, self.method = _status_kb("VmHWM") or 0, "VmHWM (peak RSS), reset at start"
+        self.mb = max(peak_kb - self._baseline_kb, 0) / 1024
+
+
+ProbeFunction = Callable[[dict[str, Any], Callable[[], contextlib.AbstractContextManager]], Any]
+
+
+def measure_in_subprocess(target: str, payload: dict[str, Any], *,
+                          timeout: float = 600.0) -> dict[str, Any]:
+    """Run ``target`` ("package.module:function") in a fresh interpreter and measure its memory.
+
+    The function is called as ``function(payload, window)``: it does its setup (imports, loading
+    data), then runs the work to be measured inside ``with window(): ...``. Returns
+    ``{"peak_mb", "method", "result"}`` where ``result`` is the function's JSON-able return value.
+    Raises RuntimeError with the child's stderr when it fails.
+    """
+    command = [sys.executable, "-m", "scratchcnn.harness.measure", target]
+    completed = subprocess.run(
+        command, input=json.dumps(payload), capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(
+            f"memory probe {target} failed (exit {completed.returncode}):\n"
+            f"{completed.stderr.strip()[-2000:]}"
+        )
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _child_main(target: str) -> None:
+    module_name, function_name = target.split(":")
+    function: ProbeFunction = getattr(importlib.import_module(module_name), function_name)
+    payload = json.loads(sys.stdin.read())
+    windows: list[PeakMemory] = []
+
+    @contextlib.contextmanager
+    def window() -> Iterator[PeakMemory]:
+        with PeakMemory() as peak:
+            yield peak
+        windows.append(peak)
+
+    result = function(payload, window)
+    if not windows:
+        raise RuntimeError(f"{target} never opened its measurement window")
+    peak = max(windows, key=lambda w: w.mb or 0.0)
+    print(json.dumps({"peak_mb": peak.mb, "method": peak.method, "result": result}))
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1])

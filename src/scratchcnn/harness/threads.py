@@ -1,0 +1,40 @@
+"""Thread counts applied identically to both frameworks: NumPy's BLAS (through threadpoolctl) and
+PyTorch's intra-op pool (``torch.set_num_threads``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# threadpoolctl limits stay in force while their controller object is alive.
+_active_limits: list[Any] = []
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (respects affinity masks and containers' cpusets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def apply_threads(threads: int | None, *, torch: bool = True) -> int:
+    """Limit BLAS (and PyTorch when ``torch`` is True) to ``threads`` threads; None means all
+    available cores. Returns the number applied."""
+    if threads is None:
+        threads = available_cores()
+    if threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        # Without threadpoolctl, only newly started BLAS pools honour these variables.
+        for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[variable] = str(threads)
+    else:
+        _active_limits.append(threadpool_limits(limits=threads))
+    if torch:
+        import torch as torch_module
+
+        torch_module.set_num_threads(threads)
+    return threads
