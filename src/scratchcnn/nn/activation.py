@@ -1,7 +1,41 @@
-"""Placeholder: being written."""
+"""ReLU activation, as ``torch.nn.ReLU``."""
 
-from scratchcnn.nn.module import Module
+from __future__ import annotations
+
+import numpy as np
+
+from scratchcnn.nn.linear import check_grad_output
+from scratchcnn.nn.module import Module, check_input, is_grad_enabled
 
 
 class ReLU(Module):
-    pass
+    """Rectified linear unit, elementwise: any input shape, output of the same shape.
+
+    Forward:  y = max(x, 0)
+    Backward: dx = dy * (y > 0)   (PyTorch's rule: the gradient at x == 0 is 0)
+
+    Works on any memory layout: ufuncs allocate outputs in the input's layout (order "K"), so a
+    channels-last view stays channels-last and nothing is copied to contiguous.
+    """
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = bool(inplace)
+        self._output: np.ndarray | None = None
+
+    def extra_repr(self) -> str:
+        return "inplace=True" if self.inplace else ""
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        ndim = x.ndim if isinstance(x, np.ndarray) else 0
+        x = check_input(self, x, ndim, "(*)")
+        out = np.maximum(x, 0, out=x if self.inplace else None)
+        # The output is all backward needs (as in PyTorch); caching it costs no extra memory.
+        self._output = out if is_grad_enabled() else None
+        return out
+
+    def backward(self, grad_output: np.ndarray) -> np.ndarray:
+        out = self._output
+        grad = check_grad_output(self, grad_output, None if out is None else out.shape,
+                                 None if out is None else out.dtype)
+        return grad * (out > 0)

@@ -1,7 +1,154 @@
-"""Placeholder: being written."""
+"""Batch normalisation over the channels of NCHW activations, as ``torch.nn.BatchNorm2d``."""
 
-from scratchcnn.nn.module import Module
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from scratchcnn.nn.linear import check_grad_output
+from scratchcnn.nn.module import Module, Parameter, as_float_dtype, check_input, is_grad_enabled
+
+_AXES = (0, 2, 3)  # every axis but the channel axis: statistics are per channel
+
+
+def _per_channel(v: np.ndarray) -> np.ndarray:
+    """A (C,) vector as (C, 1, 1), to broadcast against (N, C, H, W)."""
+    return v.reshape(-1, 1, 1)
 
 
 class BatchNorm2d(Module):
-    pass
+    """Normalise each channel to zero mean and unit variance, then scale and shift.
+
+    Shapes: input (N, C, H, W), output the same; weight (gamma), bias (beta), running_mean and
+    running_var are (C,); num_batches_tracked is a 0-d int64 array. M = N * H * W.
+
+    Forward (training, or when no running statistics are tracked):
+        mu = mean(x), var = mean((x - mu)^2)  (biased, over N, H, W)
+        x_hat = (x - mu) / sqrt(var + eps),  y = gamma * x_hat + beta
+        running_mean <- (1 - m) running_mean + m mu
+        running_var  <- (1 - m) running_var + m var * M / (M - 1)   (unbiased)
+        with m = momentum, or 1 / num_batches_tracked when momentum is None (cumulative average).
+    Forward (eval): the same with mu, var replaced by running_mean, running_var.
+
+    Backward, with dbeta = sum(dy) and dgamma = sum(dy * x_hat) over N, H, W:
+        batch statistics: dx = gamma / sqrt(var + eps) * (dy - dbeta / M - x_hat * dgamma / M)
+        running statistics (constants): dx = gamma / sqrt(var + eps) * dy
+
+    Reductions are NumPy reductions over axes (0, 2, 3) and elementwise operations keep the input's
+    memory layout, so channels-last inputs are handled without copies or loops.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        *,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        if int(num_features) <= 0:
+            raise ValueError(f"BatchNorm2d: num_features must be positive, got {num_features}")
+        dtype = as_float_dtype(dtype)
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        # Registration order fixes the state_dict order: weight, bias, running_mean,
+        # running_var, num_batches_tracked, exactly as PyTorch.
+        if self.affine:
+            self.weight = Parameter(np.ones(self.num_features, dtype=dtype))
+            self.bias = Parameter(np.zeros(self.num_features, dtype=dtype))
+        else:
+            self.weight = None
+            self.bias = None
+        if self.track_running_stats:
+            self.register_buffer("running_mean", np.zeros(self.num_features, dtype=dtype))
+            self.register_buffer("running_var", np.ones(self.num_features, dtype=dtype))
+            self.register_buffer("num_batches_tracked", np.array(0, dtype=np.int64))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self._cache: tuple[np.ndarray, np.ndarray, bool] | None = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+        )
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.fill(0)
+            self.running_var.fill(1)
+            self.num_batches_tracked.fill(0)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = check_input(self, x, 4, f"(N, {self.num_features}, H, W)",
+                        dim=1, size=self.num_features)
+        if self.running_mean is not None and self.running_mean.dtype != x.dtype:
+            raise TypeError(
+                f"{self.describe()}: input is {x.dtype} but the running statistics are "
+                f"{self.running_mean.dtype}; cast one to match, e.g. model.to(np.{x.dtype})"
+            )
+        use_batch_stats = self.training or self.running_mean is None
+        if use_batch_stats:
+            count = x.size // self.num_features
+            if count <= 1:
+                raise ValueError(
+                    f"{self.describe()}: expected more than 1 value per channel when training, "
+                    f"got input of shape {x.shape}"
+                )
+            mean = x.mean(axis=_AXES)
+            x_hat = x - _per_channel(mean)
+            var = np.mean(np.square(x_hat), axis=_AXES)
+            inv_std = 1.0 / np.sqrt(var + self.eps)
+            x_hat *= _per_channel(inv_std)
+            if self.training and self.running_mean is not None:
+                self._update_running_stats(mean, var, count)
+        else:
+            inv_std = 1.0 / np.sqrt(self.running_var + self.eps)
+            x_hat = (x - _per_channel(self.running_mean)) * _per_channel(inv_std)
+        if self.affine:
+            out = x_hat * _per_channel(self.weight.data)
+            out += _per_channel(self.bias.data)
+        else:
+            out = x_hat.copy() if is_grad_enabled() else x_hat
+        self._cache = (x_hat, inv_std, use_batch_stats) if is_grad_enabled() else None
+        return out
+
+    def _update_running_stats(self, mean: np.ndarray, var: np.ndarray, count: int) -> None:
+        self.num_batches_tracked += 1
+        # momentum=None: a cumulative (equal-weight) average of every batch seen.
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        unbiased_var = var * (count / (count - 1))
+        # In place, so arrays obtained from named_buffers() stay live views.
+        self.running_mean *= 1.0 - factor
+        self.running_mean += factor * mean
+        self.running_var *= 1.0 - factor
+        self.running_var += factor * unbiased_var
+
+    def backward(self, grad_output: np.ndarray) -> np.ndarray:
+        x_hat, inv_std, used_batch_stats = self._cache or (None, None, None)
+        grad = check_grad_output(self, grad_output, None if x_hat is None else x_hat.shape,
+                                 None if x_hat is None else x_hat.dtype)
+        grad_bias = grad.sum(axis=_AXES)
+        grad_weight = np.sum(grad * x_hat, axis=_AXES)
+        scale = inv_std if not self.affine else inv_std * self.weight.data
+        if used_batch_stats:
+            count = x_hat.size // self.num_features
+            grad_input = x_hat * _per_channel(grad_weight / count)
+            np.subtract(grad, grad_input, out=grad_input)
+            grad_input -= _per_channel(grad_bias / count)
+            grad_input *= _per_channel(scale)
+        else:
+            grad_input = grad * _per_channel(scale)
+        if self.affine:
+            self.weight.accumulate_grad(grad_weight)
+            self.bias.accumulate_grad(grad_bias)
+        return grad_input

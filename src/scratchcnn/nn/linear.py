@@ -1,7 +1,101 @@
-"""Placeholder: being written."""
+"""Linear (fully connected) layer: ``y = x W^T + b``, as ``torch.nn.Linear``.
 
-from scratchcnn.nn.module import Module
+Also home of ``check_grad_output``, the check every layer of this package that caches its forward
+pass runs at the top of ``backward``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from scratchcnn.nn import init
+from scratchcnn.nn.module import Module, Parameter, as_float_dtype, check_input, is_grad_enabled
+
+
+def check_grad_output(
+    module: Module, grad_output: Any, expected_shape: tuple[int, ...] | None, dtype: np.dtype
+) -> np.ndarray:
+    """Validate the gradient handed to ``module.backward`` and return it as an array of ``dtype``.
+
+    ``expected_shape`` is the shape of the layer's last output, or None when ``forward`` kept no
+    cache (never called, or called under ``no_grad()``), which is a RuntimeError.
+    """
+    if expected_shape is None:
+        raise RuntimeError(
+            f"{module.describe()}: backward() needs the cache of a forward() pass; call forward "
+            "first (outside no_grad())"
+        )
+    grad_output = np.asarray(grad_output)
+    if grad_output.shape != tuple(expected_shape):
+        raise ValueError(
+            f"{module.describe()}: grad_output must have the output's shape "
+            f"{tuple(expected_shape)}, got {grad_output.shape}"
+        )
+    # Downcasting a float64 upstream gradient is harmless; the layer's grads keep its dtype.
+    return grad_output.astype(dtype, copy=False)
 
 
 class Linear(Module):
-    pass
+    """Fully connected layer.
+
+    Shapes: input (N, in_features) (or (*, in_features)), output (N, out_features);
+    weight (out_features, in_features), bias (out_features,).
+
+    Forward:  Y = X W^T + b
+    Backward: dW = dY^T X,  db = sum over rows of dY,  dX = dY W
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        dtype: Any = None,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if int(in_features) < 0 or int(out_features) < 0:
+            raise ValueError(
+                f"Linear: in_features and out_features must be non-negative, got "
+                f"{in_features} and {out_features}"
+            )
+        dtype = as_float_dtype(dtype)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.weight = Parameter(np.empty((self.out_features, self.in_features), dtype=dtype))
+        self.bias = Parameter(np.zeros(self.out_features, dtype=dtype)) if bias else None
+        init.default_layer_init_(self.weight, self.bias, rng)
+        self._input: np.ndarray | None = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}"
+        )
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        ndim = x.ndim if isinstance(x, np.ndarray) and x.ndim >= 2 else 2
+        expected = "(N, {})" if ndim == 2 else "(*, {})"
+        x = check_input(self, x, ndim, expected.format(self.in_features),
+                        dim=-1, size=self.in_features)
+        out = x @ self.weight.data.T
+        if self.bias is not None:
+            out += self.bias.data
+        self._input = x if is_grad_enabled() else None
+        return out
+
+    def backward(self, grad_output: np.ndarray) -> np.ndarray:
+        x = self._input
+        expected = None if x is None else (*x.shape[:-1], self.out_features)
+        grad = check_grad_output(self, grad_output, expected, self.weight.dtype)
+        # Collapse any leading dimensions into one batch axis: (M, out) and (M, in).
+        grad_2d = grad.reshape(-1, self.out_features)
+        x_2d = x.reshape(-1, self.in_features)
+        self.weight.accumulate_grad(grad_2d.T @ x_2d)
+        if self.bias is not None:
+            self.bias.accumulate_grad(grad_2d.sum(axis=0))
+        return grad @ self.weight.data
+
