@@ -1,7 +1,167 @@
-"""Placeholder: being written."""
+"""Conv2d: 2-D convolution (cross-correlation, as in PyTorch) by im2col and one matrix product."""
 
-from scratchcnn.nn.module import Module
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from scratchcnn.nn import functional as F
+from scratchcnn.nn.init import default_layer_init_
+from scratchcnn.nn.module import Module, Parameter, as_float_dtype, check_input, is_grad_enabled
 
 
 class Conv2d(Module):
-    pass
+    """``torch.nn.Conv2d`` with ``groups=1`` and zero padding.
+
+    Shapes: input (N, C, H, W) -> output (N, O, OH, OW), with
+    OH = floor((H + pad_top + pad_bottom - dilation*(KH-1) - 1) / stride) + 1 (same for OW);
+    weight (O, C, KH, KW), bias (O,).
+
+    Forward: out[n, o, i, j] = bias[o] + sum_{c,kh,kw} weight[o, c, kh, kw]
+                                                     * x_pad[n, c, i*s + kh*d, j*s + kw*d].
+    Computed channels-last: the padded input is unfolded into cols (N*OH*OW, KH*KW*C) and
+    multiplied once by the weight as a (KH*KW*C, O) matrix.
+
+    Backward, with g = dL/d(out) as (N*OH*OW, O):
+    dL/dW = cols^T g, dL/db = sum of g over N, OH, OW, and dL/dx = col2im(g W^T): each kernel tap's
+    slice of g W^T is added back onto the input positions that tap read.
+
+    ``padding`` may be an int, a pair, ``"valid"`` (no padding) or ``"same"`` (output size = input
+    size, stride 1 only; an odd total goes one extra row/column at the bottom/right, like PyTorch).
+    The output is an NCHW-shaped view of channels-last memory (see module.py).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
+                 dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", *, dtype: Any = None,
+                 rng: np.random.Generator | None = None) -> None:
+        super().__init__()
+        owner = "Conv2d"
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+        if groups != 1:
+            raise ValueError(f"{owner}: only groups=1 is supported, got groups={groups!r}")
+        if padding_mode != "zeros":
+            raise ValueError(f"{owner}: only padding_mode='zeros' is supported, "
+                             f"got {padding_mode!r}")
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.kernel_size = F.check_positive(F.pair(kernel_size, "kernel_size", owner),
+                                            "kernel_size", owner)
+        self.stride = F.check_positive(F.pair(stride, "stride", owner), "stride", owner)
+        self.dilation = F.check_positive(F.pair(dilation, "dilation", owner), "dilation", owner)
+        self.groups = 1
+        self.padding_mode = padding_mode
+        self.padding: tuple[int, int] | str
+        self._pad: tuple[int, int, int, int]  # (top, bottom, left, right)
+        if isinstance(padding, str):
+            if padding not in ("valid", "same"):
+                raise ValueError(f"{owner}: invalid padding string {padding!r}, "
+                                 "should be one of {'valid', 'same'}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError(f"{owner}: padding='same' is not supported for strided "
+                                 f"convolutions (stride={self.stride}); use an int padding")
+            self.padding = padding
+            total_h, total_w = (0, 0) if padding == "valid" else (
+                self.dilation[0] * (self.kernel_size[0] - 1),
+                self.dilation[1] * (self.kernel_size[1] - 1))
+            self._pad = (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
+        else:
+            self.padding = F.check_positive(F.pair(padding, "padding", owner), "padding", owner,
+                                            minimum=0)
+            self._pad = (self.padding[0], self.padding[0], self.padding[1], self.padding[1])
+
+        dtype = as_float_dtype(dtype)
+        kh, kw = self.kernel_size
+        self.weight = Parameter(np.empty((self.out_channels, self.in_channels, kh, kw), dtype))
+        self.bias = Parameter(np.empty(self.out_channels, dtype)) if bias else None
+        default_layer_init_(self.weight, self.bias, rng)
+        self._clear_cache()
+
+    def _clear_cache(self) -> None:
+        self._cols: np.ndarray | None = None  # im2col matrix (N*OH*OW, KH*KW*C) of the last input
+        self._weight_matrix: np.ndarray | None = None  # weight as (KH*KW*C, O), used by forward
+        self._padded_shape: tuple[int, ...] = ()
+        self._input_hw: tuple[int, int] = (0, 0)
+        self._output_shape: tuple[int, ...] = ()
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) -> (N, O, OH, OW); caches the im2col matrix for ``backward``."""
+        x = check_input(self, x, 4, f"(N, {self.in_channels}, H, W)", dim=1,
+                        size=self.in_channels)
+        n, _, h, w = x.shape
+        top, bottom, left, right = self._pad
+        kh, kw = self.kernel_size
+        out_h = F.conv_output_size(h, kh, self.stride[0], top, bottom, self.dilation[0])
+        out_w = F.conv_output_size(w, kw, self.stride[1], left, right, self.dilation[1])
+        if out_h < 1 or out_w < 1:
+            raise ValueError(
+                f"{self.describe()}: input of shape {tuple(x.shape)} is padded to "
+                f"{h + top + bottom}x{w + left + right}, smaller than the kernel's span "
+                f"{F.effective_kernel(kh, self.dilation[0])}x"
+                f"{F.effective_kernel(kw, self.dilation[1])}; use a larger input or more padding")
+
+        x_nhwc = F.to_nhwc(x)
+        padded = F.pad_nhwc(x_nhwc, top, bottom, left, right) if any(self._pad) else x_nhwc
+        windows = F.sliding_windows(padded, self.kernel_size, (out_h, out_w), self.stride,
+                                    self.dilation)
+        # The one im2col copy: rows are output pixels, columns are (kh, kw, c) taps, so the
+        # reduction over taps is a single BLAS matrix product.
+        cols = windows.reshape(n * out_h * out_w, kh * kw * self.in_channels)
+        # (O, C, KH, KW) -> (KH, KW, C, O) matches cols' column order; the copy is small.
+        weight_matrix = self.weight.data.transpose(2, 3, 1, 0).reshape(-1, self.out_channels)
+        out = cols @ weight_matrix
+        if self.bias is not None:
+            out += self.bias.data
+
+        if is_grad_enabled():
+            self._cols, self._weight_matrix = cols, weight_matrix
+            self._padded_shape, self._input_hw = padded.shape, (h, w)
+            self._output_shape = (n, self.out_channels, out_h, out_w)
+        else:
+            self._clear_cache()
+        return F.to_nchw(out.reshape(n, out_h, out_w, self.out_channels))
+
+    def backward(self, grad_output: np.ndarray) -> np.ndarray:
+        """(N, O, OH, OW) -> (N, C, H, W); adds dL/dW and dL/db into the parameters' ``.grad``."""
+        if self._cols is None or self._weight_matrix is None:
+            raise RuntimeError(f"{self.describe()}: backward called without a preceding forward "
+                               "(or after a forward under no_grad()); call forward first")
+        cols, weight_matrix = self._cols, self._weight_matrix
+        grad_output = F.check_grad_output(self.describe(), grad_output, self._output_shape,
+                                          cols.dtype)
+        n, o, out_h, out_w = self._output_shape
+        kh, kw = self.kernel_size
+        c = self.in_channels
+        grad_2d = F.to_nhwc(grad_output).reshape(-1, o)  # free if grad_output is channels-last
+
+        grad_weight = (cols.T @ grad_2d).reshape(kh, kw, c, o).transpose(3, 2, 0, 1)
+        self.weight.accumulate_grad(grad_weight)
+        if self.bias is not None:
+            self.bias.accumulate_grad(grad_2d.sum(axis=0))
+
+        # col2im: one matrix product for every tap's input gradient, then each tap's slice is
+        # added onto the positions it read (a loop over the KH*KW taps only).
+        grad_windows = (grad_2d @ weight_matrix.T).reshape(n, out_h, out_w, kh, kw, c)
+        grad_padded = np.zeros(self._padded_shape, dtype=cols.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                tap = F.tap_view(grad_padded, i, j, (out_h, out_w), self.stride, self.dilation)
+                tap += grad_windows[:, :, :, i, j, :]
+        top, _, left, _ = self._pad
+        h, w = self._input_hw
+        return F.to_nchw(grad_padded[:, top:top + h, left:left + w, :])
+
+    def extra_repr(self) -> str:
+        text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}")
+        if self.padding != (0, 0):
+            text += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation}"
+        if self.bias is None:
+            text += ", bias=False"
+        return text

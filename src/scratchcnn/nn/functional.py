@@ -1,1 +1,123 @@
-"""Placeholder: being written."""
+"""Low-level helpers shared by the convolution and pooling layers.
+
+Everything here works on channels-last (NHWC) arrays, the layout the layers compute in:
+
+* ``pair`` / ``check_positive`` turn ``int`` or ``(int, int)`` arguments into validated pairs;
+* ``conv_output_size`` / ``pool_output_size`` give PyTorch's output lengths;
+* ``pad_nhwc`` copies an input once into a bordered buffer (the border written once, no np.pad);
+* ``tap_view`` is the strided slice one kernel tap (kh, kw) sees across every output position;
+* ``sliding_windows`` is the im2col view (N, OH, OW, KH, KW, C) of a padded buffer, no copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+Pair = tuple[int, int]
+
+
+def pair(value: Any, name: str, owner: str) -> Pair:
+    """``value`` as an ``(int, int)`` pair; an int ``k`` means ``(k, k)``, as in torch.nn."""
+    items = (value, value) if isinstance(value, (int, np.integer)) else value
+    try:
+        first, second = items
+    except (TypeError, ValueError):
+        message = f"{owner}: {name} must be an int or a pair of ints, got {value!r}"
+        raise ValueError(message) from None
+    for item in (first, second):
+        if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+            raise ValueError(f"{owner}: {name} must be an int or a pair of ints, got {value!r}")
+    return int(first), int(second)
+
+
+def check_positive(values: Pair, name: str, owner: str, minimum: int = 1) -> Pair:
+    """Raise a ValueError unless both entries of ``values`` are at least ``minimum``."""
+    if min(values) < minimum:
+        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {values}")
+    return values
+
+
+def to_nhwc(x: np.ndarray) -> np.ndarray:
+    """The channels-last view (N, H, W, C) of a logically NCHW array; no copy."""
+    return x.transpose(0, 2, 3, 1)
+
+
+def to_nchw(x_nhwc: np.ndarray) -> np.ndarray:
+    """The logically NCHW view of a channels-last array; no copy (see module.py's docstring)."""
+    return x_nhwc.transpose(0, 3, 1, 2)
+
+
+def effective_kernel(kernel: int, dilation: int) -> int:
+    """The span of a dilated kernel: taps sit ``dilation`` apart."""
+    return dilation * (kernel - 1) + 1
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int,
+                     dilation: int = 1) -> int:
+    """floor((size + padding - span) / stride) + 1, PyTorch's Conv2d output length."""
+    return (size + pad_before + pad_after - effective_kernel(kernel, dilation)) // stride + 1
+
+
+def pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1,
+                     ceil_mode: bool = False) -> int:
+    """PyTorch's pooling output length. With ``ceil_mode`` the division rounds up, but a last
+    window that would start beyond the input plus its left padding is dropped."""
+    span = size + 2 * padding - effective_kernel(kernel, dilation)
+    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def pad_nhwc(x_nhwc: np.ndarray, top: int, bottom: int, left: int, right: int,
+             fill: float = 0.0) -> np.ndarray:
+    """A new C-contiguous (N, top+H+bottom, left+W+right, C) array: ``x_nhwc`` inside a border of
+    ``fill``. ``x_nhwc`` may have any strides; this is the one copy that makes it channels-last."""
+    n, h, w, c = x_nhwc.shape
+    padded = np.empty((n, top + h + bottom, left + w + right, c), dtype=x_nhwc.dtype)
+    # Write only the border strips, so every element is written exactly once.
+    padded[:, :top] = fill
+    padded[:, top + h:] = fill
+    padded[:, top:top + h, :left] = fill
+    padded[:, top:top + h, left + w:] = fill
+    padded[:, top:top + h, left:left + w] = x_nhwc
+    return padded
+
+
+def tap_view(padded: np.ndarray, kh: int, kw: int, out_size: Pair, stride: Pair,
+             dilation: Pair = (1, 1)) -> np.ndarray:
+    """The (N, OH, OW, C) strided view of ``padded`` (NHWC) that kernel tap (kh, kw) reads: element
+    [n, oh, ow, c] is padded[n, oh*sh + kh*dh, ow*sw + kw*dw, c]. Writable when ``padded`` is, so
+    backward passes can add a tap's gradient into it in place."""
+    top, left = kh * dilation[0], kw * dilation[1]
+    rows = slice(top, top + stride[0] * (out_size[0] - 1) + 1, stride[0])
+    cols = slice(left, left + stride[1] * (out_size[1] - 1) + 1, stride[1])
+    return padded[:, rows, cols, :]
+
+
+def sliding_windows(padded: np.ndarray, kernel: Pair, out_size: Pair, stride: Pair,
+                    dilation: Pair = (1, 1)) -> np.ndarray:
+    """The read-only im2col view (N, OH, OW, KH, KW, C) of ``padded`` (NHWC): element
+    [n, oh, ow, kh, kw, c] is padded[n, oh*sh + kh*dh, ow*sw + kw*dw, c]. No data is copied."""
+    sn, sh, sw, sc = padded.strides
+    shape = (padded.shape[0], *out_size, *kernel, padded.shape[3])
+    strides = (sn, sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1], sc)
+    return as_strided(padded, shape=shape, strides=strides, writeable=False)
+
+
+def check_grad_output(owner: str, grad_output: Any, expected_shape: tuple[int, ...],
+                      dtype: np.dtype) -> np.ndarray:
+    """Validate the upstream gradient a layer's ``backward`` receives."""
+    if not isinstance(grad_output, np.ndarray):
+        raise TypeError(f"{owner}: grad_output must be a NumPy array, got "
+                        f"{type(grad_output).__name__}")
+    if grad_output.shape != expected_shape:
+        raise ValueError(f"{owner}: grad_output has shape {tuple(grad_output.shape)} but the last "
+                         f"forward returned shape {expected_shape}; they must match")
+    if grad_output.dtype != dtype:
+        raise TypeError(f"{owner}: grad_output is {grad_output.dtype} but the layer computes in "
+                        f"{dtype}; cast it to match")
+    return grad_output
