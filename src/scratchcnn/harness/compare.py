@@ -1,0 +1,371 @@
+"""NumPy vs PyTorch, fairly: the same architecture and initial weights (the NumPy model is built
+from the seed and copied into PyTorch), the same normalised data, the same batches in the same
+order (one BatchSampler), the same optimizer hyper-parameters and thread count, measured in one
+run with the frameworks alternating epoch by epoch so machine noise hits both."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scratchcnn.harness import training
+from scratchcnn.harness.environment import describe_environment
+from scratchcnn.harness.measure import measure_in_subprocess
+from scratchcnn.harness.threads import apply_threads
+from scratchcnn.models import architecture, build_model
+
+DTYPES = ("float32", "float64")
+DEFAULT_DATASET = "mnist"
+FALLBACK_DATASET = "mnist-sample"
+# Memory probe: this many training steps, then evaluation of at most this many test images.
+PROBE_STEPS = 10
+PROBE_TEST_IMAGES = 2000
+
+
+@dataclass
+class CompareConfig:
+    dataset: str | None = None          # None: full MNIST, falling back to mnist-sample offline
+    data_dir: str | None = None
+    model: str = "simple-cnn"
+    epochs: int = 3
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    seed: int = 0
+    limit_train: int | None = None
+    limit_test: int | None = None
+    frameworks: tuple[str, ...] = ("numpy", "torch")
+    dtype: str = "float32"
+    threads: int | None = None          # None: all available cores
+    eval_batch_size: int = 1000
+    measure_memory: bool = True
+    quiet: bool = False
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        architecture(self.model)  # raises with the list of known models
+        for framework in self.frameworks:
+            training.check_framework(framework)
+        if not self.frameworks or len(set(self.frameworks)) != len(self.frameworks):
+            raise ValueError(f"frameworks must be distinct and non-empty, got {self.frameworks}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.optimizer not in training.OPTIMIZER_NAMES:
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}; "
+                f"choose one of {', '.join(training.OPTIMIZER_NAMES)}"
+            )
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("limit_train", "limit_test"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_dataset(config: CompareConfig, warn: Callable[[str], None] = _warn):
+    """Load the dataset. An explicit ``config.dataset`` never falls back; without one, full MNIST
+    is tried (local or downloaded), then the bundled sample with a loud warning. Returns
+    ``(dataset, fallback_message_or_None)``."""
+    from scratchcnn.data import DatasetError, load_dataset
+
+    if config.dataset is not None:
+        return load_dataset(config.dataset, config.data_dir, download=True), None
+    try:
+        return load_dataset(DEFAULT_DATASET, config.data_dir, download=True), None
+    except (DatasetError, OSError) as error:
+        message = (
+            f"WARNING: full MNIST is not available ({error}). FALLING BACK to the small bundled "
+            f"'{FALLBACK_DATASET}' dataset: accuracies and timings are NOT comparable to full "
+            "MNIST. Pass --dataset mnist --data-dir DIR to use a local copy."
+        )
+        warn("\n" + "!" * 78 + "\n" + message + "\n" + "!" * 78)
+        return load_dataset(FALLBACK_DATASET, download=False), message
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, description: str, quiet: bool) -> Iterator[Callable[[float], None]]:
+    """A tqdm bar on stderr with the live loss; silent when quiet or stderr is not a terminal."""
+    from tqdm import tqdm
+
+    disable = quiet or not sys.stderr.isatty()
+    with tqdm(total=total, desc=description, unit="batch", disable=disable, leave=False,
+              file=sys.stderr) as bar:
+
+        def update(loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+        yield update
+
+
+@dataclass
+class _Side:
+    """One framework's model, optimizer and measurements during the run."""
+
+    name: str
+    model: Any
+    optimizer: Any = None
+    untrained: dict[str, float] = field(default_factory=dict)
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    step_losses: list[list[float]] = field(default_factory=list)
+    final: training.EvalResult | None = None
+
+
+def _build_sides(config: CompareConfig, dtype: np.dtype) -> dict[str, _Side]:
+    numpy_model = build_model(config.model, dtype=dtype, rng=np.random.default_rng(config.seed))
+    sides: dict[str, _Side] = {}
+    for framework in config.frameworks:
+        if framework == "numpy":
+            sides["numpy"] = _Side("numpy", numpy_model)
+        else:
+            import torch
+
+            from scratchcnn.reference.torch_models import torch_twin
+
+            torch.manual_seed(config.seed)  # torch's Dropout masks
+            sides["torch"] = _Side("torch", torch_twin(numpy_model, config.model))
+    return sides
+
+
+def _model_state(side: _Side) -> dict[str, np.ndarray]:
+    if side.name == "numpy":
+        return dict(side.model.state_dict())
+    from scratchcnn.reference.torch_models import from_torch_state_dict
+
+    return from_torch_state_dict(side.model.state_dict())
+
+
+def _max_weight_difference(sides: dict[str, _Side]) -> float | None:
+    if len(sides) < 2:
+        return None
+    first, second = (_model_state(side) for side in sides.values())
+    return max(
+        float(np.max(np.abs(first[key].astype(np.float64) - second[key].astype(np.float64))))
+        for key in first if key in second and first[key].size
+    )
+
+
+def run_compare(config: CompareConfig) -> dict[str, Any]:
+    """Run the whole comparison and return the report dictionary (also holding, under the
+    private key ``_artifacts``, the arrays the plots need)."""
+    from scratchcnn.data import BatchSampler, compute_mean_std, normalize
+
+    config.validate()
+    threads = apply_threads(config.threads, torch="torch" in config.frameworks)
+    dataset, fallback = resolve_dataset(config)
+    dataset = dataset.limit(config.limit_train, config.limit_test)
+    dtype = np.dtype(config.dtype)
+    mean, std = compute_mean_std(dataset.train_images)
+    train_x = normalize(dataset.train_images, mean, std, dtype=dtype)
+    test_x = normalize(dataset.test_images, mean, std, dtype=dtype)
+    train_y, test_y = dataset.train_labels, dataset.test_labels
+
+    sides = _build_sides(config, dtype)
+    initial_difference = _max_weight_difference(sides)
+    initial_first_layer = {name: _first_weight(side) for name, side in sides.items()}
+
+    def evaluate(side: _Side) -> training.EvalResult:
+        return training.evaluate(side.name, side.model, test_x, test_y,
+                                 batch_size=config.eval_batch_size)
+
+    for side in sides.values():
+        result = evaluate(side)
+        side.untrained = {"test_accuracy": result.accuracy, "test_loss": result.loss,
+                          "eval_seconds": result.seconds}
+        side.optimizer = training.make_optimizer(
+            side.name, side.model.parameters(), config.optimizer, config.lr,
+            **config.optimizer_options,
+        )
+
+    sampler = BatchSampler(len(train_y), config.batch_size, shuffle=True, seed=config.seed)
+    for epoch in range(1, config.epochs + 1):
+        batches = sampler.epoch(epoch)
+        for side in sides.values():  # alternate: numpy epoch e, torch epoch e, numpy e+1, ...
+            losses: list[float] = []
+            description = f"{side.name} epoch {epoch}/{config.epochs}"
+            with _progress_bar(len(batches), description, config.quiet) as progress:
+
+                def record(loss: float, losses=losses, progress=progress) -> None:
+                    losses.append(loss)
+                    progress(loss)
+
+                start = time.perf_counter()
+                train_loss = training.train_epoch(
+                    side.name, side.model, side.optimizer, train_x, train_y, batches,
+                    epoch=epoch, progress=record,
+                )
+                seconds = time.perf_counter() - start
+            side.final = evaluate(side)
+            side.step_losses.append(losses)
+            side.epochs.append({
+                "epoch": epoch, "train_loss": train_loss, "test_loss": side.final.loss,
+                "test_accuracy": side.final.accuracy, "seconds": seconds,
+                "eval_seconds": side.final.seconds,
+            })
+            if not config.quiet:
+                _warn(f"{side.name:>5} epoch {epoch}/{config.epochs}: train loss "
+                      f"{train_loss:.4f}, test loss {side.final.loss:.4f}, test accuracy "
+                      f"{side.final.accuracy:.2%}, {seconds:.1f} s")
+
+    memory = _measure_memory(config, threads, train_x, train_y, test_x, test_y, sampler)
+    return _assemble_report(config, dataset, fallback, mean, std, threads, sides, memory,
+                            initial_difference, initial_first_layer)
+
+
+def _first_weight(side: _Side) -> np.ndarray | None:
+    from scratchcnn.models import first_conv_weight
+
+    return first_conv_weight(_model_state(side))
+
+
+def _measure_memory(config, threads, train_x, train_y, test_x, test_y, sampler):
+    results: dict[str, dict[str, Any]] = {}
+    if not config.measure_memory:
+        return results
+    batches = sampler.epoch(1)[:PROBE_STEPS]
+    used = np.concatenate(batches)
+    with tempfile.TemporaryDirectory(prefix="scratchcnn-memprobe-") as tmp:
+        data_file = Path(tmp) / "data.npz"
+        # Only the images the probe touches; indices are renumbered to match.
+        np.savez(data_file, train_x=train_x[used], train_y=train_y[used],
+                 test_x=test_x[:PROBE_TEST_IMAGES], test_y=test_y[:PROBE_TEST_IMAGES])
+        sizes = [len(batch) for batch in batches]
+        for framework in config.frameworks:
+            payload = {
+                "framework": framework, "model": config.model, "dtype": config.dtype,
+                "seed": config.seed, "optimizer": config.optimizer, "lr": config.lr,
+                "optimizer_options": config.optimizer_options, "threads": threads,
+                "batch_sizes": sizes, "eval_batch_size": config.eval_batch_size,
+                "data": str(data_file),
+            }
+            try:
+                results[framework] = measure_in_subprocess(
+                    "scratchcnn.harness.compare:memory_probe", payload)
+            except (RuntimeError, OSError) as error:
+                _warn(f"warning: peak memory of {framework} could not be measured: {error}")
+    return results
+
+
+def memory_probe(payload: dict[str, Any], window) -> dict[str, Any]:
+    """Runs in a fresh process (see ``measure.measure_in_subprocess``): build the model, then
+    inside the measurement window train for a few steps and evaluate a slice of the test set."""
+    framework = payload["framework"]
+    apply_threads(payload["threads"], torch=framework == "torch")
+    with np.load(payload["data"], allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    dtype = np.dtype(payload["dtype"])
+    model = build_model(payload["model"], dtype=dtype,
+                        rng=np.random.default_rng(payload["seed"]))
+    if framework == "torch":
+        from scratchcnn.reference.torch_models import torch_twin
+
+        model = torch_twin(model, payload["model"])
+    ends = np.cumsum(payload["batch_sizes"])
+    batches = [np.arange(end - size, end) for size, end in zip(payload["batch_sizes"], ends,
+                                                               strict=True)]
+    with window():
+        optimizer = training.make_optimizer(framework, model.parameters(), payload["optimizer"],
+                                            payload["lr"], **payload["optimizer_options"])
+        training.train_epoch(framework, model, optimizer, arrays["train_x"], arrays["train_y"],
+                             batches, epoch=1)
+        training.evaluate(framework, model, arrays["test_x"], arrays["test_y"],
+                          batch_size=payload["eval_batch_size"])
+    return {"steps": len(batches), "test_images": len(arrays["test_y"])}
+
+
+def _relative_step_difference(sides: dict[str, _Side]) -> float | None:
+    """Max over the first epoch's steps of |loss_numpy - loss_torch| / |loss_torch|."""
+    if len(sides) < 2:
+        return None
+    first, second = (np.asarray(side.step_losses[0]) for side in sides.values())
+    if not len(first):
+        return None
+    return float(np.max(np.abs(first - second) / np.maximum(np.abs(second), 1e-30)))
+
+
+def _assemble_report(config, dataset, fallback, mean, std, threads, sides, memory,
+                     initial_difference, initial_first_layer) -> dict[str, Any]:
+    train_size, test_size = len(dataset.train_labels), len(dataset.test_labels)
+    has_dropout = any(layer == "Dropout" for layer, _ in architecture(config.model))
+    memory_method = next((m["method"] for m in memory.values()), None)
+    notes = [
+        "Both frameworks start from identical weights (the NumPy model is initialised from the "
+        "seed and copied into PyTorch), see the same normalised images in the same batch order, "
+        "and use the same optimizer hyper-parameters and thread count.",
+        "Epochs alternate between frameworks (numpy 1, torch 1, numpy 2, ...). 'seconds' is the "
+        "training time of an epoch; the test set is evaluated after each epoch, and the final "
+        "figures are those of the last epoch's evaluation.",
+    ]
+    if has_dropout:
+        notes.append(
+            "This model has Dropout: its random masks come from NumPy's generator on one side "
+            "and torch's on the other, so the training trajectories differ slightly by design; "
+            "evaluation runs in eval mode (no dropout) on both sides."
+        )
+    if memory:
+        notes.append(
+            f"Peak memory: each framework runs {PROBE_STEPS} training steps and evaluates up to "
+            f"{PROBE_TEST_IMAGES} test images in its own fresh Python process; reported is the "
+            f"peak resident memory during that work above the resident memory just before it "
+            f"(after imports, data loading and model construction), measured by {memory_method}."
+        )
+    if fallback:
+        notes.insert(0, fallback)
+
+    frameworks: dict[str, Any] = {}
+    for name, side in sides.items():
+        train_seconds = sum(epoch["seconds"] for epoch in side.epochs)
+        frameworks[name] = {
+            "untrained": side.untrained,
+            "epochs": side.epochs,
+            "test_accuracy": side.final.accuracy,
+            "test_loss": side.final.loss,
+            "train_seconds": train_seconds,
+            "eval_seconds": side.final.seconds,
+            "train_samples_per_second": train_size * len(side.epochs) / max(train_seconds, 1e-12),
+            "eval_samples_per_second": test_size / max(side.final.seconds, 1e-12),
+            "peak_memory_mb": memory.get(name, {}).get("peak_mb"),
+            "step_losses": side.step_losses,
+        }
+    config_dict = {key: value for key, value in asdict(config).items() if key != "quiet"}
+    config_dict["threads"] = threads
+    config_dict["frameworks"] = list(config.frameworks)
+    return {
+        "dataset": {
+            "name": dataset.name, "train_size": train_size, "test_size": test_size,
+            "source": str(dataset.source), "fallback": fallback, "classes": list(dataset.classes),
+            "normalization": {"mean": float(mean), "std": float(std)},
+        },
+        "model": config.model,
+        "config": config_dict,
+        "frameworks": frameworks,
+        "agreement": {
+            "initial_weights_max_abs_diff": initial_difference,
+            "first_epoch_step_loss_max_rel_diff": _relative_step_difference(sides),
+        },
+        "environment": describe_environment(threads),
+        "notes": notes,
+        "_artifacts": {
+            "test_images": dataset.test_images, "test_labels": dataset.test_labels,
+            "classes": list(dataset.classes),
+            "predictions": {name: side.final.predictions for name, side in sides.items()},
+            "first_layer": {name: _first_weight(side) for name, side in sides.items()},
+            "initial_first_layer": initial_first_layer,
+        },
+    }
