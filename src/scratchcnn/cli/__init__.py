@@ -12,7 +12,9 @@ import sys
 import scratchcnn
 
 # Order of appearance in --help.
-SUBCOMMAND_MODULES = ("compare", "train", "evaluate", "predict", "bench", "accuracy", "datasets")
+SUBCOMMAND_MODULES = (
+    "compare", "train", "evaluate", "predict", "convert", "bench", "accuracy", "datasets"
+)
 
 
 class CommandError(Exception):
