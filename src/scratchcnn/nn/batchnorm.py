@@ -21,7 +21,8 @@ class BatchNorm2d(Module):
     """Normalise each channel to zero mean and unit variance, then scale and shift.
 
     Shapes: input (N, C, H, W), output the same; weight (gamma), bias (beta), running_mean and
-    running_var are (C,); num_batches_tracked is a 0-d int64 array. M = N * H * W.
+    running_var are (C,) (weight and bias only when affine; bias=False drops bias);
+    num_batches_tracked is a 0-d int64 array. M = N * H * W.
 
     Forward (training, or when no running statistics are tracked):
         mu = mean(x), var = mean((x - mu)^2)  (biased, over N, H, W)
@@ -47,6 +48,7 @@ class BatchNorm2d(Module):
         affine: bool = True,
         track_running_stats: bool = True,
         *,
+        bias: bool = True,
         dtype: Any = None,
     ) -> None:
         super().__init__()
@@ -60,12 +62,9 @@ class BatchNorm2d(Module):
         self.track_running_stats = bool(track_running_stats)
         # Registration order fixes the state_dict order: weight, bias, running_mean,
         # running_var, num_batches_tracked, exactly as PyTorch.
-        if self.affine:
-            self.weight = Parameter(np.ones(self.num_features, dtype=dtype))
-            self.bias = Parameter(np.zeros(self.num_features, dtype=dtype))
-        else:
-            self.weight = None
-            self.bias = None
+        self.weight = Parameter(np.ones(self.num_features, dtype=dtype)) if affine else None
+        # bias=False (keyword-only, new in recent PyTorch) keeps gamma but drops beta.
+        self.bias = Parameter(np.zeros(self.num_features, dtype=dtype)) if affine and bias else None
         if self.track_running_stats:
             self.register_buffer("running_mean", np.zeros(self.num_features, dtype=dtype))
             self.register_buffer("running_var", np.ones(self.num_features, dtype=dtype))
@@ -79,7 +78,8 @@ class BatchNorm2d(Module):
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
         )
 
     def reset_running_stats(self) -> None:
@@ -116,7 +116,8 @@ class BatchNorm2d(Module):
             x_hat = (x - _per_channel(self.running_mean)) * _per_channel(inv_std)
         if self.affine:
             out = x_hat * _per_channel(self.weight.data)
-            out += _per_channel(self.bias.data)
+            if self.bias is not None:
+                out += _per_channel(self.bias.data)
         else:
             out = x_hat.copy() if is_grad_enabled() else x_hat
         self._cache = (x_hat, inv_std, use_batch_stats) if is_grad_enabled() else None
@@ -150,5 +151,6 @@ class BatchNorm2d(Module):
             grad_input = grad * _per_channel(scale)
         if self.affine:
             self.weight.accumulate_grad(grad_weight)
+        if self.bias is not None:
             self.bias.accumulate_grad(grad_bias)
         return grad_input

@@ -62,16 +62,6 @@ class CrossEntropyLoss(Module):
         #  class weights, divisor), kept by forward for backward.
         self._cache: tuple[Any, ...] | None = None
 
-    def extra_repr(self) -> str:
-        parts = [f"reduction={self.reduction!r}"]
-        if self.weight is not None:
-            parts.append(f"weight=<{self.weight.shape[0]} classes>")
-        if self.ignore_index != -100:
-            parts.append(f"ignore_index={self.ignore_index}")
-        if self.label_smoothing:
-            parts.append(f"label_smoothing={self.label_smoothing}")
-        return ", ".join(parts)
-
     def _check_target(self, target: Any, n: int, classes: int) -> np.ndarray:
         target = np.asarray(target)
         if target.shape != (n,) or not np.issubdtype(target.dtype, np.integer):
