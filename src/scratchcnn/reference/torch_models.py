@@ -39,14 +39,18 @@ def torch_twin(numpy_model: Any, name: str) -> torch.nn.Sequential:
         found = sorted(map(str, dtypes))
         raise ValueError(f"numpy model must have a single float dtype, found {found}")
     twin = build_torch_model(name, dtype=dtypes.pop())
-    result = twin.load_state_dict(to_torch_state_dict(state), strict=False)
+    expected = {key: tuple(value.shape) for key, value in twin.state_dict().items()}
     # BatchNorm's step counter is the only thing the NumPy side may legitimately lack.
-    missing = [key for key in result.missing_keys if not key.endswith("num_batches_tracked")]
-    if missing or result.unexpected_keys:
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [key for key in state if key not in expected]
+    wrong_shape = [f"{key} {state[key].shape} vs {expected[key]}"
+                   for key in state if key in expected and state[key].shape != expected[key]]
+    if missing or unexpected or wrong_shape:
         raise ValueError(
             f"numpy model does not match architecture {name!r}: missing {missing}, "
-            f"unexpected {result.unexpected_keys}"
+            f"unexpected {unexpected}, wrong shapes {wrong_shape}"
         )
+    twin.load_state_dict(to_torch_state_dict(state), strict=False)
     return twin
 
 
