@@ -1,0 +1,244 @@
+"""Module, Parameter and Sequential (scratchcnn.nn.module): registration, traversal order,
+state_dict compatibility with torch.nn.Sequential, loading, modes, dtypes, gradients, repr."""
+
+import numpy as np
+import pytest
+
+from scratchcnn.nn import (
+    BatchNorm2d,
+    Conv2d,
+    Dropout,
+    Flatten,
+    Linear,
+    MaxPool2d,
+    Module,
+    Parameter,
+    ReLU,
+    Sequential,
+    is_grad_enabled,
+    no_grad,
+)
+
+
+def numpy_model(rng, dtype=np.float32):
+    return Sequential(
+        Conv2d(1, 4, 3, padding=1, dtype=dtype, rng=rng),
+        BatchNorm2d(4, dtype=dtype),
+        ReLU(),
+        MaxPool2d(2),
+        Sequential(Flatten(), Dropout(0.25, rng=rng)),
+        Linear(4 * 3 * 3, 5, dtype=dtype, rng=rng),
+        Linear(5, 2, bias=False, dtype=dtype, rng=rng),
+    )
+
+
+def torch_model(torch, dtype=None):
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, dtype=dtype),
+        nn.BatchNorm2d(4, dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Sequential(nn.Flatten(), nn.Dropout(0.25)),
+        nn.Linear(4 * 3 * 3, 5, dtype=dtype),
+        nn.Linear(5, 2, bias=False, dtype=dtype),
+    )
+
+
+class Affine(Module):
+    """A hand-written module: y = scale * inner(x) + shift."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = Parameter(np.full(3, 2.0))
+        self.inner = Linear(3, 3, dtype=np.float64, rng=np.random.default_rng(0))
+        self.register_buffer("calls", np.array(0, dtype=np.int64))
+        self.shift = Parameter(np.zeros(3))
+        self.not_state = np.ones(2)  # a plain attribute: neither parameter nor buffer
+
+
+def test_registration_order_and_plain_attributes():
+    module = Affine()
+    assert [name for name, _ in module.named_parameters()] == [
+        "scale", "shift", "inner.weight", "inner.bias"
+    ]
+    assert list(module.state_dict()) == ["scale", "shift", "calls", "inner.weight", "inner.bias"]
+    assert [name for name, _ in module.named_modules()] == ["", "inner"]
+    assert list(module.children()) == [module.inner]
+    module.shift = None  # removes the parameter, as in torch
+    assert "shift" not in dict(module.named_parameters())
+    with pytest.raises(TypeError, match="'scale'"):
+        module.scale = np.zeros(3)
+
+
+def test_assigning_before_init_is_explained():
+    class Broken(Module):
+        def __init__(self):
+            self.weight = Parameter(np.zeros(1))
+
+    with pytest.raises(AttributeError, match=r"super\(\).__init__\(\)"):
+        Broken()
+
+
+def test_shared_parameter_is_listed_once():
+    shared = Linear(2, 2)
+    model = Sequential(shared, ReLU(), shared)
+    assert [name for name, _ in model.named_parameters()] == ["0.weight", "0.bias"]
+
+
+def test_state_dict_keys_order_shapes_and_dtypes_match_torch(torch, rng):
+    ours = numpy_model(rng).state_dict()
+    theirs = torch_model(torch).state_dict()
+    assert list(ours) == list(theirs)
+    for key, tensor in theirs.items():
+        assert ours[key].shape == tuple(tensor.shape), key
+        assert ours[key].dtype == tensor.numpy().dtype, key
+    assert [n for n, _ in numpy_model(rng).named_parameters()] == [
+        n for n, _ in torch_model(torch).named_parameters()
+    ]
+
+
+def test_state_dict_is_a_copy(rng):
+    model = numpy_model(rng)
+    state = model.state_dict()
+    state["0.weight"][...] = 123.0
+    assert not np.any(model[0].weight.data == 123.0)
+
+
+def test_weights_round_trip_through_torch(torch, rng):
+    model = numpy_model(rng, np.float64).eval()
+    twin = torch_model(torch, torch.float64).eval()
+    twin.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
+    x = rng.standard_normal((2, 1, 6, 6))
+    np.testing.assert_allclose(model(x), twin(torch.from_numpy(x)).detach().numpy(), rtol=1e-12)
+    # ... and back: torch tensors load directly.
+    fresh = numpy_model(np.random.default_rng(99), np.float64).eval()
+    fresh.load_state_dict(twin.state_dict())
+    np.testing.assert_array_equal(fresh(x), model(x))
+
+
+def test_load_state_dict_strict_errors_and_non_strict_result(torch, rng):
+    model = numpy_model(rng)
+    state = model.state_dict()
+    del state["1.running_var"]
+    state["9.weight"] = np.zeros(1, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"missing keys \['1.running_var'\].*\['9.weight'\]"):
+        model.load_state_dict(state)
+    before = model.state_dict()
+    state["0.weight"] = state["0.weight"] + 1
+    result = model.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["1.running_var"] and result.unexpected_keys == ["9.weight"]
+    np.testing.assert_array_equal(model[0].weight.data, before["0.weight"] + 1)
+    np.testing.assert_array_equal(model[1].running_var, before["1.running_var"])
+    # torch reports the same keys for the same mismatch.
+    twin_result = torch_model(torch).load_state_dict(
+        {k: torch.from_numpy(v) for k, v in state.items()}, strict=False
+    )
+    assert twin_result.missing_keys == result.missing_keys
+    assert twin_result.unexpected_keys == result.unexpected_keys
+
+
+def test_load_state_dict_bad_shape_or_dtype_changes_nothing(rng):
+    model = numpy_model(rng)
+    before = model.state_dict()
+    state = model.state_dict()
+    state["0.weight"] = state["0.weight"] + 1  # valid, listed before the bad entry
+    state["5.weight"] = np.zeros((5, 99), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"'5.weight' has shape \(5, 99\).*\(5, 36\)"):
+        model.load_state_dict(state)
+    state["5.weight"] = before["5.weight"]
+    state["1.num_batches_tracked"] = np.array(1.5)
+    with pytest.raises(ValueError, match=r"num_batches_tracked.*float64.*int64"):
+        model.load_state_dict(state)
+    for key, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[key], err_msg=key)
+
+
+def test_train_and_eval_reach_every_submodule(rng):
+    model = numpy_model(rng)
+    assert model.eval() is model
+    assert not any(m.training for m in model.modules())
+    x = rng.standard_normal((3, 1, 6, 6)).astype(np.float32)
+    np.testing.assert_array_equal(model(x), model(x))  # no dropout, fixed statistics
+    model.train()
+    assert all(m.training for m in model.modules())
+    assert not np.array_equal(model(x), model(x))  # fresh dropout masks
+
+
+def test_to_float64_casts_parameters_grads_and_float_buffers(rng):
+    model = numpy_model(rng)
+    x = rng.standard_normal((2, 1, 6, 6)).astype(np.float32)
+    model.backward(np.ones_like(model(x)))
+    assert model.to(np.float64) is model
+    for name, param in model.named_parameters():
+        assert param.dtype == np.float64 and param.grad.dtype == np.float64, name
+    buffers = dict(model.named_buffers())
+    assert buffers["1.running_mean"].dtype == np.float64
+    assert buffers["1.num_batches_tracked"].dtype == np.int64
+    assert model(x.astype(np.float64)).dtype == np.float64
+    with pytest.raises(ValueError, match="float32 or float64"):
+        model.to(np.int32)
+    model.float()
+    assert all(p.dtype == np.float32 for p in model.parameters())
+
+
+def test_zero_grad_to_none_or_to_zero(rng):
+    model = numpy_model(rng)
+    x = rng.standard_normal((2, 1, 6, 6)).astype(np.float32)
+    model.backward(np.ones_like(model(x)))
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and np.any(g != 0) for g in grads)
+    model.zero_grad(set_to_none=False)
+    assert all(p.grad is g and not np.any(g) for p, g in zip(model.parameters(), grads,
+                                                              strict=True))
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_repr_matches_torch(torch, rng):
+    assert repr(numpy_model(rng)) == repr(torch_model(torch))
+
+
+def test_sequential_chains_forward_and_backward_and_indexes(rng):
+    first, second = Linear(3, 4, dtype=np.float64, rng=rng), Linear(4, 2, dtype=np.float64, rng=rng)
+    model = Sequential(first, ReLU())
+    model.append(second)
+    assert len(model) == 3 and list(model) == [first, model[1], second] and model[-1] is second
+    assert isinstance(model[1:], Sequential) and list(model[1:]) == list(model)[1:]
+    x, upstream = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    hidden = np.maximum(x @ first.weight.data.T + first.bias.data, 0)
+    np.testing.assert_allclose(model(x), hidden @ second.weight.data.T + second.bias.data)
+    grad_x = model.backward(upstream)
+    np.testing.assert_allclose(grad_x, ((upstream @ second.weight.data) * (hidden > 0))
+                               @ first.weight.data)
+    named = Sequential({"encoder": Linear(2, 2), "act": ReLU()})
+    assert list(named.state_dict()) == ["encoder.weight", "encoder.bias"]
+    with pytest.raises(TypeError, match="Sequential takes Modules"):
+        Sequential(Linear(2, 2), np.zeros(2))
+
+
+def test_parameter_contract():
+    with pytest.raises(TypeError, match="float32 or float64"):
+        Parameter(np.zeros(3, dtype=np.int64))
+    param = Parameter(np.zeros((2, 3), dtype=np.float32).T)  # stored C-contiguous
+    assert param.data.flags.c_contiguous and param.shape == (3, 2) and param.size == 6
+    grad = np.ones((3, 2), dtype=np.float32)
+    param.accumulate_grad(grad)
+    grad[...] = 5  # the stored gradient is a copy, not an alias
+    param.accumulate_grad(np.ones((3, 2), dtype=np.float32))
+    np.testing.assert_array_equal(param.grad, 2)
+    with pytest.raises(RuntimeError, match="does not match"):
+        param.accumulate_grad(np.ones((3, 2)))  # float64 into float32
+
+
+def test_no_grad_nests_and_restores_after_errors():
+    assert is_grad_enabled()
+    with pytest.raises(KeyError), no_grad():
+        assert not is_grad_enabled()
+        raise KeyError("boom")
+    assert is_grad_enabled()
+    with no_grad():
+        with no_grad():
+            pass
+        assert not is_grad_enabled()
+    assert is_grad_enabled()
