@@ -46,31 +46,48 @@ def _title(report: dict[str, Any]) -> str:
     return f"{report['model']} on {report['dataset']['name']}"
 
 
+# Both sides usually overlap almost exactly: draw NumPy wide and pale, PyTorch thin on top.
+_STYLE = {"numpy": {"linewidth": 4, "alpha": 0.5}, "torch": {"linewidth": 1.3, "alpha": 1.0}}
+
+
+def _running_mean(values: np.ndarray, window: int) -> np.ndarray:
+    window = max(1, min(window, len(values)))
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    return (sums[window:] - sums[:-window]) / window
+
+
 def _curves(plt, report):
-    """Train/test loss and test accuracy per epoch, both frameworks on the same axes; epoch 0 is
-    the untrained model."""
-    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    """Per-step training loss (running mean), per-epoch train/test loss and test accuracy, both
+    frameworks on the same axes; epoch 0 is the untrained model."""
+    figure, (step_axes, loss_axes, accuracy_axes) = plt.subplots(1, 3, figsize=(15, 4))
     for name, side in report["frameworks"].items():
-        color = COLORS.get(name)
+        style = {"color": COLORS.get(name), **_STYLE.get(name, {})}
+        steps = np.concatenate([np.asarray(losses, dtype=float)
+                                for losses in side.get("step_losses", [])] or [np.zeros(0)])
+        if len(steps):
+            window = max(1, len(steps) // 50)
+            smooth = _running_mean(steps, window)
+            step_axes.plot(np.arange(window, len(steps) + 1), smooth, label=name, **style)
+            step_axes.set_title(f"Training loss per step (mean of {window})")
         epochs = [epoch["epoch"] for epoch in side["epochs"]]
-        loss_axes.plot(epochs, [e["train_loss"] for e in side["epochs"]], "o-", color=color,
-                       label=f"{name} train")
+        loss_axes.plot(epochs, [e["train_loss"] for e in side["epochs"]], "o-",
+                       label=f"{name} train", **style)
         test_losses = [side["untrained"].get("test_loss")]
         test_losses += [e["test_loss"] for e in side["epochs"]]
-        loss_axes.plot([0, *epochs], test_losses, "s--", color=color, label=f"{name} test")
-        accuracy_axes.plot(
-            [0, *epochs],
-            [100 * side["untrained"]["test_accuracy"],
-             *(100 * e["test_accuracy"] for e in side["epochs"])],
-            "o-", color=color, label=name,
-        )
-    loss_axes.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+        loss_axes.plot([0, *epochs], test_losses, "s--", label=f"{name} test", **style)
+        accuracies = [side["untrained"]["test_accuracy"]]
+        accuracies += [e["test_accuracy"] for e in side["epochs"]]
+        accuracy_axes.plot([0, *epochs], 100 * np.asarray(accuracies), "o-", label=name, **style)
+    step_axes.set(xlabel="step", ylabel="cross-entropy loss")
+    loss_axes.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss per epoch")
     accuracy_axes.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
-    for axes in (loss_axes, accuracy_axes):
+    for axes in (step_axes, loss_axes, accuracy_axes):
         axes.grid(alpha=0.3)
         axes.legend()
+    for axes in (loss_axes, accuracy_axes):
         axes.xaxis.get_major_locator().set_params(integer=True)
-    figure.suptitle(_title(report) + " (same weights, same batches)")
+    figure.suptitle(_title(report) + " (same initial weights, same batches)")
+    figure.tight_layout()
     return figure
 
 
@@ -143,8 +160,8 @@ def _misclassified(plt, artifacts):
                        fontsize=7)
     if not len(wrong):
         axes_grid[0, 0].text(0, 0.5, f"{name} misclassified no test image", fontsize=10)
-    figure.suptitle(f"Misclassified test images ({np.count_nonzero(predicted != labels)} in "
-                    f"total, first {len(wrong)} shown)")
+    figure.suptitle(f"Test images {name} misclassified ({np.count_nonzero(predicted != labels)}"
+                    f" in total, first {len(wrong)} shown)")
     return figure
 
 
