@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 import pytest
-from gradcheck import assert_close, check_module_gradients, rel_error
 
+from gradcheck import assert_close, check_module_gradients, rel_error
 from scratchcnn.nn import Conv2d, no_grad
 
 
@@ -177,7 +177,7 @@ def test_no_grad_caches_nothing_and_backward_then_fails(rng):
 
 
 def test_backward_before_forward_is_a_clear_error(rng):
-    with pytest.raises(RuntimeError, match="Conv2d.*forward"):
+    with pytest.raises(RuntimeError, match=r"Conv2d.*forward"):
         Conv2d(1, 1, 1, rng=rng).backward(np.ones((1, 1, 1, 1), np.float32))
 
 
