@@ -347,3 +347,14 @@ def test_import_never_executes_code_from_the_file(tmp_path, torch):
     with pytest.raises(CheckpointError, match="not a loadable PyTorch weights file"):
         import_torch(evil, tmp_path / "z.npz", model=ARCH)
     assert not marker.exists()
+
+
+def test_zero_dimensional_buffers_keep_their_shape(tmp_path):
+    model = build_model("bn-cnn", dtype=np.float64, rng=np.random.default_rng(0))
+    assert model.state_dict()["1.num_batches_tracked"].shape == ()
+    path = save_checkpoint(
+        tmp_path / "bn.npz", model.state_dict(), metadata(architecture="bn-cnn")
+    )
+    loaded = load_checkpoint(path)
+    for key, value in model.state_dict().items():
+        assert loaded.model_state[key].shape == value.shape, key

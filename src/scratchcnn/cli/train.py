@@ -249,7 +249,9 @@ def run(args: argparse.Namespace) -> int:
         batches = sampler.epoch(epoch)
         started = time.perf_counter()
         try:
-            with _progress(args, epoch, args.epochs, len(batches)) as progress:
+            # A diverging run overflows on its way to NaN; the loop reports that clearly.
+            with _progress(args, epoch, args.epochs, len(batches)) as progress, \
+                    np.errstate(over="ignore", invalid="ignore"):
                 train_loss = train_epoch(
                     config["framework"], state.model, state.optimizer,
                     train_x, data.train_labels, batches, epoch=epoch, progress=progress,

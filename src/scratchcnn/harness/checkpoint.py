@@ -152,7 +152,7 @@ def save_checkpoint(
         raise ValueError(f"checkpoint metadata for {path} lacks the fields {missing}")
     arrays: dict[str, np.ndarray] = {}
     for key, value in model_state.items():
-        arrays[MODEL_PREFIX + key] = np.ascontiguousarray(_to_numpy(value))
+        arrays[MODEL_PREFIX + key] = _c_order(_to_numpy(value))
     body = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -166,6 +166,11 @@ def save_checkpoint(
     return atomic_write(path, lambda file: np.savez(file, **arrays))
 
 
+def _c_order(array: np.ndarray) -> np.ndarray:
+    # Not np.ascontiguousarray: it turns 0-d arrays (BatchNorm's step counter) into 1-d ones.
+    return np.asarray(array, order="C")
+
+
 def _to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor
         return value.detach().cpu().numpy().copy()
@@ -176,7 +181,7 @@ def _encode(value: Any, path: str, arrays: dict[str, np.ndarray]) -> Any:
     """JSON-able copy of ``value``; arrays go into ``arrays`` under their path."""
     if isinstance(value, np.ndarray) or (hasattr(value, "detach") and hasattr(value, "numpy")):
         is_tensor = not isinstance(value, np.ndarray)
-        arrays[path] = np.ascontiguousarray(_to_numpy(value))
+        arrays[path] = _c_order(_to_numpy(value))
         return {"__array__": path, "tensor": True} if is_tensor else {"__array__": path}
     if isinstance(value, np.generic):
         return value.item()
@@ -212,7 +217,7 @@ def _checksum(encoded_metadata: Mapping[str, Any], arrays: Mapping[str, np.ndarr
     body = {k: v for k, v in encoded_metadata.items() if k != "sha256"}
     digest.update(json.dumps(body, sort_keys=True, allow_nan=False).encode("utf-8"))
     for name in sorted(k for k in arrays if k != METADATA_KEY):
-        array = np.ascontiguousarray(arrays[name])
+        array = _c_order(arrays[name])
         digest.update(f"\0{name}\0{array.dtype.str}\0{array.shape}\0".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
