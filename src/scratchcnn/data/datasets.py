@@ -222,6 +222,12 @@ def locate_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path
     return None
 
 
+def _why_not_here(directory: Path) -> str:
+    if not directory.is_dir():
+        return f"{directory} does not exist"
+    return f"{directory} lacks {', '.join(missing_idx_files(directory))}"
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
                  download: bool = True) -> Dataset:
     """Load dataset ``name`` ("mnist", "fashion-mnist" or "mnist-sample").
@@ -239,11 +245,11 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
         return load_idx_directory(found, name)
     searched = [Path(data_dir)] if data_dir is not None else search_dirs(name)
     if not download:
-        where = ", ".join(str(d) for d in searched)
+        where = "; ".join(_why_not_here(directory) for directory in searched)
         raise DatasetError(
-            f"dataset {name!r} not found (looked in {where}); allow downloading, run "
+            f"dataset {name!r} not found ({where}); allow downloading, run "
             f"`scratchcnn datasets --download {name}`, or pass a directory holding "
-            f"the IDX files with --data-dir"
+            f"the four IDX files with --data-dir"
         )
     directory = download_dataset(name, searched[0])
     return load_idx_directory(directory, name)

@@ -26,6 +26,7 @@ from pathlib import Path
 from scratchcnn.data.idx import DatasetError
 
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")
+RETRY_BACKOFF = 1.0  # seconds before the first retry; doubles each time
 USER_AGENT = "scratchcnn-data/0.1 (+https://pypi.org/project/scratchcnn)"
 # The four files of an MNIST-family dataset, by their standard names without ".gz".
 IDX_STEMS = (
@@ -238,16 +239,18 @@ def download_file(
     *,
     timeout: float = 30.0,
     retries: int = 3,
-    backoff: float = 1.0,
+    backoff: float | None = None,
     quiet: bool = False,
 ) -> Path:
     """Download ``remote`` into ``directory``, trying each base URL in order.
 
     Transient failures (timeouts, dropped connections, HTTP 5xx) are retried ``retries`` times
-    per mirror with exponential backoff; HTTP 4xx and checksum mismatches move on to the next
+    per mirror with exponential backoff (``backoff`` seconds, doubling; default RETRY_BACKOFF);
+    HTTP 4xx and checksum mismatches move on to the next
     mirror at once. Returns the final path, which exists only if its checksums matched.
     Raises DatasetError listing what went wrong at each mirror.
     """
+    backoff = RETRY_BACKOFF if backoff is None else backoff
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     destination = directory / remote.filename
@@ -299,7 +302,7 @@ def download_dataset(
     files: Sequence[RemoteFile] | None = None,
     timeout: float = 30.0,
     retries: int = 3,
-    backoff: float = 1.0,
+    backoff: float | None = None,
     quiet: bool = False,
 ) -> Path:
     """Download the files of dataset ``name`` that ``directory`` lacks; return the directory.
