@@ -74,7 +74,7 @@ def center_digit(digit: np.ndarray) -> np.ndarray:
     ys, xs = np.indices(fitted.shape)
     centre_y = (ys * fitted).sum() / mass if mass > 0 else (fitted.shape[0] - 1) / 2
     centre_x = (xs * fitted).sum() / mass if mass > 0 else (fitted.shape[1] - 1) / 2
-    middle = (IMAGE_SIZE - 1) / 2
+    middle = IMAGE_SIZE / 2  # MNIST's centres of mass sit at pixel index ~14, not 13.5
     top = int(np.clip(round(middle - centre_y), 0, IMAGE_SIZE - fitted.shape[0]))
     left = int(np.clip(round(middle - centre_x), 0, IMAGE_SIZE - fitted.shape[1]))
     field = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float64)
