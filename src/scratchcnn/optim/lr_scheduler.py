@@ -35,7 +35,7 @@ class LRScheduler:
                     )
         self.base_lrs: list[float] = [group["initial_lr"] for group in optimizer.param_groups]
         self.last_epoch = last_epoch
-        self._step_count = 0
+        self._step_count = 0  # step() calls, kept (as in PyTorch's state_dict) for inspection
         self._is_initial = True
         self.step()
         self._is_initial = False
@@ -135,11 +135,6 @@ class CosineAnnealingLR(LRScheduler):
         t, T, eta_min = self.last_epoch, self.T_max, self.eta_min
         if self._is_initial:
             return self._current_lrs()
-        if self._step_count == 1 and t > 0:
-            return [
-                eta_min + (base_lr - eta_min) * (1 + math.cos(t * math.pi / T)) / 2
-                for base_lr in self.base_lrs
-            ]
         if (t - 1 - T) % (2 * T) == 0:
             return [
                 lr + (base_lr - eta_min) * (1 - math.cos(math.pi / T)) / 2
