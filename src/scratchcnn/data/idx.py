@@ -78,8 +78,11 @@ def _parse_header(stream: BinaryIO, path: Path) -> IdxHeader:
 
 
 def _is_gzip(path: Path) -> bool:
-    with open(path, "rb") as stream:
-        start = stream.read(2)
+    try:
+        with open(path, "rb") as stream:
+            start = stream.read(2)
+    except OSError as error:
+        raise DatasetError(f"{path}: cannot read the file ({error})") from None
     if not start:
         raise DatasetError(f"{path}: the file is empty; delete it and download it again")
     if path.suffix == ".gz" and start != GZIP_MAGIC:
