@@ -72,8 +72,10 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"accuracy {100 * result.accuracy:.2f}%  loss {result.loss:.4f}  "
           f"time {result.seconds:.2f} s ({len(images) / max(result.seconds, 1e-9):.0f} images/s)")
-    width = max(len(name) for name in checkpoint.classes)
-    for name, accuracy, count in zip(checkpoint.classes, accuracies, counts, strict=True):
+    if dataset != checkpoint.metadata["dataset"]:
+        print(f"note: the checkpoint was trained on {checkpoint.metadata['dataset']}")
+    width = max(len(name) for name in data.classes)
+    for name, accuracy, count in zip(data.classes, accuracies, counts, strict=True):
         shown = "   n/a" if count == 0 else f"{100 * accuracy:6.2f}%"
         print(f"  {name:<{width}}  {shown}  ({count} images)")
     return 0

@@ -216,9 +216,10 @@ def run(args: argparse.Namespace) -> int:
               f"nothing to do for --epochs {args.epochs}")
         return 0
 
-    data = load_data(
-        config["dataset"], args.data_dir, config["limit_train"], config["limit_test"]
-    )
+    # The data directory is where this machine keeps the files, not a setting of the run, but
+    # resuming without repeating it is friendlier.
+    data_dir = args.data_dir or (checkpoint.metadata.get("data_dir") if checkpoint else None)
+    data = load_data(config["dataset"], data_dir, config["limit_train"], config["limit_test"])
     if checkpoint is not None:
         mean, std = checkpoint.mean, checkpoint.std
     else:
@@ -268,8 +269,8 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate(config["framework"], state.model, test_x, data.test_labels)
         record = {
             "epoch": epoch,
-            "train_loss": train_loss,
-            "test_loss": result.loss,
+            "train_loss": _finite_or_none(train_loss),
+            "test_loss": _finite_or_none(result.loss),
             "test_accuracy": result.accuracy,
             "train_seconds": train_seconds,
         }
@@ -291,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
             },
             "rng": state.random_state(),
             "config": config,
+            "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
             "history": history,
             "best_accuracy": best,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -306,6 +308,11 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"checkpoints: {last_path} (last), {out / 'best.npz'} (best test accuracy)")
     return 0
+
+
+def _finite_or_none(value: float) -> float | None:
+    # JSON has no NaN; an infinite test loss of a still-finite training run is recorded as null.
+    return value if np.isfinite(value) else None
 
 
 def _peek_framework(path: str) -> str:
