@@ -50,7 +50,7 @@ def test_incomplete_and_corrupt(isolated, capsys):
     output = capsys.readouterr().out
     rows = table_rows(output)
     assert rows["mnist"][1] == "incomplete" and "t10k-labels-idx1-ubyte" in output
-    assert rows["fashion-mnist"][1] == "corrupt" and "not gzip" in output
+    assert rows["fashion-mnist"][1] == "corrupt" and "neither gzip" in output
 
 
 def test_data_dir_only(isolated, capsys):

@@ -65,6 +65,12 @@ def test_multibyte_results_are_native_endian(tmp_path):
     np.testing.assert_array_equal(result, np.arange(6).reshape(2, 3))
 
 
+def test_raw_idx_under_a_gz_name_reads(tmp_path):
+    # Browsers that decompress downloads but keep the name produce exactly this.
+    np.testing.assert_array_equal(read_idx(write(tmp_path, "x.gz", VALID)),
+                                  np.arange(36, dtype=np.uint8).reshape(4, 3, 3))
+
+
 def test_header_only_read(tmp_path):
     path = write(tmp_path, "h.gz", idx_bytes(0x08, (5, 2, 3), bytes(30)), compress=True)
     header = read_idx_header(path)
@@ -104,7 +110,7 @@ ABSURD = idx_bytes(0x08, (2**31, 2**31, 2**31), bytes(64))
 
 HOSTILE = {
     "empty": (b"", False, "empty"),
-    "not gzip despite .gz": (VALID, "name.gz", "not gzip"),
+    "not gzip despite .gz": (b"<html>404 Not Found</html>", "name.gz", "neither gzip"),
     "wrong magic": (b"\x08\x03" + VALID[2:], False, "not an IDX file"),
     "unknown type code": (VALID[:2] + b"\x0a" + VALID[3:], False, "unknown IDX type code"),
     "rank zero": (b"\x00\x00\x08\x00", False, "rank 0"),

@@ -85,8 +85,12 @@ def _is_gzip(path: Path) -> bool:
         raise DatasetError(f"{path}: cannot read the file ({error})") from None
     if not start:
         raise DatasetError(f"{path}: the file is empty; delete it and download it again")
-    if path.suffix == ".gz" and start != GZIP_MAGIC:
-        raise DatasetError(f"{path}: named .gz but not gzip-compressed (starts with {start.hex()})")
+    # Some browsers decompress downloads but keep the .gz name: raw IDX under that name is fine.
+    if path.suffix == ".gz" and start not in (GZIP_MAGIC, b"\x00\x00"):
+        raise DatasetError(
+            f"{path}: named .gz but neither gzip-compressed nor IDX (starts with {start.hex()}); "
+            "delete it and download it again"
+        )
     return start == GZIP_MAGIC
 
 
