@@ -143,14 +143,15 @@ class Conv2d(Module):
         if self.bias is not None:
             self.bias.accumulate_grad(grad_2d.sum(axis=0))
 
-        # col2im: one matrix product for every tap's input gradient, then each tap's slice is
-        # added onto the positions it read (a loop over the KH*KW taps only).
-        grad_windows = (grad_2d @ weight_matrix.T).reshape(n, out_h, out_w, kh, kw, c)
+        # col2im, one kernel tap at a time: (N*OH*OW, O) @ (O, C) gives the gradient of the input
+        # pixels that tap read, added onto them in place. Per-tap products write contiguous
+        # blocks, which add faster than strided slices of one (N*OH*OW, KH*KW*C) product.
         grad_padded = np.zeros(self._padded_shape, dtype=cols.dtype)
-        for i in range(kh):
-            for j in range(kw):
-                tap = F.tap_view(grad_padded, i, j, (out_h, out_w), self.stride, self.dilation)
-                tap += grad_windows[:, :, :, i, j, :]
+        for tap_index in range(kh * kw):
+            tap_weight = weight_matrix[tap_index * c:(tap_index + 1) * c]  # (C, O)
+            tap = F.tap_view(grad_padded, *divmod(tap_index, kw), (out_h, out_w), self.stride,
+                             self.dilation)
+            tap += (grad_2d @ tap_weight.T).reshape(n, out_h, out_w, c)
         top, _, left, _ = self._pad
         h, w = self._input_hw
         return F.to_nchw(grad_padded[:, top:top + h, left:left + w, :])

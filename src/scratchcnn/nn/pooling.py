@@ -107,20 +107,9 @@ class MaxPool2d(_Pool2d):
         x_nhwc = F.to_nhwc(x)
         padded = F.pad_nhwc(x_nhwc, *pads, fill=-np.inf) if any(pads) else x_nhwc
         kh, kw = self._kernel
-        # A running maximum over the taps: KH*KW elementwise passes, no window copy. A later tap
-        # becomes the argmax only if strictly greater, so ties keep the first in row-major order.
-        best: np.ndarray | None = None
-        argmax = None
-        for tap_index in range(kh * kw):
-            tap = F.tap_view(padded, *divmod(tap_index, kw), out_size, self._stride,
-                             self._dilation)
-            if best is None:
-                best = tap.copy()
-                argmax = np.zeros(best.shape, dtype=np.min_scalar_type(kh * kw - 1))
-                continue
-            np.copyto(argmax, tap_index, where=tap > best)
-            np.maximum(best, tap, out=best)  # propagates NaN, as PyTorch does
-        assert best is not None
+        taps = [F.tap_view(padded, *divmod(tap_index, kw), out_size, self._stride,
+                           self._dilation) for tap_index in range(kh * kw)]
+        best, argmax = _first_max_and_argmax(taps)
 
         if is_grad_enabled():
             self._argmax = argmax
@@ -137,11 +126,18 @@ class MaxPool2d(_Pool2d):
         grad_padded = np.zeros(self._padded_shape, dtype=self._dtype)
         kw = self._kernel[1]
         out_size = self._output_shape[2:]
+        # When windows cannot overlap, each input element belongs to at most one tap's slice, so
+        # writing beats read-add-write. Masks multiply rather than np.add(where=), which is ~10x
+        # slower; the price is that an infinite upstream gradient would leak NaN to non-maxima.
+        disjoint = all(self._stride[a] >= F.effective_kernel(self._kernel[a], self._dilation[a])
+                       for a in (0, 1))
         for tap_index in range(self._kernel[0] * kw):
             tap = F.tap_view(grad_padded, *divmod(tap_index, kw), out_size, self._stride,
                              self._dilation)
-            # Masked in-place add: overlapping windows accumulate into shared input elements.
-            np.add(tap, grad_nhwc, out=tap, where=argmax == tap_index)
+            if disjoint:
+                np.multiply(grad_nhwc, argmax == tap_index, out=tap)
+            else:
+                tap += grad_nhwc * (argmax == tap_index)  # overlapping windows add up
         return self._crop(grad_padded)
 
     def extra_repr(self) -> str:
@@ -222,3 +218,36 @@ class AvgPool2d(_Pool2d):
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+def _first_max_and_argmax(taps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Elementwise maximum of the (N, OH, OW, C) tap views and the index of the first tap that
+    attains it (row-major window order, PyTorch's tie rule), as a new array and a uint8 array.
+
+    A pairwise tournament: each round merges neighbours (earlier, later), and the later one wins
+    only if strictly greater, so the first maximum survives. It does no window copy and, unlike a
+    running maximum with masked updates, needs only cheap unmasked passes. np.maximum propagates
+    NaN like PyTorch (the index of a NaN may differ).
+    """
+    index_dtype = np.min_scalar_type(len(taps) - 1)
+    level: list[tuple[np.ndarray, Any]] = [(tap, k) for k, tap in enumerate(taps)]
+    while len(level) > 1:
+        merged = []
+        for (earlier, earlier_index), (later, later_index) in zip(level[0::2], level[1::2],
+                                                                  strict=False):
+            later_wins = later > earlier
+            if isinstance(earlier_index, int):  # first round: two adjacent single taps
+                index = later_wins.view(np.uint8).astype(index_dtype, copy=False)
+                if earlier_index:
+                    index = index + index_dtype.type(earlier_index)
+            else:
+                index = np.where(later_wins, later_index, earlier_index).astype(index_dtype,
+                                                                               copy=False)
+            merged.append((np.maximum(earlier, later), index))
+        if len(level) % 2:
+            merged.append(level[-1])
+        level = merged
+    best, argmax = level[0]
+    if len(taps) == 1:  # a 1x1 kernel: copy, so the output never aliases the input
+        return best.copy(), np.zeros(best.shape, dtype=index_dtype)
+    return best, argmax
