@@ -12,7 +12,7 @@ import pytest
 
 from scratchcnn.nn.module import Parameter
 from scratchcnn.optim import SGD, Adam, lr_scheduler
-from scratchcnn.optim.lr_scheduler import CosineAnnealingLR, LinearLR, StepLR
+from scratchcnn.optim.lr_scheduler import CosineAnnealingLR, LinearLR, OneCycleLR, StepLR
 
 EPOCHS = 40
 LRS = (0.1, 0.03)  # two parameter groups with different learning rates
@@ -162,3 +162,77 @@ def test_validation_and_get_last_lr_is_a_copy():
     with pytest.raises(ValueError, match="parameter groups"):
         sched.load_state_dict({**sched.state_dict(), "base_lrs": [0.1]})
     assert math.isclose(opt.param_groups[0]["lr"], LRS[0])
+
+
+ONE_CYCLE = [
+    ("SGD", {"max_lr": 0.5, "total_steps": 30}),
+    ("SGD", {"max_lr": [0.5, 0.2], "epochs": 4, "steps_per_epoch": 8, "pct_start": 0.25,
+             "anneal_strategy": "linear", "three_phase": True}),
+    ("Adam", {"max_lr": 0.01, "total_steps": 40, "base_momentum": 0.8, "div_factor": 10.0}),
+    ("Adam", {"max_lr": 0.01, "total_steps": 25, "cycle_momentum": False}),
+]
+
+
+@pytest.mark.parametrize(("optimizer", "config"), ONE_CYCLE, ids=[str(c) for c in ONE_CYCLE])
+def test_one_cycle_matches_torch_including_momentum(torch, optimizer, config):
+    def run(module, make_param, optim_cls):
+        params = [make_param(2), make_param(3)]
+        opt = optim_cls([{"params": params[:1], "lr": 0.1}, {"params": params[1:]}], lr=0.03)
+        sched = module.OneCycleLR(opt, **config)
+        lrs, momenta = [], []
+        for _ in range(sched.total_steps):
+            lrs.append(sched.get_last_lr())
+            momenta.append([g["betas"][0] if "betas" in g else g["momentum"]
+                            for g in opt.param_groups])
+            opt.step()
+            sched.step()
+        return np.array(lrs), np.array(momenta)
+
+    our_class = {"SGD": SGD, "Adam": Adam}[optimizer]
+    ours = run(lr_scheduler, lambda n: Parameter(np.zeros(n)), our_class)
+    theirs = run(torch.optim.lr_scheduler, lambda n: torch.nn.Parameter(torch.zeros(n)),
+                 getattr(torch.optim, optimizer))
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-13, atol=0)
+    np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-13, atol=0)
+    max_lrs = np.broadcast_to(config["max_lr"], 2)
+    peak = ours[0].max(axis=0)  # reached at the end of the rise, up to step granularity
+    assert np.all(peak <= max_lrs * (1 + 1e-12)) and np.all(peak > 0.99 * max_lrs)
+
+
+def test_one_cycle_validation():
+    opt = our_optimizer()
+    with pytest.raises(ValueError, match="total_steps or epochs"):
+        OneCycleLR(opt, max_lr=0.1)
+    with pytest.raises(ValueError, match="pct_start"):
+        OneCycleLR(opt, max_lr=0.1, total_steps=10, pct_start=1.5)
+    with pytest.raises(ValueError, match="max_lr has 3 values"):
+        OneCycleLR(opt, max_lr=[0.1, 0.2, 0.3], total_steps=10)
+    sched = OneCycleLR(opt, max_lr=0.1, total_steps=3)
+    for _ in range(3):
+        sched.step()
+    with pytest.raises(ValueError, match="total_steps is 3"):
+        sched.step()
+
+
+def test_one_cycle_resumes_from_json_state_dicts():
+    def setup():
+        opt = Adam([Parameter(np.zeros(3))], lr=0.01)
+        return opt, OneCycleLR(opt, max_lr=0.05, total_steps=20, three_phase=True)
+
+    def trace(opt, sched, steps):
+        values = []
+        for _ in range(steps):
+            opt.step()
+            sched.step()
+            values.append((sched.get_last_lr()[0], opt.param_groups[0]["betas"][0]))
+        return values
+
+    opt, sched = setup()
+    trace(opt, sched, 7)
+    saved = json.loads(json.dumps({"optim": opt.state_dict(), "sched": sched.state_dict()}))
+    expected = trace(opt, sched, 13)
+    opt, sched = setup()
+    sched.load_state_dict(saved["sched"])
+    opt.load_state_dict(saved["optim"])
+    assert opt.param_groups[0]["max_lr"] == 0.05
+    assert trace(opt, sched, 13) == expected

@@ -299,6 +299,7 @@ def test_loads_torch_state_dict_and_continues_like_torch(torch, rng, name, confi
     opt = OURS[name](ours)  # defaults differ from config: the loaded groups must restore them
     opt.load_state_dict(converted)
     assert opt.param_groups[0]["lr"] == config["lr"]
+    assert "foreach" not in opt.param_groups[0]  # PyTorch's kernel switches are not copied
     run_steps(torch, opt, topt, ours, theirs, problem, rng, 10)
 
 

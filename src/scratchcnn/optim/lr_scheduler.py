@@ -178,3 +178,134 @@ class LinearLR(LRScheduler):
         span = self.end_factor - self.start_factor
         factor = 1.0 + span / (self.total_iters * self.start_factor + (t - 1) * span)
         return [lr * factor for lr in self._current_lrs()]
+
+
+class OneCycleLR(LRScheduler):
+    """The 1cycle policy, stepped once per *batch*: the lr rises from max_lr / div_factor to
+    ``max_lr`` over the first ``pct_start`` of ``total_steps``, then anneals to
+    initial_lr / final_div_factor (``three_phase`` inserts a symmetric descent back to the
+    initial lr first). With ``cycle_momentum`` the momentum (SGD) or beta1 (Adam) moves the
+    opposite way between ``max_momentum`` and ``base_momentum``. Closed form per step:
+    within a phase at fraction p, value = anneal(start, end, p) with
+    cos: end + (start - end)/2 · (1 + cos(π p)),  linear: start + (end - start) · p.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        max_lr: float | list[float],
+        total_steps: int | None = None,
+        epochs: int | None = None,
+        steps_per_epoch: int | None = None,
+        pct_start: float = 0.3,
+        anneal_strategy: str = "cos",
+        cycle_momentum: bool = True,
+        base_momentum: float | list[float] = 0.85,
+        max_momentum: float | list[float] = 0.95,
+        div_factor: float = 25.0,
+        final_div_factor: float = 1e4,
+        three_phase: bool = False,
+        last_epoch: int = -1,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"OneCycleLR: {type(optimizer).__name__} is not an Optimizer")
+        if total_steps is not None:
+            if not isinstance(total_steps, int) or total_steps <= 0:
+                raise ValueError(
+                    f"OneCycleLR: total_steps must be a positive int, got {total_steps}"
+                )
+            self.total_steps = total_steps
+        elif epochs is not None and steps_per_epoch is not None:
+            for name, value in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
+                if not isinstance(value, int) or value <= 0:
+                    raise ValueError(f"OneCycleLR: {name} must be a positive int, got {value}")
+            self.total_steps = epochs * steps_per_epoch
+        else:
+            raise ValueError("OneCycleLR: give either total_steps or epochs and steps_per_epoch")
+        if not isinstance(pct_start, float) or not 0 <= pct_start <= 1:
+            raise ValueError(f"OneCycleLR: pct_start must be a float in [0, 1], got {pct_start}")
+        if anneal_strategy not in ("cos", "linear"):
+            raise ValueError(
+                f"OneCycleLR: anneal_strategy must be 'cos' or 'linear', got {anneal_strategy!r}"
+            )
+        self.anneal_strategy = anneal_strategy
+        rise_end = float(pct_start * self.total_steps) - 1
+        # Each phase: (last step of the phase, start lr key, end lr key, momentum keys).
+        if three_phase:
+            self._phases = [
+                (rise_end, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
+                (float(2 * pct_start * self.total_steps) - 2, "max_lr", "initial_lr",
+                 "base_momentum", "max_momentum"),
+                (self.total_steps - 1, "initial_lr", "min_lr", "max_momentum", "max_momentum"),
+            ]
+        else:
+            self._phases = [
+                (rise_end, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
+                (self.total_steps - 1, "max_lr", "min_lr", "base_momentum", "max_momentum"),
+            ]
+
+        groups = optimizer.param_groups
+        max_lrs = _per_group("max_lr", groups, max_lr)
+        if last_epoch == -1:
+            for group, group_max_lr in zip(groups, max_lrs, strict=True):
+                group["initial_lr"] = group_max_lr / div_factor
+                group["max_lr"] = group_max_lr
+                group["min_lr"] = group["initial_lr"] / final_div_factor
+        self.cycle_momentum = cycle_momentum
+        if cycle_momentum:
+            if "momentum" not in optimizer.defaults and "betas" not in optimizer.defaults:
+                raise ValueError(
+                    f"OneCycleLR: {type(optimizer).__name__} has neither momentum nor betas; "
+                    "pass cycle_momentum=False"
+                )
+            self.use_beta1 = "betas" in optimizer.defaults
+            max_momenta = _per_group("max_momentum", groups, max_momentum)
+            base_momenta = _per_group("base_momentum", groups, base_momentum)
+            if last_epoch == -1:
+                for group, top, bottom in zip(groups, max_momenta, base_momenta, strict=True):
+                    self._set_momentum(group, top)
+                    group["max_momentum"] = top
+                    group["base_momentum"] = bottom
+        super().__init__(optimizer, last_epoch)
+
+    def _set_momentum(self, group: dict[str, Any], value: float) -> None:
+        if self.use_beta1:
+            group["betas"] = (value, *group["betas"][1:])
+        else:
+            group["momentum"] = value
+
+    def _anneal(self, start: float, end: float, pct: float) -> float:
+        if self.anneal_strategy == "cos":
+            return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+        return (end - start) * pct + start
+
+    def get_lr(self) -> list[float]:
+        step = self.last_epoch
+        if step > self.total_steps:
+            raise ValueError(
+                f"OneCycleLR: tried to step {step} times but total_steps is {self.total_steps}"
+            )
+        lrs = []
+        for group in self.optimizer.param_groups:
+            phase_start = 0.0
+            for index, (phase_end, lr_from, lr_to, m_from, m_to) in enumerate(self._phases):
+                if step <= phase_end or index == len(self._phases) - 1:
+                    pct = (step - phase_start) / (phase_end - phase_start)
+                    lrs.append(self._anneal(group[lr_from], group[lr_to], pct))
+                    if self.cycle_momentum:
+                        self._set_momentum(group, self._anneal(group[m_from], group[m_to], pct))
+                    break
+                phase_start = phase_end
+        return lrs
+
+
+def _per_group(name: str, groups: list[dict[str, Any]], value: Any) -> list[Any]:
+    """``value`` repeated for every group, or checked to have one entry per group."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(groups):
+            raise ValueError(
+                f"{name} has {len(value)} values but the optimizer has {len(groups)} "
+                "parameter groups"
+            )
+        return list(value)
+    return [value] * len(groups)

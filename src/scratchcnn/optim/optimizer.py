@@ -23,6 +23,12 @@ from scratchcnn.nn.module import Parameter
 ParamsT = Iterable[Parameter] | Iterable[Mapping[str, Any]] | Iterable[tuple[str, Parameter]]
 
 
+# Group options a PyTorch state_dict carries that only choose PyTorch's kernels.
+_TORCH_ONLY_OPTIONS = frozenset(
+    {"foreach", "fused", "differentiable", "capturable", "decoupled_weight_decay"}
+)
+
+
 class Workspace:
     """Scratch arrays reused across steps, so an update allocates no temporaries.
 
@@ -180,8 +186,9 @@ class Optimizer:
         """Restore state saved by ``state_dict()`` (ours, or PyTorch's with tensors converted by
         ``np.asarray``). Everything is validated before anything changes: the number of groups,
         of parameters per group, the state names and the array shapes must match. Arrays are
-        cast to each parameter's dtype; group options (lr, betas, ...) are restored, and keys
-        this optimizer does not use (PyTorch's ``foreach``, ``fused``, ...) are ignored."""
+        cast to each parameter's dtype; group options (lr, betas, and what schedulers added,
+        such as initial_lr) are restored, but PyTorch's implementation switches (``foreach``,
+        ``fused``, ...) are ignored."""
         where = f"{type(self).__name__}.load_state_dict"
         if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(
             state_dict
@@ -216,7 +223,7 @@ class Optimizer:
 
         for saved, group in zip(saved_groups, self.param_groups, strict=True):
             for key, value in saved.items():
-                if key == "params" or (key not in self.defaults and key != "initial_lr"):
+                if key == "params" or key in _TORCH_ONLY_OPTIONS:
                     continue
                 if isinstance(group.get(key), tuple) and isinstance(value, list):
                     value = tuple(value)  # JSON turns tuples (betas) into lists
