@@ -425,3 +425,11 @@ def test_closure_loss_is_returned():
 
     assert opt.step(closure) == 4.0
     np.testing.assert_array_equal(p.data, [1.0])
+
+
+def test_importing_optim_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, scratchcnn.optim; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
