@@ -228,3 +228,21 @@ def test_repr_matches_torch(torch, cls, args, kwargs):
     ours = {"MaxPool2d": MaxPool2d, "AvgPool2d": AvgPool2d}[cls](*args, **kwargs)
     assert repr(ours) == repr(getattr(torch.nn, cls)(*args, **kwargs))
     assert ours.state_dict() == {} and list(ours.parameters()) == []
+
+
+@pytest.mark.parametrize("values", ["continuous", "tied"])
+def test_maxpool_kernel_with_more_than_256_taps_matches_torch(torch, rng, values):
+    shape = (1, 2, 18, 19)
+    x = (rng.standard_normal(shape) if values == "continuous"
+         else rng.integers(0, 2, size=shape).astype(np.float64))
+    layer = MaxPool2d((16, 17), stride=1)  # 272 taps: indices no longer fit in uint8
+    upstream = rng.integers(1, 9, size=layer(x).shape).astype(np.float64)
+    compare_with_torch(torch, layer, x, rng, upstream=upstream, exact=True)
+
+
+def test_pooling_output_never_aliases_the_input(rng):
+    x = rng.standard_normal((1, 2, 3, 3))
+    for layer in (MaxPool2d(1), AvgPool2d(1)):
+        out = layer(x)
+        np.testing.assert_array_equal(out, x)
+        assert not np.shares_memory(out, x)
