@@ -33,8 +33,8 @@ class _Pool2d(Module):
         self._padding = F.check_positive(F.pair(padding, "padding", owner), "padding", owner,
                                          minimum=0)
         self._dilation = F.check_positive(F.pair(dilation, "dilation", owner), "dilation", owner)
-        if any(self._padding[a] > F.effective_kernel(self._kernel[a], self._dilation[a]) // 2
-               for a in (0, 1)):
+        # PyTorch's rule uses the kernel size itself, not the dilated span.
+        if any(self._padding[a] > self._kernel[a] // 2 for a in (0, 1)):
             raise ValueError(f"{owner}: padding {self._padding} must be at most half of the "
                              f"kernel size {self._kernel} (as in PyTorch); reduce the padding")
         self._argmax: np.ndarray | None = None
