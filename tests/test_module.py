@@ -242,3 +242,12 @@ def test_no_grad_nests_and_restores_after_errors():
             pass
         assert not is_grad_enabled()
     assert is_grad_enabled()
+
+
+def test_scalar_parameter_keeps_its_0d_shape():
+    from scratchcnn.nn import Parameter
+
+    param = Parameter(np.array(2.0))
+    assert param.shape == ()
+    param.accumulate_grad(np.array(0.5))
+    assert param.grad.shape == () and param.grad == 0.5

@@ -62,7 +62,8 @@ class Parameter:
     __slots__ = ("data", "grad")
 
     def __init__(self, data: np.ndarray) -> None:
-        data = np.ascontiguousarray(data)
+        # Not np.ascontiguousarray: it turns a 0-d array into shape (1,).
+        data = np.asarray(data, order="C")
         if data.dtype not in FLOAT_DTYPES:
             raise TypeError(f"Parameter data must be float32 or float64, got {data.dtype}")
         self.data: np.ndarray = data
