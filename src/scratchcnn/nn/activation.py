@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scratchcnn.nn.linear import check_grad_output
-from scratchcnn.nn.module import Module, check_input, is_grad_enabled
+from scratchcnn.nn.module import Module, check_grad_output, check_input, is_grad_enabled
 
 
 class ReLU(Module):

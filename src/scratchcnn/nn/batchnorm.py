@@ -6,8 +6,14 @@ from typing import Any
 
 import numpy as np
 
-from scratchcnn.nn.linear import check_grad_output
-from scratchcnn.nn.module import Module, Parameter, as_float_dtype, check_input, is_grad_enabled
+from scratchcnn.nn.module import (
+    Module,
+    Parameter,
+    as_float_dtype,
+    check_grad_output,
+    check_input,
+    is_grad_enabled,
+)
 
 _AXES = (0, 2, 3)  # every axis but the channel axis: statistics are per channel
 

@@ -8,7 +8,14 @@ import numpy as np
 
 from scratchcnn.nn import functional as F
 from scratchcnn.nn.init import default_layer_init_
-from scratchcnn.nn.module import Module, Parameter, as_float_dtype, check_input, is_grad_enabled
+from scratchcnn.nn.module import (
+    Module,
+    Parameter,
+    as_float_dtype,
+    check_grad_output,
+    check_input,
+    is_grad_enabled,
+)
 
 
 class Conv2d(Module):
@@ -131,7 +138,7 @@ class Conv2d(Module):
             raise RuntimeError(f"{self.describe()}: backward called without a preceding forward "
                                "(or after a forward under no_grad()); call forward first")
         cols, weight_matrix = self._cols, self._weight_matrix
-        grad_output = F.check_grad_output(self.describe(), grad_output, self._output_shape,
+        grad_output = check_grad_output(self, grad_output, self._output_shape,
                                           cols.dtype)
         n, o, out_h, out_w = self._output_shape
         kh, kw = self.kernel_size

@@ -106,18 +106,3 @@ def sliding_windows(padded: np.ndarray, kernel: Pair, out_size: Pair, stride: Pa
     shape = (padded.shape[0], *out_size, *kernel, padded.shape[3])
     strides = (sn, sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1], sc)
     return as_strided(padded, shape=shape, strides=strides, writeable=False)
-
-
-def check_grad_output(owner: str, grad_output: Any, expected_shape: tuple[int, ...],
-                      dtype: np.dtype) -> np.ndarray:
-    """Validate the upstream gradient a layer's ``backward`` receives."""
-    if not isinstance(grad_output, np.ndarray):
-        raise TypeError(f"{owner}: grad_output must be a NumPy array, got "
-                        f"{type(grad_output).__name__}")
-    if grad_output.shape != expected_shape:
-        raise ValueError(f"{owner}: grad_output has shape {tuple(grad_output.shape)} but the last "
-                         f"forward returned shape {expected_shape}; they must match")
-    if grad_output.dtype != dtype:
-        raise TypeError(f"{owner}: grad_output is {grad_output.dtype} but the layer computes in "
-                        f"{dtype}; cast it to match")
-    return grad_output

@@ -1,7 +1,4 @@
 """Linear (fully connected) layer: ``y = x W^T + b``, as ``torch.nn.Linear``.
-
-Also home of ``check_grad_output``, the check every layer of this package that caches its forward
-pass runs at the top of ``backward``.
 """
 
 from __future__ import annotations
@@ -11,30 +8,14 @@ from typing import Any
 import numpy as np
 
 from scratchcnn.nn import init
-from scratchcnn.nn.module import Module, Parameter, as_float_dtype, check_input, is_grad_enabled
-
-
-def check_grad_output(
-    module: Module, grad_output: Any, expected_shape: tuple[int, ...] | None, dtype: np.dtype
-) -> np.ndarray:
-    """Validate the gradient handed to ``module.backward`` and return it as an array of ``dtype``.
-
-    ``expected_shape`` is the shape of the layer's last output, or None when ``forward`` kept no
-    cache (never called, or called under ``no_grad()``), which is a RuntimeError.
-    """
-    if expected_shape is None:
-        raise RuntimeError(
-            f"{module.describe()}: backward() needs the cache of a forward() pass; call forward "
-            "first (outside no_grad())"
-        )
-    grad_output = np.asarray(grad_output)
-    if grad_output.shape != tuple(expected_shape):
-        raise ValueError(
-            f"{module.describe()}: grad_output must have the output's shape "
-            f"{tuple(expected_shape)}, got {grad_output.shape}"
-        )
-    # Downcasting a float64 upstream gradient is harmless; the layer's grads keep its dtype.
-    return grad_output.astype(dtype, copy=False)
+from scratchcnn.nn.module import (
+    Module,
+    Parameter,
+    as_float_dtype,
+    check_grad_output,
+    check_input,
+    is_grad_enabled,
+)
 
 
 class Linear(Module):

@@ -6,8 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from scratchcnn.nn.linear import check_grad_output
-from scratchcnn.nn.module import Module, check_input, is_grad_enabled
+from scratchcnn.nn.module import Module, check_grad_output, check_input, is_grad_enabled
 
 _REDUCTIONS = ("mean", "sum", "none")
 

@@ -342,6 +342,34 @@ def check_input(
     return x
 
 
+def check_grad_output(
+    module: Module, grad_output: Any, expected_shape: tuple[int, ...] | None, dtype: np.dtype
+) -> np.ndarray:
+    """Validate the gradient handed to ``module.backward`` and return it as an array of ``dtype``.
+
+    ``expected_shape`` is the shape of the layer's last output, or None when ``forward`` kept no
+    cache (never called, or called under ``no_grad()``), which is a RuntimeError.
+    """
+    if expected_shape is None:
+        raise RuntimeError(
+            f"{module.describe()}: backward() needs the cache of a forward() pass; call forward "
+            "first (outside no_grad())"
+        )
+    if not isinstance(grad_output, np.ndarray):
+        grad_output = np.asarray(grad_output, dtype=dtype)  # a Python scalar, e.g. loss grad 1.0
+    if grad_output.shape != tuple(expected_shape):
+        raise ValueError(
+            f"{module.describe()}: grad_output has shape {tuple(grad_output.shape)} but the last "
+            f"forward returned shape {tuple(expected_shape)}; they must match"
+        )
+    if grad_output.dtype != dtype:
+        raise TypeError(
+            f"{module.describe()}: grad_output is {grad_output.dtype} but the layer computes in "
+            f"{dtype}; cast it to match"
+        )
+    return grad_output
+
+
 class Sequential(Module):
     """Modules applied in order; children are named ``"0"``, ``"1"``, ... as in PyTorch."""
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from scratchcnn.nn import functional as F
-from scratchcnn.nn.module import Module, check_input, is_grad_enabled
+from scratchcnn.nn.module import Module, check_grad_output, check_input, is_grad_enabled
 
 
 class _Pool2d(Module):
@@ -77,7 +77,7 @@ class _Pool2d(Module):
         if cache is None:
             raise RuntimeError(f"{self.describe()}: backward called without a preceding forward "
                                "(or after a forward under no_grad()); call forward first")
-        return F.to_nhwc(F.check_grad_output(self.describe(), grad_output, self._output_shape,
+        return F.to_nhwc(check_grad_output(self, grad_output, self._output_shape,
                                              self._dtype))
 
 
