@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 import scratchcnn
@@ -49,13 +50,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except CommandError as error:
-        print(f"scratchcnn {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except ValueError as error:
-        # DatasetError, bad shapes, bad checkpoints: messages written for users.
+    except (CommandError, ValueError) as error:
+        # CommandError, DatasetError, CheckpointError, bad shapes: messages written for users.
+        # SCRATCHCNN_DEBUG=1 shows the traceback too.
+        if os.environ.get("SCRATCHCNN_DEBUG"):
+            raise
         print(f"scratchcnn {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"scratchcnn {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `scratchcnn evaluate ... | head`): stop quietly, and point
+        # stdout at devnull so the interpreter's final flush doesn't fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
