@@ -28,7 +28,7 @@ job="${1:-compare}"
 shift || true
 case "$job" in
     test)
-        "$VENV/bin/ruff" check src tests benchmarks
+        "$VENV/bin/ruff" check .
         exec "$PY" -m pytest "$@"
         ;;
     *)
