@@ -1,0 +1,127 @@
+"""``scratchcnn bench``: time training steps and inference in NumPy and PyTorch, alternating."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from scratchcnn.models import MODEL_NAMES
+
+DESCRIPTION = """\
+Time the NumPy engine against PyTorch on the same model, weights, batches and threads:
+training steps (forward, loss, backward, Adam lr 1e-3) at each batch size, inference of
+--inference-images images, peak memory of each side (separate processes), GFLOP/s against this
+machine's measured float32 matmul peak, and the textbook loop layers on a few images,
+extrapolated. Rounds alternate NumPy, PyTorch, NumPy, PyTorch, ... after a warm-up; the report
+gives median (min-max) per side and the ratio NumPy/PyTorch (below 1: NumPy is faster).
+
+Writes DIR/bench.json (every per-round number, environment) and DIR/bench.md, and prints the
+Markdown. Threads: --threads, else $SCRATCHCNN_NUM_THREADS, else all available cores.
+
+Expected run time with the defaults (simple-cnn) on a 2-core machine: about 5-8 minutes.
+--model all takes about 6x as long (bn-cnn alone costs ~8x simple-cnn). For a quick look:
+--rounds 2 --steps 5 --batch-sizes 64 --inference-images 2000 --skip-memory (under a minute)."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1 or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct positive integers separated by commas, got {text!r}")
+    return values
+
+
+def _models(text: str) -> tuple[str, ...]:
+    if text.strip() == "all":
+        return MODEL_NAMES
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in MODEL_NAMES]
+    if unknown or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected 'all' or distinct names from {','.join(MODEL_NAMES)}, got {text!r}")
+    return names
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="NumPy vs PyTorch speed and memory (alternating rounds)",
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", type=_models, default=("simple-cnn",), metavar="NAMES",
+                        help="comma-separated model names or 'all' (default: simple-cnn)")
+    parser.add_argument("--batch-sizes", type=_int_list, default=(10, 64, 256), metavar="LIST",
+                        help="training batch sizes (default: 10,64,256)")
+    parser.add_argument("--rounds", type=_positive_int, default=5,
+                        help="alternating timed rounds per side (default 5)")
+    parser.add_argument("--steps", type=_positive_int, default=30,
+                        help="training steps per round (default 30, after 3 warm-up steps)")
+    parser.add_argument("--inference-images", type=_positive_int, default=10_000, metavar="N")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--threads", type=_positive_int,
+                        help="threads for both frameworks (default: $SCRATCHCNN_NUM_THREADS, "
+                             "else all available cores)")
+    parser.add_argument("--dataset", choices=("mnist", "fashion-mnist", "mnist-sample", "random"),
+                        help="images to time on (default: local MNIST if found, else random "
+                             "images; naming a dataset may download it)")
+    parser.add_argument("--data-dir", help="directory holding the dataset's IDX files")
+    parser.add_argument("--reference-images", type=_positive_int, default=2, metavar="N",
+                        help="images for the textbook-loop timing (default 2)")
+    parser.add_argument("--skip-memory", action="store_true", help="no peak-memory subprocesses")
+    parser.add_argument("--skip-reference", action="store_true",
+                        help="no textbook-loop timing")
+    parser.add_argument("--out", default="runs/bench", metavar="DIR",
+                        help="output directory (default: runs/bench)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.set_defaults(func=run)
+
+
+def resolve_threads(threads: int | None) -> int | None:
+    """--threads, else $SCRATCHCNN_NUM_THREADS, else None (all cores)."""
+    from scratchcnn.cli import CommandError
+
+    if threads is not None:
+        return threads
+    text = os.environ.get("SCRATCHCNN_NUM_THREADS", "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise CommandError(f"SCRATCHCNN_NUM_THREADS must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    from scratchcnn.cli import CommandError
+
+    threads = resolve_threads(args.threads)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise CommandError("PyTorch is not installed; bench needs it: "
+                           "pip install 'torch==2.13.0'") from None
+    from scratchcnn.harness.bench import BenchConfig, run_bench
+    from scratchcnn.harness.bench_report import check_targets, render_markdown, write_bench_report
+
+    config = BenchConfig(
+        models=args.model, batch_sizes=args.batch_sizes, rounds=args.rounds, steps=args.steps,
+        inference_images=args.inference_images, dtype=args.dtype, threads=threads,
+        dataset=args.dataset, data_dir=args.data_dir, memory=not args.skip_memory,
+        reference=not args.skip_reference, reference_images=args.reference_images,
+        quiet=args.quiet,
+    )
+    report = run_bench(config)
+    report["targets"] = check_targets(report)
+    paths = write_bench_report(report, Path(args.out))
+    print(render_markdown(report))
+    print(f"Report: {paths['json']}, {paths['markdown']}")
+    return 0

@@ -1,0 +1,352 @@
+"""``scratchcnn bench``: NumPy vs PyTorch speed on the same model, weights, batches and threads.
+
+Fairness rules: both sides start from identical weights (``torch_twin``), train with Adam
+(lr 1e-3) on the same index batches through ``harness.training.train_epoch`` / ``evaluate`` (so
+every engine speed-up shows here), run with the same thread count, warm up before timing, and
+alternate rounds NumPy, PyTorch, NumPy, PyTorch... so slow drifts of machine load hit both sides.
+Each round gives one time per side; we report median and min-max per side, the ratio of the
+medians NumPy/PyTorch (< 1: NumPy faster) and the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scratchcnn.harness import training
+from scratchcnn.harness.flops import TRAINING_FACTOR, forward_flops, gflops_per_second
+from scratchcnn.harness.measure import Stopwatch, measure_in_subprocess
+from scratchcnn.harness.threads import apply_threads
+from scratchcnn.models import build_model
+
+SIDES = ("numpy", "torch")
+EPOCH_IMAGES = 60_000  # MNIST's training set: one epoch-equivalent
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+DATASET_CHOICES = ("mnist", "fashion-mnist", "mnist-sample", "random")
+
+
+@dataclass
+class BenchConfig:
+    models: tuple[str, ...] = ("simple-cnn",)
+    batch_sizes: tuple[int, ...] = (10, 64, 256)
+    rounds: int = 5
+    steps: int = 30
+    warmup_steps: int = 3
+    inference_images: int = 10_000
+    eval_batch_size: int = 1000
+    dtype: str = "float32"
+    threads: int | None = None
+    dataset: str | None = None  # None: local MNIST if present, else random
+    data_dir: str | None = None
+    seed: int = 0
+    lr: float = 1e-3
+    memory: bool = True
+    memory_steps: int = 3
+    reference: bool = True
+    reference_images: int = 2
+    quiet: bool = False
+
+    def validate(self) -> None:
+        for name in ("rounds", "steps", "inference_images", "eval_batch_size", "memory_steps",
+                     "reference_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"bench: {name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"bench: warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError(f"bench: batch sizes must be positive, got {self.batch_sizes}")
+        if self.dataset is not None and self.dataset not in DATASET_CHOICES:
+            raise ValueError(f"bench: unknown dataset {self.dataset!r}; choose one of "
+                             f"{', '.join(DATASET_CHOICES)}")
+
+
+# -- statistics --------------------------------------------------------------------------------
+
+def alternation(rounds: int, sides: Sequence[str] = SIDES) -> list[tuple[int, str]]:
+    """The order of timed runs: (round, side) for round 0..rounds-1, sides in turn each round."""
+    return [(round_index, side) for round_index in range(rounds) for side in sides]
+
+
+def run_alternating(rounds: int, run_side: Callable[[str], float],
+                    sides: Sequence[str] = SIDES) -> dict[str, list[float]]:
+    """Call ``run_side(side)`` in ``alternation`` order; returns each side's times in order."""
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    for _, side in alternation(rounds, sides):
+        times[side].append(run_side(side))
+    return times
+
+
+def summarize(numpy_times: Sequence[float], torch_times: Sequence[float]) -> dict[str, Any]:
+    """Medians, min-max per side, the ratio of medians NumPy/PyTorch and per-round ratios."""
+    if len(numpy_times) != len(torch_times) or not numpy_times:
+        raise ValueError("summarize: both sides need the same, non-zero number of rounds")
+
+    def side(times: Sequence[float]) -> dict[str, Any]:
+        return {"median": statistics.median(times), "min": min(times), "max": max(times),
+                "rounds": list(times)}
+
+    per_round = [a / b for a, b in zip(numpy_times, torch_times, strict=True)]
+    return {
+        "numpy": side(numpy_times),
+        "torch": side(torch_times),
+        "ratio": statistics.median(numpy_times) / statistics.median(torch_times),
+        "round_ratios": per_round,
+        "median_round_ratio": statistics.median(per_round),
+    }
+
+
+# -- data --------------------------------------------------------------------------------------
+
+def load_images(config: BenchConfig, dtype: np.dtype, pool_size: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """(train_x, train_y, test_x, test_y, description). Real data when asked for or found
+    locally (never downloaded unless --dataset names it); else seeded uniform random uint8
+    images, normalised like MNIST, with random labels."""
+    from scratchcnn.data import DatasetError, load_dataset, locate_dataset, normalize
+
+    name = config.dataset
+    if name is None and locate_dataset("mnist", config.data_dir) is not None:
+        name = "mnist"
+    if name is not None and name != "random":
+        try:
+            data = load_dataset(name, config.data_dir, download=config.dataset is not None)
+        except (DatasetError, OSError) as error:
+            raise ValueError(f"bench: dataset {name!r} could not be loaded: {error}") from None
+
+        def fit(images: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+            repeats = math.ceil(n / len(labels))  # the small sample is tiled to the size asked
+            return (np.tile(images, (repeats, 1, 1, 1))[:n], np.tile(labels, repeats)[:n])
+
+        train_u8, train_y = fit(data.train_images, data.train_labels, pool_size)
+        test_u8, test_y = fit(data.test_images, data.test_labels, config.inference_images)
+        info = {"name": name, "source": str(data.source), "synthetic": False}
+    else:
+        rng = np.random.default_rng(config.seed)
+        train_u8 = rng.integers(0, 256, (pool_size, 1, 28, 28), dtype=np.uint8)
+        test_u8 = rng.integers(0, 256, (config.inference_images, 1, 28, 28), dtype=np.uint8)
+        train_y = rng.integers(0, 10, pool_size).astype(np.int64)
+        test_y = rng.integers(0, 10, config.inference_images).astype(np.int64)
+        info = {"name": "random", "source": "uniform random uint8 pixels (seeded), "
+                "normalised with MNIST's mean/std; timings barely depend on pixel values",
+                "synthetic": True}
+    train_x = normalize(train_u8, MNIST_MEAN, MNIST_STD, dtype=dtype)
+    test_x = normalize(test_u8, MNIST_MEAN, MNIST_STD, dtype=dtype)
+    return train_x, np.asarray(train_y, np.int64), test_x, np.asarray(test_y, np.int64), info
+
+
+def round_batches(pool_size: int, batch_size: int, steps: int, seed: int) -> list[np.ndarray]:
+    """``steps`` index batches drawn without replacement (cycling) from a seeded permutation."""
+    order = np.random.default_rng(seed).permutation(pool_size)
+    needed = np.resize(order, steps * batch_size)
+    return [needed[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+
+
+# -- one model ---------------------------------------------------------------------------------
+
+def _log(config: BenchConfig, message: str) -> None:
+    if not config.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _build_sides(model_name: str, config: BenchConfig, dtype: np.dtype) -> dict[str, Any]:
+    from scratchcnn.reference.torch_models import torch_twin
+
+    numpy_model = build_model(model_name, dtype=dtype, rng=np.random.default_rng(config.seed))
+    return {"numpy": numpy_model, "torch": torch_twin(numpy_model, model_name)}
+
+
+def bench_training(model_name: str, config: BenchConfig, dtype: np.dtype, images: np.ndarray,
+                   labels: np.ndarray, batch_size: int) -> dict[str, Any]:
+    models = _build_sides(model_name, config, dtype)
+    optimizers = {side: training.make_optimizer(side, model.parameters(), "adam", config.lr)
+                  for side, model in models.items()}
+    warmup = round_batches(len(labels), batch_size, max(config.warmup_steps, 1), config.seed)
+    for side in SIDES:
+        training.train_epoch(side, models[side], optimizers[side], images, labels, warmup,
+                             epoch=0)
+    round_counter = {side: 0 for side in SIDES}
+
+    def run_side(side: str) -> float:
+        round_counter[side] += 1
+        batches = round_batches(len(labels), batch_size, config.steps,
+                                config.seed + round_counter[side])
+        with Stopwatch() as watch:
+            training.train_epoch(side, models[side], optimizers[side], images, labels, batches,
+                                 epoch=round_counter[side])
+        return watch.seconds / config.steps
+
+    times = run_alternating(config.rounds, run_side)
+    summary = summarize(times["numpy"], times["torch"])
+    steps_per_epoch = math.ceil(EPOCH_IMAGES / batch_size)
+    flops = TRAINING_FACTOR * forward_flops(model_name) * batch_size
+    for side in SIDES:
+        median = summary[side]["median"]
+        summary[side]["epoch_seconds"] = median * steps_per_epoch
+        summary[side]["gflops"] = gflops_per_second(flops, median)
+    summary.update(batch_size=batch_size, steps=config.steps, steps_per_epoch=steps_per_epoch,
+                   unit="seconds per step")
+    return summary
+
+
+def bench_inference(model_name: str, config: BenchConfig, dtype: np.dtype, images: np.ndarray,
+                    labels: np.ndarray) -> dict[str, Any]:
+    models = _build_sides(model_name, config, dtype)
+    warm = slice(0, min(len(labels), config.eval_batch_size))
+    for side in SIDES:
+        training.evaluate(side, models[side], images[warm], labels[warm],
+                          batch_size=config.eval_batch_size)
+
+    def run_side(side: str) -> float:
+        with Stopwatch() as watch:
+            training.evaluate(side, models[side], images, labels,
+                              batch_size=config.eval_batch_size)
+        return watch.seconds
+
+    times = run_alternating(config.rounds, run_side)
+    summary = summarize(times["numpy"], times["torch"])
+    flops = forward_flops(model_name) * len(labels)
+    for side in SIDES:
+        summary[side]["gflops"] = gflops_per_second(flops, summary[side]["median"])
+    summary.update(images=len(labels), eval_batch_size=config.eval_batch_size,
+                   unit="seconds for all images")
+    return summary
+
+
+def bench_reference(model_name: str, config: BenchConfig, dtype: np.dtype, images: np.ndarray,
+                    labels: np.ndarray) -> dict[str, Any]:
+    from scratchcnn.harness.loop_baseline import time_loop_baseline
+
+    model = build_model(model_name, dtype=dtype, rng=np.random.default_rng(config.seed))
+    optimizer = training.make_optimizer("numpy", model.parameters(), "adam", config.lr)
+    n = config.reference_images
+    result = time_loop_baseline(model, optimizer, images[:n], labels[:n])
+    result["inference_seconds"] = result["forward_seconds_per_image"] * config.inference_images
+    result["epoch_seconds"] = result["train_seconds_per_image"] * EPOCH_IMAGES
+    result["inference_images"] = config.inference_images
+    return result
+
+
+# -- memory (subprocesses) -------------------------------------------------------------------
+
+def memory_probe(payload: dict[str, Any], window) -> dict[str, Any]:
+    """Runs in a fresh process (``measure.measure_in_subprocess``): build one side's model, then
+    inside the window either train for a few steps or run inference on the saved images."""
+    side = payload["side"]
+    apply_threads(payload["threads"], torch=side == "torch")
+    with np.load(payload["data"], allow_pickle=False) as data:
+        images, labels = data["images"], data["labels"]
+    model = build_model(payload["model"], dtype=np.dtype(payload["dtype"]),
+                        rng=np.random.default_rng(payload["seed"]))
+    if side == "torch":
+        from scratchcnn.reference.torch_models import torch_twin
+
+        model = torch_twin(model, payload["model"])
+    with window():
+        if payload["task"] == "train":
+            batch = payload["batch_size"]
+            batches = [np.arange(i * batch, (i + 1) * batch) for i in range(payload["steps"])]
+            optimizer = training.make_optimizer(side, model.parameters(), "adam", payload["lr"])
+            training.train_epoch(side, model, optimizer, images, labels, batches, epoch=1)
+        else:
+            training.evaluate(side, model, images, labels,
+                              batch_size=payload["eval_batch_size"])
+    return {"task": payload["task"], "images": len(labels)}
+
+
+def bench_memory(model_name: str, config: BenchConfig, threads: int, train_x: np.ndarray,
+                 train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> dict[str, Any]:
+    """Peak RSS above the post-setup baseline, per side, for training at each batch size and for
+    inference, each in its own subprocess."""
+    results: dict[str, Any] = {"training": [], "inference": None}
+    base = {"model": model_name, "dtype": config.dtype, "seed": config.seed, "lr": config.lr,
+            "threads": threads, "eval_batch_size": config.eval_batch_size,
+            "steps": config.memory_steps}
+    with tempfile.TemporaryDirectory(prefix="scratchcnn-bench-") as tmp:
+        tasks = []
+        for batch_size in config.batch_sizes:
+            n = batch_size * config.memory_steps
+            path = Path(tmp) / f"train{batch_size}.npz"
+            np.savez(path, images=np.resize(train_x, (n, *train_x.shape[1:])),
+                     labels=np.resize(train_y, n))
+            tasks.append(("train", batch_size, path))
+        path = Path(tmp) / "inference.npz"
+        np.savez(path, images=test_x, labels=test_y)
+        tasks.append(("inference", None, path))
+        for task, batch_size, path in tasks:
+            entry: dict[str, Any] = {"batch_size": batch_size}
+            for side in SIDES:
+                payload = {**base, "side": side, "task": task, "batch_size": batch_size,
+                           "data": str(path)}
+                try:
+                    probe = measure_in_subprocess("scratchcnn.harness.bench:memory_probe", payload)
+                    entry[side] = probe["peak_mb"]
+                    entry["method"] = probe["method"]
+                except (RuntimeError, OSError) as error:
+                    _log(config, f"warning: peak memory of {side} ({task}) not measured: {error}")
+                    entry[side] = None
+            if entry["numpy"] is not None and entry["torch"]:
+                entry["ratio"] = entry["numpy"] / entry["torch"]
+            if task == "train":
+                results["training"].append(entry)
+            else:
+                entry["images"] = len(test_y)
+                results["inference"] = entry
+    return results
+
+
+# -- the whole run -----------------------------------------------------------------------------
+
+def bench_model(model_name: str, config: BenchConfig, threads: int, dtype: np.dtype,
+                data: tuple[np.ndarray, ...]) -> dict[str, Any]:
+    train_x, train_y, test_x, test_y = data
+    result: dict[str, Any] = {"model": model_name, "forward_flops_per_image":
+                              forward_flops(model_name), "training": []}
+    for batch_size in config.batch_sizes:
+        _log(config, f"[{model_name}] training, batch {batch_size}: {config.rounds} rounds x "
+                     f"{config.steps} steps per side")
+        result["training"].append(
+            bench_training(model_name, config, dtype, train_x, train_y, batch_size))
+    _log(config, f"[{model_name}] inference of {len(test_y)} images: {config.rounds} rounds")
+    result["inference"] = bench_inference(model_name, config, dtype, test_x, test_y)
+    if config.memory:
+        _log(config, f"[{model_name}] peak memory (one subprocess per side and task)")
+        result["memory"] = bench_memory(model_name, config, threads, *data)
+    if config.reference:
+        _log(config, f"[{model_name}] textbook loops on {config.reference_images} images")
+        result["reference_loops"] = bench_reference(model_name, config, dtype, test_x, test_y)
+    return result
+
+
+def run_bench(config: BenchConfig) -> dict[str, Any]:
+    """Benchmark every model of ``config``; returns the report (see ``bench_report``)."""
+    from scratchcnn.harness.environment import describe_environment
+    from scratchcnn.harness.flops import matmul_peak_gflops
+    from scratchcnn.nn.module import as_float_dtype
+
+    config.validate()
+    dtype = as_float_dtype(config.dtype)
+    threads = apply_threads(config.threads)
+    load_before = os.getloadavg()
+    pool = max(config.batch_sizes) * config.steps
+    *data, dataset = load_images(config, dtype, pool)
+    _log(config, f"matmul peak ({threads} threads)")
+    peak = matmul_peak_gflops(dtype=np.float32)
+    models = [bench_model(name, config, threads, dtype, tuple(data)) for name in config.models]
+    return {
+        "kind": "scratchcnn-bench",
+        "config": asdict(config),
+        "dataset": dataset,
+        "environment": describe_environment(threads),
+        "load_average": {"start": list(load_before), "end": list(os.getloadavg())},
+        "matmul_peak": peak,
+        "models": models,
+    }

@@ -1,0 +1,159 @@
+"""The ``bench`` report: targets checked, Markdown rendering, atomic JSON + Markdown files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from scratchcnn.harness.report import to_json, write_text_atomic
+
+TARGET_MODEL = "simple-cnn"
+TRAINING_TARGETS = {10: 1.0, 64: 0.85, 256: 1.0}  # max NumPy/PyTorch median ratio per batch
+INFERENCE_TARGET = 0.5
+OTHER_MODELS_TARGET = 1.5
+
+
+def _target(name: str, value: float | None, limit: float) -> dict[str, Any]:
+    met = None if value is None else bool(value <= limit)
+    return {"target": name, "value": value, "limit": limit, "met": met}
+
+
+def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets for the models in ``report`` (only meaningful for float32)."""
+    targets = []
+    for model in report["models"]:
+        name = model["model"]
+        ratios = [(f"training batch {t['batch_size']}", t["ratio"], t["batch_size"])
+                  for t in model["training"]]
+        if name == TARGET_MODEL:
+            for label, ratio, batch in ratios:
+                if batch in TRAINING_TARGETS:
+                    targets.append(_target(f"{name} {label}", ratio, TRAINING_TARGETS[batch]))
+            targets.append(_target(f"{name} inference", model["inference"]["ratio"],
+                                   INFERENCE_TARGET))
+            for entry in model.get("memory", {}).get("training", []):
+                targets.append(_target(f"{name} training memory batch {entry['batch_size']}",
+                                       entry.get("ratio"), 1.0))
+        else:
+            worst = max([ratio for _, ratio, _ in ratios] + [model["inference"]["ratio"]])
+            targets.append(_target(f"{name} worst ratio", worst, OTHER_MODELS_TARGET))
+    return targets
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _s(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.2f} s"
+
+
+def _range(side: dict[str, Any], fmt) -> str:
+    return f"{fmt(side['median'])} ({fmt(side['min'])}-{fmt(side['max'])})"
+
+
+def _model_section(model: dict[str, Any], peak: float) -> list[str]:
+    lines = [f"## {model['model']}", "",
+             f"Forward: {model['forward_flops_per_image'] / 1e6:.2f} MFLOP per image "
+             "(training step ~3x). Times are median (min-max) over the rounds.", "",
+             "### Training (forward, loss, backward, Adam step)", "",
+             "| batch | NumPy ms/step | PyTorch ms/step | ratio | round ratios | "
+             "NumPy s/epoch | PyTorch s/epoch | NumPy GFLOP/s (% peak) | "
+             "PyTorch GFLOP/s (% peak) |",
+             "|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+
+    def gf(value: float) -> str:
+        return f"{value:.1f} ({100 * value / peak:.0f}%)" if peak else f"{value:.1f}"
+
+    for t in model["training"]:
+        rounds = ", ".join(f"{r:.2f}" for r in t["round_ratios"])
+        lines.append(
+            f"| {t['batch_size']} | {_range(t['numpy'], _ms)} | {_range(t['torch'], _ms)} | "
+            f"**{t['ratio']:.2f}** | {rounds} | {t['numpy']['epoch_seconds']:.1f} | "
+            f"{t['torch']['epoch_seconds']:.1f} | {gf(t['numpy']['gflops'])} | "
+            f"{gf(t['torch']['gflops'])} |")
+    inf = model["inference"]
+    lines += ["", f"### Inference of {inf['images']} images (batches of {inf['eval_batch_size']})",
+              "", "| NumPy s | PyTorch s | ratio | round ratios | NumPy GFLOP/s (% peak) | "
+              "PyTorch GFLOP/s (% peak) |", "|---:|---:|---:|---|---:|---:|",
+              f"| {_range(inf['numpy'], _s)} | {_range(inf['torch'], _s)} | "
+              f"**{inf['ratio']:.2f}** | {', '.join(f'{r:.2f}' for r in inf['round_ratios'])} | "
+              f"{gf(inf['numpy']['gflops'])} | {gf(inf['torch']['gflops'])} |"]
+    memory = model.get("memory")
+    if memory:
+        lines += ["", "### Peak memory above baseline (MiB, separate process per side)", "",
+                  "| task | NumPy | PyTorch | ratio |", "|---|---:|---:|---:|"]
+        rows = [(f"training, batch {e['batch_size']}", e) for e in memory["training"]]
+        if memory["inference"]:
+            rows.append((f"inference, {memory['inference']['images']} images",
+                         memory["inference"]))
+        for label, e in rows:
+            ratio = f"{e['ratio']:.2f}" if e.get("ratio") is not None else "-"
+            mib = [f"{e[s]:.1f}" if e.get(s) is not None else "-" for s in ("numpy", "torch")]
+            lines.append(f"| {label} | {mib[0]} | {mib[1]} | {ratio} |")
+    loops = model.get("reference_loops")
+    if loops:
+        batch64 = next((t for t in model["training"] if t["batch_size"] == 64),
+                       model["training"][-1])
+        numpy_epoch = batch64["numpy"]["epoch_seconds"]
+        numpy_inf = inf["numpy"]["median"] * loops["inference_images"] / inf["images"]
+        lines += ["", f"### Textbook loops (timed on {loops['images']} images, extrapolated)",
+                  "", "| task | loops | vectorised NumPy | speed-up |", "|---|---:|---:|---:|",
+                  f"| inference of {loops['inference_images']} images | "
+                  f"{_s(loops['inference_seconds'])} | {_s(numpy_inf)} | "
+                  f"{loops['inference_seconds'] / numpy_inf:.0f}x |"]
+        if loops.get("epoch_seconds") is not None:
+            lines.append(f"| one epoch (60,000 images; NumPy at batch {batch64['batch_size']}) | "
+                         f"{_s(loops['epoch_seconds'])} | {_s(numpy_epoch)} | "
+                         f"{loops['epoch_seconds'] / numpy_epoch:.0f}x |")
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    env, config = report["environment"], report["config"]
+    peak = report["matmul_peak"]["gflops"]
+    blas = env.get("blas") or {}
+    load = report["load_average"]
+    lines = [
+        "# scratchcnn bench: NumPy vs PyTorch", "",
+        f"- CPU: {env['cpu']}; threads: {env['threads']} (of {env['available_cores']} cores); "
+        f"BLAS: {blas.get('library')} {blas.get('version') or ''}".rstrip(),
+        f"- Python {env['python']}, NumPy {env['numpy']}, PyTorch {env['torch']}",
+        f"- dtype {config['dtype']}; data: {report['dataset']['name']}; {config['rounds']} "
+        f"alternating rounds, {config['steps']} steps per round after "
+        f"{config['warmup_steps']} warm-up steps; Adam lr {config['lr']}",
+        f"- measured matmul peak (float32, {report['matmul_peak']['size']}^2): {peak:.1f} GFLOP/s",
+        f"- load average (1/5/15 min) at start {', '.join(f'{v:.2f}' for v in load['start'])}, "
+        f"at end {', '.join(f'{v:.2f}' for v in load['end'])}",
+        "- ratio = median NumPy time / median PyTorch time: below 1 means NumPy is faster.",
+        "",
+    ]
+    targets = report.get("targets") or []
+    if targets:
+        note = "" if config["dtype"] == "float32" else " (targets are defined for float32)"
+        lines += [f"## Targets{note}", "", "| target | value | limit | status |",
+                  "|---|---:|---:|---|"]
+        for t in targets:
+            value = "-" if t["value"] is None else f"{t['value']:.2f}"
+            status = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+            lines.append(f"| {t['target']} | {value} | <= {t['limit']} | {status} |")
+        lines.append("")
+    for model in report["models"]:
+        lines += [*_model_section(model, peak), ""]
+    return "\n".join(lines)
+
+
+def write_bench_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """``bench.json`` and ``bench.md`` in ``out_dir`` (created if needed), written atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md"}
+    write_text_atomic(paths["json"], to_json(report))
+    write_text_atomic(paths["markdown"], render_markdown(report))
+    return paths
