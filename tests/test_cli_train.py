@@ -158,3 +158,57 @@ def test_resume_from_tampered_checkpoint_is_refused(tmp_path, trained, capsys):
     assert main(["train", "--resume", str(copy), "--epochs", "3"]) == 2
     err = capsys.readouterr().err
     assert str(copy) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("framework", "recipe"),
+    [
+        ("numpy", ["--lr-schedule", "cosine", "--warmup-epochs", "1", "--augment", "affine"]),
+        ("torch", ["--lr-schedule", "step", "--lr-step-size", "1", "--augment", "shift"]),
+    ],
+)
+def test_resume_with_lr_schedule_and_augmentation_equals_uninterrupted_run(
+    tmp_path, monkeypatch, framework, recipe, request
+):
+    if framework == "torch":
+        request.getfixturevalue("torch")
+    options = ["--model", "tiny-cnn", "--framework", framework, "--dtype", "float64",
+               "--optimizer", "adam", "--lr", "0.002", *recipe]
+    assert train(tmp_path / "straight", *options, "--epochs", "3") == 0
+
+    real_train_epoch = training.train_epoch
+    seen: dict[int, np.ndarray] = {}
+
+    def interrupted(framework, model, optimizer, images, *args, epoch, **kwargs):
+        seen[epoch] = images.copy()
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return real_train_epoch(framework, model, optimizer, images, *args, epoch=epoch,
+                                **kwargs)
+
+    monkeypatch.setattr(training, "train_epoch", interrupted)
+    assert train(tmp_path / "resumed", *options, "--epochs", "3") == 130
+    monkeypatch.undo()
+    last = tmp_path / "resumed" / "last.npz"
+    assert load_checkpoint(last).epoch == 2
+    # Augmentation really changes the images, differently each epoch.
+    assert not np.array_equal(seen[1], seen[2])
+
+    assert main(["train", "--resume", str(last), "--epochs", "3", "--no-progress"]) == 0
+    assert_same_training_state(tmp_path / "straight" / "last.npz", last)
+    meta = load_checkpoint(last).metadata
+    lrs = [h["lr"] for h in meta["history"]]
+    if "cosine" in recipe:  # warm-up x1/2, then cosine over 3 epochs, chained as in torch
+        np.testing.assert_allclose(lrs, [0.001, 0.002 * 0.75, 0.002 * 0.25], rtol=1e-12)
+    else:
+        np.testing.assert_allclose(lrs, [0.002, 0.0002, 0.00002], rtol=1e-12)
+    assert meta["config"]["augment"] == recipe[-1]
+    assert meta["lr_schedulers"][-1]["last_epoch"] == 3
+
+
+def test_resume_refuses_a_different_schedule_or_augmentation(trained, capsys):
+    last = str(trained / "last.npz")
+    assert main(["train", "--resume", last, "--epochs", "3", "--augment", "shift"]) == 2
+    assert "--augment shift (checkpoint: none)" in capsys.readouterr().err
+    assert main(["train", "--resume", last, "--epochs", "3", "--lr-schedule", "cosine"]) == 2
+    assert "--lr-schedule cosine (checkpoint: constant)" in capsys.readouterr().err

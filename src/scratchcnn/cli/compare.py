@@ -37,6 +37,29 @@ def _frameworks(text: str) -> tuple[str, ...]:
     return names
 
 
+def add_training_recipe_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """--augment, --lr-schedule, --warmup-epochs, --lr-step-size (shared with ``train``, where
+    ``defaults=False`` leaves them None so a resumed run can tell what was given)."""
+    def default(value):
+        return value if defaults else None
+
+    parser.add_argument("--augment", choices=("none", "shift", "affine", "elastic"),
+                        default=default("none"),
+                        help="augment the training images each epoch, identically for both "
+                        "frameworks: integer shifts up to 2 px, affine (rotation up to 12 deg, "
+                        "scale 0.9-1.1, shift up to 2 px) or affine + elastic distortion "
+                        "(default none)")
+    parser.add_argument("--lr-schedule", choices=("constant", "step", "cosine"),
+                        default=default("constant"),
+                        help="per-epoch learning-rate schedule: step (x0.1 every --lr-step-size "
+                        "epochs) or cosine (to 0 at the last epoch) (default constant)")
+    parser.add_argument("--warmup-epochs", type=int, default=default(0), metavar="N",
+                        help="linear warm-up from lr/(N+1) over the first N epochs (default 0)")
+    parser.add_argument("--lr-step-size", type=int, default=None, metavar="N",
+                        help="epochs between x0.1 decays of --lr-schedule step "
+                        "(default: a third of the epochs, rounded up)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "compare", help="NumPy vs PyTorch on the same model, weights and batches",
@@ -54,6 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="SGD momentum (default: torch's, 0)")
     parser.add_argument("--weight-decay", type=float, default=None,
                         help="weight decay (default: torch's for the optimizer)")
+    add_training_recipe_options(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit-train", type=_positive_int, metavar="N",
                         help="use only the first N training images")
@@ -91,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
         limit_train=args.limit_train, limit_test=args.limit_test, frameworks=args.frameworks,
         dtype=args.dtype, threads=args.threads, measure_memory=not args.no_memory,
-        quiet=args.quiet, optimizer_options=options,
+        quiet=args.quiet, optimizer_options=options, augment=args.augment,
+        lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
+        lr_step_size=args.lr_step_size,
     )
     if "torch" in config.frameworks:
         try:
@@ -101,6 +127,10 @@ def run(args: argparse.Namespace) -> int:
                 "PyTorch is not installed; install it with pip install 'torch==2.13.0' "
                 "or run with --frameworks numpy"
             ) from None
+    try:
+        config.validate()
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     try:
         report = run_compare(config)
     except NonFiniteLossError as error:

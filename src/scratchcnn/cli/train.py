@@ -34,6 +34,10 @@ DEFAULTS: dict[str, Any] = {
     "limit_test": None,
     "dtype": "float32",
     "framework": "numpy",
+    "augment": "none",
+    "lr_schedule": "constant",
+    "warmup_epochs": 0,
+    "lr_step_size": None,
 }
 
 
@@ -54,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--lr", type=float, help=f"learning rate (default {DEFAULTS['lr']})")
     add("--momentum", type=float, help="SGD momentum (default 0)")
     add("--weight-decay", type=float, help="default 0")
+    from scratchcnn.cli.compare import add_training_recipe_options
+
+    add_training_recipe_options(parser, defaults=False)
     add("--seed", type=int, help="seed for initialisation, batch order and dropout (default 0)")
     add("--limit-train", type=int, help="use only the first N training images")
     add("--limit-test", type=int, help="use only the first N test images")
@@ -90,9 +97,14 @@ def resolve_config(args: argparse.Namespace, saved: dict[str, Any] | None) -> di
                 f"resuming keeps the checkpoint's settings, but {', '.join(clashes)} was given; "
                 "drop these options or start a new run"
             )
-    for key in ("batch_size", "limit_train", "limit_test"):
+    for key in ("batch_size", "limit_train", "limit_test", "lr_step_size"):
         if config[key] is not None and config[key] < 1:
             raise CommandError(f"--{key.replace('_', '-')} must be at least 1, got {config[key]}")
+    if config["warmup_epochs"] < 0:
+        raise CommandError(f"--warmup-epochs must be at least 0, got {config['warmup_epochs']}")
+    # A schedule is laid out over the epochs of the first invocation (cosine reaches 0 there);
+    # resuming towards a larger --epochs continues that schedule rather than re-planning it.
+    config.setdefault("schedule_epochs", args.epochs)
     return config
 
 
@@ -146,6 +158,12 @@ class Run:
             config["lr"],
             **optimizer_options(config),
         )
+        from scratchcnn.harness.compare import make_lr_schedulers
+
+        self.schedulers = make_lr_schedulers(
+            self.framework, self.optimizer, config["lr_schedule"], config["schedule_epochs"],
+            config["warmup_epochs"], config["lr_step_size"],
+        )
 
     def model_state(self) -> dict[str, np.ndarray]:
         if self.framework == "torch":
@@ -174,7 +192,16 @@ class Run:
             torch.set_rng_state(torch.from_numpy(np.asarray(checkpoint.metadata["rng"]["torch"])))
         else:
             self.model.load_state_dict(checkpoint.model_state)
+        # After the schedulers' construction (which writes the lr), as torch recommends.
         self.optimizer.load_state_dict(checkpoint.metadata["optimizer"]["state"])
+        saved = checkpoint.metadata.get("lr_schedulers", [])
+        if len(saved) != len(self.schedulers):
+            raise ValueError(
+                f"checkpoint has {len(saved)} lr scheduler state(s) but its settings need "
+                f"{len(self.schedulers)}; it was not written by this version of scratchcnn train"
+            )
+        for scheduler, state in zip(self.schedulers, saved, strict=True):
+            scheduler.load_state_dict(state)
         self.rng.bit_generator.state = checkpoint.metadata["rng"]["numpy"]
 
 
@@ -193,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
     from scratchcnn.cli import CommandError
     from scratchcnn.data import BatchSampler, compute_mean_std, normalize
     from scratchcnn.harness.checkpoint import load_checkpoint, save_checkpoint
+    from scratchcnn.harness.compare import augmented_training_images
     from scratchcnn.harness.training import NonFiniteLossError, evaluate, train_epoch
 
     checkpoint = None
@@ -241,13 +269,18 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"training {config['model']} ({config['framework']}, {config['dtype']}) on "
         f"{config['dataset']}: {len(train_x)} train / {len(test_x)} test images, "
-        f"{config['optimizer']} lr={config['lr']}, batch {config['batch_size']}, "
+        f"{config['optimizer']} lr={config['lr']} ({_recipe(config)}), "
+        f"batch {config['batch_size']}, "
         f"epochs {start_epoch + 1}..{args.epochs} -> {out}"
     )
     last_path = out / "last.npz"
     last_saved = Path(args.resume) if checkpoint is not None else None
     for epoch in range(start_epoch + 1, args.epochs + 1):
         batches = sampler.epoch(epoch)
+        epoch_x = train_x
+        if config["augment"] != "none":
+            epoch_x = augmented_training_images(data.train_images, config["augment"],
+                                                config["seed"], epoch, mean, std, dtype)
         started = time.perf_counter()
         try:
             # A diverging run overflows on its way to NaN; the loop reports that clearly.
@@ -255,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
                     np.errstate(over="ignore", invalid="ignore"):
                 train_loss = train_epoch(
                     config["framework"], state.model, state.optimizer,
-                    train_x, data.train_labels, batches, epoch=epoch, progress=progress,
+                    epoch_x, data.train_labels, batches, epoch=epoch, progress=progress,
                 )
         except NonFiniteLossError as error:
             kept = (
@@ -266,6 +299,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"scratchcnn train: error: {error} {kept}", file=sys.stderr)
             return EXIT_NON_FINITE
         train_seconds = time.perf_counter() - started
+        lr = state.optimizer.param_groups[0]["lr"]
+        for scheduler in state.schedulers:
+            scheduler.step()
         result = evaluate(config["framework"], state.model, test_x, data.test_labels)
         record = {
             "epoch": epoch,
@@ -273,6 +309,7 @@ def run(args: argparse.Namespace) -> int:
             "test_loss": _finite_or_none(result.loss),
             "test_accuracy": result.accuracy,
             "train_seconds": train_seconds,
+            "lr": lr,
         }
         history.append(record)
         improved = result.accuracy > best
@@ -290,6 +327,7 @@ def run(args: argparse.Namespace) -> int:
                 "hyperparameters": {"lr": config["lr"], **optimizer_options(config)},
                 "state": state.optimizer.state_dict(),
             },
+            "lr_schedulers": [scheduler.state_dict() for scheduler in state.schedulers],
             "rng": state.random_state(),
             "config": config,
             "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
@@ -308,6 +346,14 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"checkpoints: {last_path} (last), {out / 'best.npz'} (best test accuracy)")
     return 0
+
+
+def _recipe(config: dict[str, Any]) -> str:
+    parts = [f"{config['lr_schedule']} schedule"]
+    if config["warmup_epochs"]:
+        parts.append(f"{config['warmup_epochs']} warm-up epoch(s)")
+    parts.append(f"augment {config['augment']}")
+    return ", ".join(parts)
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -23,6 +23,7 @@ from scratchcnn.harness.threads import apply_threads
 from scratchcnn.models import architecture, build_model
 
 DTYPES = ("float32", "float64")
+LR_SCHEDULES = ("constant", "step", "cosine")
 DEFAULT_DATASET = "mnist"
 FALLBACK_DATASET = "mnist-sample"
 # Memory probe: this many training steps, then evaluation of at most this many test images.
@@ -49,6 +50,10 @@ class CompareConfig:
     measure_memory: bool = True
     quiet: bool = False
     optimizer_options: dict[str, Any] = field(default_factory=dict)
+    augment: str = "none"               # scratchcnn.data.augment.AUGMENTATIONS
+    lr_schedule: str = "constant"       # LR_SCHEDULES, stepped once per epoch
+    warmup_epochs: int = 0              # linear warm-up from lr / (warmup + 1), chained
+    lr_step_size: int | None = None     # "step": decay x0.1 every this many epochs
 
     def validate(self) -> None:
         architecture(self.model)  # raises with the list of known models
@@ -72,6 +77,65 @@ class CompareConfig:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        check_schedule(self.lr_schedule, self.warmup_epochs, self.lr_step_size)
+        from scratchcnn.data.augment import check_augmentation
+
+        check_augmentation(self.augment)
+
+
+def check_schedule(schedule: str, warmup_epochs: int, step_size: int | None) -> None:
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(
+            f"unknown lr schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
+        )
+    if warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be at least 0, got {warmup_epochs}")
+    if step_size is not None and step_size < 1:
+        raise ValueError(f"lr_step_size must be at least 1, got {step_size}")
+
+
+def make_lr_schedulers(
+    framework: str,
+    optimizer: Any,
+    schedule: str,
+    epochs: int,
+    warmup_epochs: int = 0,
+    step_size: int | None = None,
+) -> list[Any]:
+    """The per-epoch schedulers for ``optimizer``: ``scratchcnn.optim.lr_scheduler`` on the
+    NumPy side, ``torch.optim.lr_scheduler`` on the PyTorch side, built in the same order with
+    the same arguments. Call ``step()`` on each, in order, after every epoch. They chain
+    (PyTorch's recursive forms compose multiplicatively): a warm-up LinearLR from
+    1 / (warmup_epochs + 1) of the lr, then "step" (x0.1 every ``step_size`` epochs, default a
+    third of ``epochs`` rounded up) or "cosine" (to 0 over ``epochs``) from the full lr.
+    Fresh schedulers set the lr; on resume load the optimizer's state_dict after building them
+    and then each scheduler's."""
+    check_schedule(schedule, warmup_epochs, step_size)
+    if training.check_framework(framework) == "numpy":
+        from scratchcnn.optim import lr_scheduler
+    else:
+        from torch.optim import lr_scheduler
+    schedulers: list[Any] = []
+    if warmup_epochs:
+        schedulers.append(lr_scheduler.LinearLR(
+            optimizer, start_factor=1.0 / (warmup_epochs + 1), total_iters=warmup_epochs))
+    if schedule == "step":
+        schedulers.append(lr_scheduler.StepLR(
+            optimizer, step_size=step_size or -(-epochs // 3), gamma=0.1))
+    elif schedule == "cosine":
+        schedulers.append(lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs))
+    return schedulers
+
+
+def augmented_training_images(
+    images: np.ndarray, kind: str, seed: int, epoch: int, mean: float, std: float, dtype: Any
+) -> np.ndarray:
+    """The normalised training images of ``epoch``: augmented from the raw uint8 images as a
+    pure function of (seed, epoch), so both frameworks and a resumed run see the same array."""
+    from scratchcnn.data import normalize
+    from scratchcnn.data.augment import augment_epoch
+
+    return normalize(augment_epoch(images, kind, seed, epoch), mean, std, dtype=dtype)
 
 
 def _warn(message: str) -> None:
@@ -121,6 +185,7 @@ class _Side:
     name: str
     model: Any
     optimizer: Any = None
+    schedulers: list[Any] = field(default_factory=list)
     untrained: dict[str, float] = field(default_factory=dict)
     epochs: list[dict[str, float]] = field(default_factory=list)
     step_losses: list[list[float]] = field(default_factory=list)
@@ -192,10 +257,21 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
             side.name, side.model.parameters(), config.optimizer, config.lr,
             **config.optimizer_options,
         )
+        side.schedulers = make_lr_schedulers(
+            side.name, side.optimizer, config.lr_schedule, config.epochs,
+            config.warmup_epochs, config.lr_step_size,
+        )
 
     sampler = BatchSampler(len(train_y), config.batch_size, shuffle=True, seed=config.seed)
     for epoch in range(1, config.epochs + 1):
         batches = sampler.epoch(epoch)
+        augment_seconds = 0.0
+        epoch_x = train_x
+        if config.augment != "none":
+            start = time.perf_counter()
+            epoch_x = augmented_training_images(dataset.train_images, config.augment,
+                                                config.seed, epoch, mean, std, dtype)
+            augment_seconds = time.perf_counter() - start
         for side in sides.values():  # alternate: numpy epoch e, torch epoch e, numpy e+1, ...
             losses: list[float] = []
             description = f"{side.name} epoch {epoch}/{config.epochs}"
@@ -207,16 +283,20 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
 
                 start = time.perf_counter()
                 train_loss = training.train_epoch(
-                    side.name, side.model, side.optimizer, train_x, train_y, batches,
+                    side.name, side.model, side.optimizer, epoch_x, train_y, batches,
                     epoch=epoch, progress=record,
                 )
                 seconds = time.perf_counter() - start
+            lr = side.optimizer.param_groups[0]["lr"]
+            for scheduler in side.schedulers:
+                scheduler.step()
             side.final = evaluate(side)
             side.step_losses.append(losses)
             side.epochs.append({
                 "epoch": epoch, "train_loss": train_loss, "test_loss": side.final.loss,
                 "test_accuracy": side.final.accuracy, "seconds": seconds,
-                "eval_seconds": side.final.seconds,
+                "eval_seconds": side.final.seconds, "lr": lr,
+                "augment_seconds": augment_seconds,
             })
             if not config.quiet:
                 _warn(f"{side.name:>5} epoch {epoch}/{config.epochs}: train loss "
