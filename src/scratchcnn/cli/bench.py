@@ -19,8 +19,8 @@ gives median (min-max) per side and the ratio NumPy/PyTorch (below 1: NumPy is f
 Writes DIR/bench.json (every per-round number, environment) and DIR/bench.md, and prints the
 Markdown. Threads: --threads, else $SCRATCHCNN_NUM_THREADS, else all available cores.
 
-Expected run time with the defaults (simple-cnn) on a 2-core machine: about 5-8 minutes.
---model all takes about 6x as long (bn-cnn alone costs ~8x simple-cnn). For a quick look:
+Expected run time with the defaults (simple-cnn) on a 2-core machine: about 3-5 minutes.
+--model all takes roughly 20-30 minutes (bn-cnn costs ~8x simple-cnn). For a quick look:
 --rounds 2 --steps 5 --batch-sizes 64 --inference-images 2000 --skip-memory (under a minute)."""
 
 

@@ -58,12 +58,19 @@ def _range(side: dict[str, Any], fmt) -> str:
     return f"{fmt(side['median'])} ({fmt(side['min'])}-{fmt(side['max'])})"
 
 
+def _round_ratios(entry: dict[str, Any]) -> str:
+    """"median m: r1, r2, ...": the per-round ratios pair neighbouring rounds, so their median
+    is less sensitive to load drift than the ratio of the two medians."""
+    rounds = ", ".join(f"{r:.2f}" for r in entry["round_ratios"])
+    return f"median {entry['median_round_ratio']:.2f}: {rounds}"
+
+
 def _model_section(model: dict[str, Any], peak: float) -> list[str]:
     lines = [f"## {model['model']}", "",
              f"Forward: {model['forward_flops_per_image'] / 1e6:.2f} MFLOP per image "
              "(training step ~3x). Times are median (min-max) over the rounds.", "",
              "### Training (forward, loss, backward, Adam step)", "",
-             "| batch | NumPy ms/step | PyTorch ms/step | ratio | round ratios | "
+             "| batch | NumPy ms/step | PyTorch ms/step | ratio of medians | per-round ratios | "
              "NumPy s/epoch | PyTorch s/epoch | NumPy GFLOP/s (% peak) | "
              "PyTorch GFLOP/s (% peak) |",
              "|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
@@ -72,7 +79,7 @@ def _model_section(model: dict[str, Any], peak: float) -> list[str]:
         return f"{value:.1f} ({100 * value / peak:.0f}%)" if peak else f"{value:.1f}"
 
     for t in model["training"]:
-        rounds = ", ".join(f"{r:.2f}" for r in t["round_ratios"])
+        rounds = _round_ratios(t)
         lines.append(
             f"| {t['batch_size']} | {_range(t['numpy'], _ms)} | {_range(t['torch'], _ms)} | "
             f"**{t['ratio']:.2f}** | {rounds} | {t['numpy']['epoch_seconds']:.1f} | "
@@ -80,10 +87,11 @@ def _model_section(model: dict[str, Any], peak: float) -> list[str]:
             f"{gf(t['torch']['gflops'])} |")
     inf = model["inference"]
     lines += ["", f"### Inference of {inf['images']} images (batches of {inf['eval_batch_size']})",
-              "", "| NumPy s | PyTorch s | ratio | round ratios | NumPy GFLOP/s (% peak) | "
-              "PyTorch GFLOP/s (% peak) |", "|---:|---:|---:|---|---:|---:|",
+              "", "| NumPy s | PyTorch s | ratio of medians | per-round ratios | "
+              "NumPy GFLOP/s (% peak) | PyTorch GFLOP/s (% peak) |",
+              "|---:|---:|---:|---|---:|---:|",
               f"| {_range(inf['numpy'], _s)} | {_range(inf['torch'], _s)} | "
-              f"**{inf['ratio']:.2f}** | {', '.join(f'{r:.2f}' for r in inf['round_ratios'])} | "
+              f"**{inf['ratio']:.2f}** | {_round_ratios(inf)} | "
               f"{gf(inf['numpy']['gflops'])} | {gf(inf['torch']['gflops'])} |"]
     memory = model.get("memory")
     if memory:
@@ -131,7 +139,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- measured matmul peak (float32, {report['matmul_peak']['size']}^2): {peak:.1f} GFLOP/s",
         f"- load average (1/5/15 min) at start {', '.join(f'{v:.2f}' for v in load['start'])}, "
         f"at end {', '.join(f'{v:.2f}' for v in load['end'])}",
-        "- ratio = median NumPy time / median PyTorch time: below 1 means NumPy is faster.",
+        "- ratio = median NumPy time / median PyTorch time: below 1 means NumPy is faster "
+        "(targets use it). Per-round ratios pair each NumPy round with the PyTorch round after "
+        "it; a wide spread means the machine was busy.",
         "",
     ]
     targets = report.get("targets") or []

@@ -10,12 +10,12 @@ are left out, as is usual for such counts. A training step costs about three for
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from scratchcnn.models import architecture
+from scratchcnn.models import LayerSpec, architecture
 
 TRAINING_FACTOR = 3  # forward + backward to the input + backward to the weights
 MNIST_INPUT = (1, 28, 28)
@@ -38,12 +38,14 @@ def _window_output(size: tuple[int, int], kwargs: Mapping[str, Any],
     )
 
 
-def layer_flops(name: str, input_shape: tuple[int, ...] = MNIST_INPUT) -> list[dict[str, Any]]:
-    """Per layer of architecture ``name`` for one image of ``input_shape`` (C, H, W): its type,
-    output shape and forward FLOPs."""
+def layer_flops(name: str | Sequence[LayerSpec],
+                input_shape: tuple[int, ...] = MNIST_INPUT) -> list[dict[str, Any]]:
+    """Per layer of architecture ``name`` (or a layer list in ``models.ARCHITECTURES`` form) for
+    one image of ``input_shape`` (C, H, W): its type, output shape and forward FLOPs."""
+    layers = architecture(name) if isinstance(name, str) else name
     shape: tuple[int, ...] = tuple(input_shape)
     rows = []
-    for index, (layer, kwargs) in enumerate(architecture(name)):
+    for index, (layer, kwargs) in enumerate(layers):
         flops = 0
         if layer == "Conv2d":
             kernel = _pair(kwargs["kernel_size"])
@@ -63,7 +65,8 @@ def layer_flops(name: str, input_shape: tuple[int, ...] = MNIST_INPUT) -> list[d
     return rows
 
 
-def forward_flops(name: str, input_shape: tuple[int, ...] = MNIST_INPUT) -> int:
+def forward_flops(name: str | Sequence[LayerSpec],
+                  input_shape: tuple[int, ...] = MNIST_INPUT) -> int:
     """Forward FLOPs of architecture ``name`` for one image."""
     return sum(row["flops"] for row in layer_flops(name, input_shape))
 

@@ -1,0 +1,225 @@
+"""Tests for ``scratchcnn bench``: FLOP counts, alternation, statistics, targets, the loop
+baseline and the CLI end to end. Nothing here asserts on speed."""
+
+from __future__ import annotations
+
+import json
+from types import MappingProxyType
+
+import numpy as np
+import pytest
+
+from scratchcnn.harness import bench
+from scratchcnn.harness.bench_report import check_targets, render_markdown
+from scratchcnn.harness.flops import TRAINING_FACTOR, forward_flops, layer_flops
+from scratchcnn.models import MODEL_NAMES, build_model
+
+# -- FLOP counts -------------------------------------------------------------------------------
+
+
+def test_simple_cnn_flops_by_hand() -> None:
+    conv1 = 2 * 1 * 3 * 3 * 16 * 28 * 28
+    conv2 = 2 * 16 * 3 * 3 * 32 * 14 * 14
+    fc1, fc2 = 2 * 32 * 7 * 7 * 128, 2 * 128 * 10
+    rows = layer_flops("simple-cnn")
+    assert [row["flops"] for row in rows if row["flops"]] == [conv1, conv2, fc1, fc2]
+    assert forward_flops("simple-cnn") == conv1 + conv2 + fc1 + fc2 == 2_436_096
+
+
+def test_lenet5_flops_by_hand() -> None:
+    expected = (2 * 1 * 25 * 6 * 28 * 28 + 2 * 6 * 25 * 16 * 10 * 10
+                + 2 * 400 * 120 + 2 * 120 * 84 + 2 * 84 * 10)
+    assert forward_flops("lenet5") == expected
+
+
+def test_strided_padded_conv_flops() -> None:
+    # 11x11 input, kernel 3, stride 2, padding 1: (11 + 2 - 3) // 2 + 1 = 6 per side.
+    spec = (("Conv2d", MappingProxyType({"in_channels": 3, "out_channels": 4, "kernel_size": 3,
+                                          "stride": 2, "padding": 1})),
+            ("MaxPool2d", MappingProxyType({"kernel_size": 2})),
+            ("Flatten", MappingProxyType({})),
+            ("Linear", MappingProxyType({"in_features": 36, "out_features": 5})))
+    rows = layer_flops(spec, (3, 11, 11))
+    assert rows[0]["output_shape"] == [4, 6, 6]
+    assert rows[0]["flops"] == 2 * 3 * 3 * 3 * 4 * 6 * 6
+    assert rows[1]["output_shape"] == [4, 3, 3]
+    assert rows[2]["output_shape"] == [36]
+    assert forward_flops(spec, (3, 11, 11)) == 2 * 3 * 9 * 4 * 36 + 2 * 36 * 5
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_flop_shapes_follow_the_real_model(name: str) -> None:
+    model = build_model(name, rng=np.random.default_rng(0)).eval()
+    x = np.zeros((1, 1, 28, 28), np.float32)
+    for row, layer in zip(layer_flops(name), model._modules.values(), strict=True):
+        x = layer(x)
+        assert list(x.shape[1:]) == row["output_shape"], (name, row)
+
+
+# -- alternation and statistics ------------------------------------------------------------------
+
+
+def test_alternation_order_alternates() -> None:
+    assert bench.alternation(3) == [(0, "numpy"), (0, "torch"), (1, "numpy"), (1, "torch"),
+                                    (2, "numpy"), (2, "torch")]
+
+
+def test_run_alternating_calls_sides_in_turn() -> None:
+    calls: list[str] = []
+
+    def run_side(side: str) -> float:
+        calls.append(side)
+        return float(len(calls))
+
+    times = bench.run_alternating(3, run_side)
+    assert calls == ["numpy", "torch"] * 3
+    assert times == {"numpy": [1.0, 3.0, 5.0], "torch": [2.0, 4.0, 6.0]}
+
+
+def test_summarize_injected_timings() -> None:
+    summary = bench.summarize([1.0, 3.0, 2.0, 10.0], [2.0, 2.0, 4.0, 4.0])
+    assert summary["numpy"]["median"] == 2.5 and summary["torch"]["median"] == 3.0
+    assert (summary["numpy"]["min"], summary["numpy"]["max"]) == (1.0, 10.0)
+    assert summary["ratio"] == pytest.approx(2.5 / 3.0)
+    assert summary["round_ratios"] == pytest.approx([0.5, 1.5, 0.5, 2.5])
+    assert summary["median_round_ratio"] == pytest.approx(1.0)
+    assert summary["numpy"]["rounds"] == [1.0, 3.0, 2.0, 10.0]
+    with pytest.raises(ValueError, match="same"):
+        bench.summarize([1.0], [1.0, 2.0])
+
+
+def test_round_batches_are_deterministic_and_cover_distinct_indices() -> None:
+    first = bench.round_batches(100, 8, 5, seed=3)
+    again = bench.round_batches(100, 8, 5, seed=3)
+    other = bench.round_batches(100, 8, 5, seed=4)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+    flat = np.concatenate(first)
+    assert [len(b) for b in first] == [8] * 5 and len(np.unique(flat)) == 40
+    # Smaller pool than needed: indices cycle but stay in range.
+    assert np.concatenate(bench.round_batches(10, 8, 3, seed=0)).max() < 10
+
+
+def _fake_report(ratios: dict[int, float], inference: float, memory_ratio: float | None,
+                 model: str = "simple-cnn") -> dict:
+    side = {"median": 1.0, "min": 1.0, "max": 1.0, "rounds": [1.0], "epoch_seconds": 10.0,
+            "gflops": 1.0}
+    return {"models": [{
+        "model": model, "forward_flops_per_image": 2_436_096,
+        "training": [{"batch_size": b, "ratio": r, "round_ratios": [r], "numpy": side,
+                      "torch": side} for b, r in ratios.items()],
+        "inference": {"ratio": inference, "round_ratios": [inference], "numpy": side,
+                      "torch": side, "images": 100, "eval_batch_size": 1000},
+        "memory": {"training": [{"batch_size": 64, "numpy": 5.0, "torch": 6.0,
+                                 "ratio": memory_ratio}], "inference": None},
+    }]}
+
+
+def test_targets_met_and_not_met() -> None:
+    report = _fake_report({10: 1.0, 64: 0.9, 256: 0.5}, inference=0.4, memory_ratio=1.2)
+    status = {t["target"]: t["met"] for t in check_targets(report)}
+    assert status == {
+        "simple-cnn training batch 10": True, "simple-cnn training batch 64": False,
+        "simple-cnn training batch 256": True, "simple-cnn inference": True,
+        "simple-cnn training memory batch 64": False,
+    }
+    other = check_targets(_fake_report({64: 1.2}, inference=1.6, memory_ratio=None,
+                                       model="lenet5"))
+    assert other == [{"target": "lenet5 worst ratio", "value": 1.6, "limit": 1.5, "met": False}]
+
+
+# -- textbook loop baseline ----------------------------------------------------------------------
+
+
+def test_loop_baseline_matches_vectorised_model(rng: np.random.Generator) -> None:
+    from scratchcnn import nn
+    from scratchcnn.harness.loop_baseline import _LoopSequential
+
+    x = rng.standard_normal((2, 1, 28, 28))
+    y = np.array([3, 7])
+    model = build_model("tiny-cnn", dtype=np.float64, rng=np.random.default_rng(1))
+    criterion = nn.CrossEntropyLoss()
+    criterion(model(x), y)
+    model.backward(criterion.backward())
+    expected = {name: p.grad.copy() for name, p in model.named_parameters()}
+    model.zero_grad()
+    loops = _LoopSequential(model)
+    logits = loops.forward(x)
+    np.testing.assert_allclose(logits, model(x), rtol=1e-10, atol=1e-12)
+    criterion(logits, y)
+    loops.backward(criterion.backward())
+    for name, param in model.named_parameters():
+        np.testing.assert_allclose(param.grad, expected[name], rtol=1e-9, atol=1e-12,
+                                   err_msg=name)
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+
+
+def test_threads_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scratchcnn.cli import CommandError
+    from scratchcnn.cli.bench import resolve_threads
+
+    monkeypatch.setenv("SCRATCHCNN_NUM_THREADS", "1")
+    assert resolve_threads(None) == 1
+    assert resolve_threads(2) == 2
+    monkeypatch.setenv("SCRATCHCNN_NUM_THREADS", "two")
+    with pytest.raises(CommandError, match="SCRATCHCNN_NUM_THREADS"):
+        resolve_threads(None)
+    monkeypatch.delenv("SCRATCHCNN_NUM_THREADS")
+    assert resolve_threads(None) is None
+
+
+@pytest.mark.parametrize("arguments", [["--batch-sizes", "0,4"], ["--model", "resnet"],
+                                       ["--rounds", "0"]])
+def test_cli_rejects_bad_options(arguments: list[str], capsys) -> None:
+    from scratchcnn.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", *arguments])
+    assert exited.value.code == 2
+    assert "bench" in capsys.readouterr().err
+
+
+def test_cli_end_to_end(tmp_path, capsys, torch) -> None:
+    from scratchcnn.cli import main
+
+    out = tmp_path / "bench"
+    code = main(["bench", "--model", "tiny-cnn", "--rounds", "1", "--steps", "2",
+                 "--batch-sizes", "8", "--inference-images", "200", "--dataset", "random",
+                 "--threads", "1", "--reference-images", "1", "--out", str(out), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "bench.json").read_text())
+    markdown = (out / "bench.md").read_text()
+    assert markdown.strip() in printed
+    assert report["environment"]["threads"] == 1
+    assert report["dataset"]["synthetic"] is True
+    assert report["matmul_peak"]["gflops"] > 0
+    (model,) = report["models"]
+    assert model["model"] == "tiny-cnn"
+    assert model["forward_flops_per_image"] == forward_flops("tiny-cnn")
+    (train,) = model["training"]
+    assert train["batch_size"] == 8 and train["steps_per_epoch"] == 7500
+    for side in ("numpy", "torch"):
+        assert len(train[side]["rounds"]) == 1
+        assert train[side]["epoch_seconds"] == pytest.approx(train[side]["median"] * 7500)
+        flops = TRAINING_FACTOR * forward_flops("tiny-cnn") * 8
+        assert train[side]["gflops"] == pytest.approx(flops / train[side]["median"] / 1e9)
+    assert train["ratio"] == pytest.approx(train["numpy"]["median"] / train["torch"]["median"])
+    inference = model["inference"]
+    assert inference["images"] == 200 and len(inference["round_ratios"]) == 1
+    memory = model["memory"]
+    assert [e["batch_size"] for e in memory["training"]] == [8]
+    for entry in [*memory["training"], memory["inference"]]:
+        assert entry["numpy"] is not None and entry["torch"] is not None
+    loops = model["reference_loops"]
+    assert loops["images"] == 1
+    assert loops["inference_seconds"] == pytest.approx(loops["forward_seconds_per_image"] * 200)
+    assert loops["epoch_seconds"] == pytest.approx(loops["train_seconds_per_image"] * 60_000)
+    assert [t["target"] for t in report["targets"]] == ["tiny-cnn worst ratio"]
+    for heading in ("## tiny-cnn", "### Training", "### Inference of 200 images",
+                    "### Peak memory", "### Textbook loops", "## Targets"):
+        assert heading in markdown
+    assert render_markdown(report) == markdown
+    assert not list(out.glob(".*tmp"))  # atomic writes leave no temporaries
