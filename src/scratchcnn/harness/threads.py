@@ -8,6 +8,7 @@ from typing import Any
 
 # threadpoolctl limits stay in force while their controller object is alive.
 _active_limits: list[Any] = []
+_configured_threads: int | None = None  # the last apply_threads value
 
 
 def available_cores() -> int:
@@ -18,6 +19,12 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def configured_threads() -> int:
+    """The thread count the last ``apply_threads`` set, else all available cores (the default
+    of both frameworks); the NumPy side splits batches across this many threads."""
+    return available_cores() if _configured_threads is None else _configured_threads
+
+
 def apply_threads(threads: int | None, *, torch: bool = True) -> int:
     """Limit BLAS (and PyTorch when ``torch`` is True) to ``threads`` threads; None means all
     available cores. Returns the number applied."""
@@ -25,6 +32,8 @@ def apply_threads(threads: int | None, *, torch: bool = True) -> int:
         threads = available_cores()
     if threads < 1:
         raise ValueError(f"--threads must be at least 1, got {threads}")
+    global _configured_threads
+    _configured_threads = threads
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:

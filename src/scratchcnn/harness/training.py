@@ -8,13 +8,16 @@ step is forward, cross-entropy loss (mean over the batch), backward, optimizer s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from scratchcnn.nn.module import Sequential
 
 FRAMEWORKS = ("numpy", "torch")
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
@@ -96,21 +99,45 @@ def train_epoch(
     Steps are numbered from 1 within the epoch in ``NonFiniteLossError``.
     """
     _check_arrays(images, labels)
-    if check_framework(framework) == "numpy":
-        step_fn = _numpy_steps(model, optimizer, images, labels)
-    else:
-        step_fn = _torch_steps(model, optimizer, images, labels)
-    model.train()
-    total, count = 0.0, 0
-    for step, batch in enumerate(batches, start=1):
-        loss = step_fn(batch)
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(framework, epoch, step, loss)
-        total += loss * len(batch)
-        count += len(batch)
-        if progress is not None:
-            progress(loss)
+    with contextlib.ExitStack() as stack:
+        if check_framework(framework) == "numpy":
+            runner = stack.enter_context(_numpy_training_runner(model))
+            step_fn = _numpy_steps(runner, optimizer, images, labels)
+        else:
+            step_fn = _torch_steps(model, optimizer, images, labels)
+        model.train()
+        total, count = 0.0, 0
+        for step, batch in enumerate(batches, start=1):
+            loss = step_fn(batch)
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(framework, epoch, step, loss)
+            total += loss * len(batch)
+            count += len(batch)
+            if progress is not None:
+                progress(loss)
     return total / max(count, 1)
+
+
+def _numpy_runner(model: Any) -> Any:
+    """``model`` split across ``configured_threads()`` batch shards, PyTorch's thread count
+    (see nn.parallel; a DataParallel of one shard is a plain call)."""
+    from scratchcnn.harness.threads import configured_threads
+    from scratchcnn.nn.parallel import DataParallel
+
+    return DataParallel(model, num_shards=configured_threads())
+
+
+@contextlib.contextmanager
+def _numpy_training_runner(model: Any) -> Iterator[Any]:
+    """The runner for training, with the first layer's input gradient switched off meanwhile:
+    the input is data, so PyTorch does not compute it either."""
+    first = model[0] if isinstance(model, Sequential) and len(model) else model
+    previous = first.needs_input_grad
+    first.needs_input_grad = False
+    try:
+        yield _numpy_runner(model)
+    finally:
+        first.needs_input_grad = previous
 
 
 def _numpy_steps(model, optimizer, images, labels) -> Callable[[np.ndarray], float]:
@@ -165,7 +192,10 @@ def evaluate(
     _check_arrays(images, labels)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    logits_of = _numpy_logits if check_framework(framework) == "numpy" else _torch_logits
+    if check_framework(framework) == "numpy":
+        logits_of, model = _numpy_logits, _numpy_runner(model)
+    else:
+        logits_of = _torch_logits
     model.eval()
     start = time.perf_counter()
     loss_sum = 0.0

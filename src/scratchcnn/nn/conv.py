@@ -132,8 +132,9 @@ class Conv2d(Module):
             self._clear_cache()
         return F.to_nchw(out.reshape(n, out_h, out_w, self.out_channels))
 
-    def backward(self, grad_output: np.ndarray) -> np.ndarray:
-        """(N, O, OH, OW) -> (N, C, H, W); adds dL/dW and dL/db into the parameters' ``.grad``."""
+    def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
+        """(N, O, OH, OW) -> (N, C, H, W), or None when ``needs_input_grad`` is False; adds dL/dW
+        and dL/db into the parameters' ``.grad``."""
         if self._cols is None or self._weight_matrix is None:
             raise RuntimeError(f"{self.describe()}: backward called without a preceding forward "
                                "(or after a forward under no_grad()); call forward first")
@@ -149,6 +150,9 @@ class Conv2d(Module):
         self.weight.accumulate_grad(grad_weight)
         if self.bias is not None:
             self.bias.accumulate_grad(grad_2d.sum(axis=0))
+
+        if not self.needs_input_grad:
+            return None  # first layer: col2im would be most of this backward's time, for nothing
 
         # col2im, one kernel tap at a time: (N*OH*OW, O) @ (O, C) gives the gradient of the input
         # pixels that tap read, added onto them in place. Per-tap products write contiguous

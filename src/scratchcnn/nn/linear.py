@@ -68,7 +68,8 @@ class Linear(Module):
         self._input = x if is_grad_enabled() else None
         return out
 
-    def backward(self, grad_output: np.ndarray) -> np.ndarray:
+    def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
+        """(N, out_features) -> (N, in_features), or None when ``needs_input_grad`` is False."""
         x = self._input
         expected = None if x is None else (*x.shape[:-1], self.out_features)
         grad = check_grad_output(self, grad_output, expected, self.weight.dtype)
@@ -78,5 +79,7 @@ class Linear(Module):
         self.weight.accumulate_grad(grad_2d.T @ x_2d)
         if self.bias is not None:
             self.bias.accumulate_grad(grad_2d.sum(axis=0))
+        if not self.needs_input_grad:
+            return None
         return grad @ self.weight.data
 

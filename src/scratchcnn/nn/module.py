@@ -111,6 +111,10 @@ class Module:
     ``backward``."""
 
     training: bool
+    # Whether ``backward`` must return dL/d(input). Set False on a model's first layer when its
+    # input is data (PyTorch likewise skips gradients nothing requires); Conv2d and Linear then
+    # skip that work and return None.
+    needs_input_grad: bool = True
 
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", OrderedDict())
