@@ -69,10 +69,20 @@ def augment(
     if kind == "none" or len(images) == 0:
         return images.copy()
     flat = images.reshape(len(images), images.shape[-2], images.shape[-1])
+    n, height, width = flat.shape
+    matrices, shifts = _draw_affine(n, kind, rng)
     out = np.empty_like(flat)
-    for start in range(0, len(flat), CHUNK):
-        chunk = flat[start:start + CHUNK]
-        out[start:start + CHUNK] = _transform(chunk, kind, rng)
+    for start in range(0, n, CHUNK):
+        part = slice(start, start + CHUNK)
+        displacement = None
+        if kind == "elastic":
+            # Drawn chunk after chunk in C order: the same stream as one (n, 2, H, W) draw, so
+            # the result does not depend on CHUNK.
+            size = (len(flat[part]), 2, height, width)
+            field = rng.uniform(-1.0, 1.0, size=size).astype(np.float32)
+            displacement = ELASTIC_ALPHA * _gaussian_blur(field, ELASTIC_SIGMA)
+            displacement = displacement.transpose(1, 0, 2, 3)
+        out[part] = _resample(flat[part], matrices[part], shifts[part], displacement)
     return out.reshape(images.shape)
 
 
@@ -82,24 +92,18 @@ def augment_epoch(images: np.ndarray, kind: str, seed: int, epoch: int) -> np.nd
     return augment(images, kind, np.random.default_rng([_STREAM, seed, epoch]))
 
 
-def _transform(images: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    n, height, width = images.shape
+def _draw_affine(n: int, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image inverse maps: (N, 2, 2) float32 matrices on (y, x) and (N, 2) shifts."""
     if kind == "shift":
-        shifts = rng.integers(-MAX_SHIFT, MAX_SHIFT + 1, size=(2, n))
-        matrices = np.broadcast_to(np.eye(2, dtype=np.float32), (n, 2, 2))
-        return _resample(images, matrices, shifts.T.astype(np.float32), None)
+        shifts = rng.integers(-MAX_SHIFT, MAX_SHIFT + 1, size=(n, 2)).astype(np.float32)
+        return np.broadcast_to(np.eye(2, dtype=np.float32), (n, 2, 2)), shifts
     angles = np.deg2rad(rng.uniform(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES, size=n))
     scales = rng.uniform(1.0 - MAX_SCALE, 1.0 + MAX_SCALE, size=n)
-    shifts = rng.uniform(-MAX_SHIFT, MAX_SHIFT, size=(n, 2))
+    shifts = rng.uniform(-MAX_SHIFT, MAX_SHIFT, size=(n, 2)).astype(np.float32)
     cos, sin = np.cos(angles) / scales, np.sin(angles) / scales
     # Inverse map (output -> source) of "scale then rotate": rotate back, divide by the scale.
     matrices = np.stack([np.stack([cos, -sin], 1), np.stack([sin, cos], 1)], 1)
-    displacement = None
-    if kind == "elastic":
-        field = rng.uniform(-1.0, 1.0, size=(2, n, height, width)).astype(np.float32)
-        displacement = ELASTIC_ALPHA * _gaussian_blur(field, ELASTIC_SIGMA)
-    return _resample(images, matrices.astype(np.float32), shifts.astype(np.float32),
-                     displacement)
+    return matrices.astype(np.float32), shifts
 
 
 def _gaussian_blur(field: np.ndarray, sigma: float) -> np.ndarray:
