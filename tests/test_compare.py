@@ -161,3 +161,42 @@ def test_cli_rejects_bad_options(capsys):
         main(["compare", "--epochs", "0"])
     assert main(["compare", "--optimizer", "adam", "--momentum", "0.9"]) == 2
     assert "--momentum" in capsys.readouterr().err
+
+
+def test_augmentation_and_lr_schedule_are_identical_on_both_sides(monkeypatch, torch):
+    """Each epoch both frameworks train on the same freshly augmented array (different from
+    the plain images and from the previous epoch's) with the same per-epoch learning rate."""
+    seen: dict[tuple[str, int], tuple[np.ndarray, float]] = {}
+    original = training.train_epoch
+
+    def spy(framework, model, optimizer, images, labels, batches, *, epoch, progress=None):
+        seen[framework, epoch] = (images.copy(), optimizer.param_groups[0]["lr"])
+        return original(framework, model, optimizer, images, labels, batches, epoch=epoch,
+                        progress=progress)
+
+    monkeypatch.setattr(training, "train_epoch", spy)
+    config = compare.CompareConfig(
+        dataset="mnist-sample", model="tiny-cnn", epochs=3, batch_size=32, limit_train=96,
+        limit_test=32, measure_memory=False, quiet=True, dtype="float64", lr=0.01,
+        augment="affine", lr_schedule="step", lr_step_size=1, warmup_epochs=1,
+    )
+    report = compare.run_compare(config)
+    for epoch in (1, 2, 3):
+        np.testing.assert_array_equal(seen["numpy", epoch][0], seen["torch", epoch][0])
+        assert seen["numpy", epoch][1] == seen["torch", epoch][1]
+    assert not np.array_equal(seen["numpy", 1][0], seen["numpy", 2][0])
+    # Warm-up from lr/2 chained with x0.1 per epoch, as torch's chainable schedulers give.
+    lrs = [seen["numpy", epoch][1] for epoch in (1, 2, 3)]
+    np.testing.assert_allclose(lrs, [0.005, 0.001, 0.0001], rtol=1e-12)
+    assert [e["lr"] for e in report["frameworks"]["torch"]["epochs"]] == lrs
+    assert report["config"]["augment"] == "affine" and report["config"]["lr_schedule"] == "step"
+    assert report["agreement"]["first_epoch_step_loss_max_rel_diff"] < 1e-8
+    accuracies = [report["frameworks"][f]["test_accuracy"] for f in ("numpy", "torch")]
+    assert accuracies[0] == accuracies[1]
+
+
+def test_cli_rejects_bad_recipe_options(capsys):
+    assert main(["compare", "--warmup-epochs", "-1", "--no-plots"]) == 2
+    assert "warmup_epochs must be at least 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compare", "--augment", "flip"])
