@@ -195,7 +195,9 @@ def test_cli_end_to_end(tmp_path, capsys, torch) -> None:
     assert markdown.strip() in printed
     assert report["environment"]["threads"] == 1
     assert report["dataset"]["synthetic"] is True
-    assert report["matmul_peak"]["gflops"] > 0
+    peak = report["matmul_peak"]
+    assert len(peak["measurements_gflops"]) == 2
+    assert peak["gflops"] == max(peak["measurements_gflops"]) > 0
     (model,) = report["models"]
     assert model["model"] == "tiny-cnn"
     assert model["forward_flops_per_image"] == forward_flops("tiny-cnn")
@@ -223,3 +225,29 @@ def test_cli_end_to_end(tmp_path, capsys, torch) -> None:
         assert heading in markdown
     assert render_markdown(report) == markdown
     assert not list(out.glob(".*tmp"))  # atomic writes leave no temporaries
+
+
+def test_load_images_random_and_sample() -> None:
+    config = bench.BenchConfig(dataset="random", inference_images=30, seed=5)
+    train_x, train_y, test_x, test_y, info = bench.load_images(config, np.dtype(np.float64), 20)
+    assert train_x.shape == (20, 1, 28, 28) and test_x.shape == (30, 1, 28, 28)
+    assert train_x.dtype == test_x.dtype == np.float64 and train_y.dtype == np.int64
+    assert info["synthetic"] is True and set(np.unique(test_y)) <= set(range(10))
+    # MNIST's normalisation maps pixel 0 to -mean/std and 255 to (1 - mean)/std.
+    assert train_x.min() >= -0.1307 / 0.3081 - 1e-9 and train_x.max() <= 0.8693 / 0.3081 + 1e-9
+    again = bench.load_images(config, np.dtype(np.float64), 20)
+    assert np.array_equal(again[0], train_x)
+
+    sample = bench.BenchConfig(dataset="mnist-sample", inference_images=7000)
+    train_x, train_y, test_x, test_y, info = bench.load_images(sample, np.dtype(np.float32), 50)
+    assert info["synthetic"] is False and info["name"] == "mnist-sample"
+    assert len(train_y) == 50 and len(test_y) == 7000 and test_x.dtype == np.float32
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="rounds"):
+        bench.BenchConfig(rounds=0).validate()
+    with pytest.raises(ValueError, match="batch sizes"):
+        bench.BenchConfig(batch_sizes=()).validate()
+    with pytest.raises(ValueError, match="dataset"):
+        bench.BenchConfig(dataset="cifar").validate()
