@@ -95,6 +95,7 @@ def breakdown(args) -> None:
     model, opt, _, _ = build_pair(args.model)
     criterion = nn.CrossEntropyLoss()
     layers = list(model)
+    layers[0].needs_input_grad = False  # as in training (see harness/training.py)
     totals = np.zeros((len(layers), 2))
     other = 0.0
     for _ in range(args.steps):

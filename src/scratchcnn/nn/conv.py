@@ -113,11 +113,9 @@ class Conv2d(Module):
 
         x_nhwc = F.to_nhwc(x)
         padded = F.pad_nhwc(x_nhwc, top, bottom, left, right) if any(self._pad) else x_nhwc
-        windows = F.sliding_windows(padded, self.kernel_size, (out_h, out_w), self.stride,
-                                    self.dilation)
         # The one im2col copy: rows are output pixels, columns are (kh, kw, c) taps, so the
         # reduction over taps is a single BLAS matrix product.
-        cols = windows.reshape(n * out_h * out_w, kh * kw * self.in_channels)
+        cols = F.im2col(padded, self.kernel_size, (out_h, out_w), self.stride, self.dilation)
         # (O, C, KH, KW) -> (KH, KW, C, O) matches cols' column order; the copy is small.
         weight_matrix = self.weight.data.transpose(2, 3, 1, 0).reshape(-1, self.out_channels)
         out = cols @ weight_matrix
@@ -149,7 +147,7 @@ class Conv2d(Module):
         grad_weight = (cols.T @ grad_2d).reshape(kh, kw, c, o).transpose(3, 2, 0, 1)
         self.weight.accumulate_grad(grad_weight)
         if self.bias is not None:
-            self.bias.accumulate_grad(grad_2d.sum(axis=0))
+            self.bias.accumulate_grad(F.sum_rows(grad_2d))
 
         if not self.needs_input_grad:
             return None  # first layer: col2im would be most of this backward's time, for nothing

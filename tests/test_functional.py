@@ -1,0 +1,27 @@
+"""The fast paths in nn.functional agree with their plain NumPy definitions."""
+
+import numpy as np
+import pytest
+
+from scratchcnn.nn import functional as F
+
+
+@pytest.mark.parametrize("shape", [(50176, 16), (97, 3), (1, 5), (12544, 32), (6, 2000)])
+def test_sum_rows_is_the_column_sum(rng, shape):
+    matrix = rng.standard_normal(shape).astype(np.float32)
+    expected = matrix.astype(np.float64).sum(axis=0)
+    got = F.sum_rows(matrix)
+    assert got.dtype == np.float32 and got.shape == (shape[1],)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.sqrt(shape[0]) * 4)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("stride, dilation", [((1, 1), (1, 1)), ((2, 1), (1, 2))])
+def test_im2col_matches_the_window_view(rng, channels, stride, dilation):
+    padded = rng.standard_normal((2, 9, 8, channels))
+    kernel = (3, 2)
+    out_size = tuple(F.conv_output_size(padded.shape[1 + a], kernel[a], stride[a], 0, 0,
+                                        dilation[a]) for a in (0, 1))
+    windows = F.sliding_windows(padded, kernel, out_size, stride, dilation)
+    cols = F.im2col(padded, kernel, out_size, stride, dilation)
+    np.testing.assert_array_equal(cols, windows.reshape(-1, 6 * channels))
