@@ -35,9 +35,10 @@ class Target:
 
 
 def _recipe(**overrides: Any) -> CompareConfig:
-    # Explicit dataset (never the offline fallback), no memory probe: accuracy runs only.
+    # Explicit dataset (never the offline fallback), no memory probe: accuracy runs only. Not
+    # quiet: a long run prints a line per framework and epoch on stderr.
     base = dict(dataset="mnist", model="simple-cnn", epochs=5, batch_size=64, optimizer="adam",
-                lr=1e-3, dtype="float32", measure_memory=False, quiet=True)
+                lr=1e-3, dtype="float32", measure_memory=False, quiet=False)
     return CompareConfig(**{**base, **overrides})
 
 
