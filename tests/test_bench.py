@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from scratchcnn.harness import bench
-from scratchcnn.harness.bench_report import check_targets, render_markdown
+from scratchcnn.harness.bench_report import busy_warning, check_targets, render_markdown
 from scratchcnn.harness.flops import TRAINING_FACTOR, forward_flops, layer_flops
 from scratchcnn.models import MODEL_NAMES, build_model
 
@@ -251,3 +251,9 @@ def test_config_validation() -> None:
         bench.BenchConfig(batch_sizes=()).validate()
     with pytest.raises(ValueError, match="dataset"):
         bench.BenchConfig(dataset="cifar").validate()
+
+
+def test_busy_machine_warning() -> None:
+    assert busy_warning({"start": [0.3, 0.2, 0.1], "end": [2.4, 1.0, 0.5]}, cores=2) is None
+    assert "busy" in busy_warning({"start": [1.8, 1.0, 0.5], "end": [2.4, 1.0, 0.5]}, cores=2)
+    assert "6.41 at end" in busy_warning({"start": [0.5, 0, 0], "end": [6.41, 5, 3]}, cores=2)

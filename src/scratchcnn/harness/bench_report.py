@@ -40,6 +40,19 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     return targets
 
 
+def busy_warning(load_average: dict[str, list[float]], cores: int) -> str | None:
+    """A warning when other processes competed for the CPU: the 1-minute load average above 1
+    before the run started, or above ``cores + 1`` at its end (the bench itself adds about
+    ``cores``)."""
+    start, end = load_average["start"][0], load_average["end"][0]
+    if start <= 1.0 and end <= cores + 1.0:
+        return None
+    return (f"WARNING: the machine was busy (1-minute load average {start:.2f} at start, "
+            f"{end:.2f} at end, on {cores} cores). Timings are unreliable, PyTorch's "
+            "multi-threaded kernels especially (its threads spin-wait for busy cores); rerun "
+            "on an idle machine before drawing conclusions.")
+
+
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f}"
 
@@ -140,6 +153,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"end of the run): {peak:.1f} GFLOP/s",
         f"- load average (1/5/15 min) at start {', '.join(f'{v:.2f}' for v in load['start'])}, "
         f"at end {', '.join(f'{v:.2f}' for v in load['end'])}",
+        *([f"- **{warning}**"] if (warning := busy_warning(load, env["available_cores"]))
+          else []),
         "- ratio = median NumPy time / median PyTorch time: below 1 means NumPy is faster "
         "(targets use it). Per-round ratios pair each NumPy round with the PyTorch round after "
         "it; a wide spread means the machine was busy.",
