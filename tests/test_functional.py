@@ -25,3 +25,19 @@ def test_im2col_matches_the_window_view(rng, channels, stride, dilation):
     windows = F.sliding_windows(padded, kernel, out_size, stride, dilation)
     cols = F.im2col(padded, kernel, out_size, stride, dilation)
     np.testing.assert_array_equal(cols, windows.reshape(-1, 6 * channels))
+
+
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
+                                    dict(kernel_size=2, dilation=2, ceil_mode=True),
+                                    dict(kernel_size=1)])
+def test_maxpool_inference_path_equals_training_path(rng, kwargs):
+    """Under no_grad MaxPool2d takes a running maximum instead of the argmax tournament."""
+    from scratchcnn.nn import MaxPool2d, no_grad
+
+    x = np.maximum(rng.standard_normal((3, 4, 9, 8)), 0).astype(np.float32)  # many ties at 0
+    x[0, 0, 0, 0] = np.nan
+    pool = MaxPool2d(**kwargs)
+    with no_grad():
+        fast = pool(x)
+    np.testing.assert_array_equal(fast, pool(x))
+    assert not np.shares_memory(fast, x)

@@ -109,12 +109,13 @@ class MaxPool2d(_Pool2d):
         kh, kw = self._kernel
         taps = [F.tap_view(padded, *divmod(tap_index, kw), out_size, self._stride,
                            self._dilation) for tap_index in range(kh * kw)]
-        best, argmax = _first_max_and_argmax(taps)
-
         if is_grad_enabled():
-            self._argmax = argmax
+            best, self._argmax = _first_max_and_argmax(taps)
             self._remember_shapes(x, padded, out_size)
-        else:
+        else:  # inference needs no argmax: a running maximum makes a third of the passes
+            best = taps[0].copy()
+            for tap in taps[1:]:
+                np.maximum(best, tap, out=best)
             self._argmax = None
         return F.to_nchw(best)
 
