@@ -134,7 +134,13 @@ def main() -> None:
     parser.add_argument("--no-train", action="store_true")
     parser.add_argument("--no-infer", action="store_true")
     parser.add_argument("--breakdown", action="store_true")
+    parser.add_argument("--max-shard-size", type=int, default=None,
+                        help="override training.MAX_SHARD_SIZE (0: no limit)")
     args = parser.parse_args()
+    if args.max_shard_size is not None:
+        from scratchcnn.harness import training
+
+        training.MAX_SHARD_SIZE = args.max_shard_size or None
 
     from scratchcnn.harness.threads import apply_threads
 

@@ -141,3 +141,22 @@ def test_float32_adam_50_steps_track_pytorch(rng, torch):
     assert after[0] == pytest.approx(after[1], rel=1e-5)
     assert after[0] < step_losses["numpy"][0]  # it did learn
     np.testing.assert_allclose(step_losses["numpy"], step_losses["torch"], rtol=1e-5)
+
+
+def test_max_shard_size_splits_large_batches_with_same_results(rng):
+    model = build_model("lenet5", dtype=np.float64, rng=rng)
+    images, labels = sparse_images(rng, 23)
+    loss, grad_input, grads = forward_backward(model, model, images, labels)
+    for threads in (1, 2):
+        runner = DataParallel(model, num_shards=threads, max_shard_size=5)
+        loss_p, grad_input_p, grads_p = forward_backward(runner, model, images, labels)
+        assert runner._sharded_batch == [5, 5, 5, 4, 4]
+        assert_close(loss_p, loss, 1e-14, "loss")
+        assert_close(grad_input_p, grad_input, 1e-13, "input gradient")
+        for got, want in zip(grads_p, grads, strict=True):
+            assert_close(got, want, 1e-13)
+        small = rng.standard_normal((3, 1, 28, 28))  # fewer replicas than last time
+        with nn.no_grad():
+            assert_close(runner(small), model(small), 1e-14)
+    with pytest.raises(ValueError, match="max_shard_size"):
+        DataParallel(model, max_shard_size=0)

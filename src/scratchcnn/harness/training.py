@@ -118,13 +118,17 @@ def train_epoch(
     return total / max(count, 1)
 
 
+# Largest batch shard the NumPy side runs at once: a shard's activations then stay in cache.
+MAX_SHARD_SIZE = 64
+
+
 def _numpy_runner(model: Any) -> Any:
-    """``model`` split across ``configured_threads()`` batch shards, PyTorch's thread count
-    (see nn.parallel; a DataParallel of one shard is a plain call)."""
+    """``model`` run on batch shards in ``configured_threads()`` threads, PyTorch's thread count
+    (see nn.parallel; with one thread and a small batch it is a plain call)."""
     from scratchcnn.harness.threads import configured_threads
     from scratchcnn.nn.parallel import DataParallel
 
-    return DataParallel(model, num_shards=configured_threads())
+    return DataParallel(model, num_shards=configured_threads(), max_shard_size=MAX_SHARD_SIZE)
 
 
 @contextlib.contextmanager
