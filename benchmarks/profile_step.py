@@ -136,11 +136,17 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--max-shard-size", type=int, default=None,
                         help="override training.MAX_SHARD_SIZE (0: no limit)")
+    parser.add_argument("--min-shard-size", type=int, default=None,
+                        help="override training.MIN_SHARD_SIZE")
     args = parser.parse_args()
     if args.max_shard_size is not None:
         from scratchcnn.harness import training
 
         training.MAX_SHARD_SIZE = args.max_shard_size or None
+    if args.min_shard_size is not None:
+        from scratchcnn.harness import training
+
+        training.MIN_SHARD_SIZE = args.min_shard_size
 
     from scratchcnn.harness.threads import apply_threads
 

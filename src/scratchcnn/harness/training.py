@@ -120,6 +120,8 @@ def train_epoch(
 
 # Largest batch shard the NumPy side runs at once: a shard's activations then stay in cache.
 MAX_SHARD_SIZE = 64
+# Smallest shard worth a thread; smaller batches run whole (see nn.parallel).
+MIN_SHARD_SIZE = 16
 
 
 def _numpy_runner(model: Any) -> Any:
@@ -128,7 +130,8 @@ def _numpy_runner(model: Any) -> Any:
     from scratchcnn.harness.threads import configured_threads
     from scratchcnn.nn.parallel import DataParallel
 
-    return DataParallel(model, num_shards=configured_threads(), max_shard_size=MAX_SHARD_SIZE)
+    return DataParallel(model, num_shards=configured_threads(), max_shard_size=MAX_SHARD_SIZE,
+                        min_shard_size=MIN_SHARD_SIZE)
 
 
 @contextlib.contextmanager

@@ -84,6 +84,9 @@ class DataParallel(Module):
     ``max_shard_size`` (optional) splits large batches further, into shards of at most that many
     samples, dealt round-robin to the threads: activations of ~64 MNIST images stay in cache, which
     made a simple-cnn step at batch 256 ~25% faster and inference of 500 images ~45% faster.
+    Batches smaller than two ``min_shard_size`` shards run unsharded: for a few samples the
+    threads' hand-offs cost more than they save (simple-cnn at batch 10: 4.2 ms sharded, 3.2 ms
+    not).
 
     Falls back to plain ``module`` calls (one shard) when the batch has fewer than two samples,
     when threadpoolctl is missing (BLAS threads could not be limited to one per shard), and when
@@ -93,11 +96,12 @@ class DataParallel(Module):
     """
 
     def __init__(self, module: Module, num_shards: int = 2, *,
-                 max_shard_size: int | None = None) -> None:
+                 max_shard_size: int | None = None, min_shard_size: int = 1) -> None:
         super().__init__()
         if not isinstance(module, Module):
             raise TypeError(f"DataParallel wraps a Module, got {type(module).__name__}")
-        for name, value in (("num_shards", num_shards), ("max_shard_size", max_shard_size)):
+        for name, value in (("num_shards", num_shards), ("max_shard_size", max_shard_size),
+                            ("min_shard_size", min_shard_size)):
             if value is None and name == "max_shard_size":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -105,18 +109,20 @@ class DataParallel(Module):
         self.module = module
         self.num_shards = num_shards
         self.max_shard_size = max_shard_size
+        self.min_shard_size = min_shard_size
         self._replicas: list[Module] = []
         self._sharded_batch: list[int] | None = None  # shard sizes of the last sharded forward
 
     def extra_repr(self) -> str:
-        return f"num_shards={self.num_shards}, max_shard_size={self.max_shard_size}"
+        return (f"num_shards={self.num_shards}, max_shard_size={self.max_shard_size}, "
+                f"min_shard_size={self.min_shard_size}")
 
     def _shard_sizes(self, n: int) -> list[int]:
         """Sizes of the shards a batch of ``n`` splits into: one entry means no sharding."""
         shards = self.num_shards
         if self.max_shard_size is not None:
             shards = max(shards, -(-n // self.max_shard_size))
-        shards = min(shards, n)
+        shards = min(shards, n // self.min_shard_size)
         if shards < 2 or not threadpoolctl_available() or self._has_batch_coupling():
             return [n]
         return [len(part) for part in np.array_split(np.empty(n, dtype=np.int8), shards)]
