@@ -6,7 +6,8 @@ name for name, with one deliberate difference: there is no autograd. Every modul
 
 * uses what its last ``forward`` cached (so call ``forward`` first, once per ``backward``),
 * *adds* the gradients of its parameters into ``Parameter.grad`` (as autograd accumulates), and
-* returns the gradient of the loss with respect to the module's input.
+* returns the gradient of the loss with respect to the module's input (a layer whose
+  ``needs_input_grad`` is False, typically a model's first, may skip it and return None).
 
 Activations are logically NCHW like PyTorch's. A layer may return an array whose *memory* is
 channels-last (a transposed view, like ``torch.channels_last``), because that is the faster layout
