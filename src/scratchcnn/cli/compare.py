@@ -14,8 +14,9 @@ identical batches, then write DIR/report.json, DIR/report.md and PNG plots.
 
 With no arguments: full MNIST (found locally or downloaded), simple-cnn, 3 epochs, batch 64,
 adam lr 1e-3, seed 0, float32, all cores, output in runs/compare. On an idle 2-core machine that
-takes about 1 minute in total (measured: ~9 s per epoch for NumPy, ~6 s for PyTorch). Without network and without a local MNIST it falls back to the bundled mnist-sample
-and says so loudly; an explicit --dataset never falls back. For a quick look use e.g.
+takes about 1 minute in total (measured: ~9 s per epoch for NumPy, ~6 s for PyTorch). Without
+network and without a local MNIST it falls back to the bundled mnist-sample and says so loudly;
+an explicit --dataset never falls back. For a quick look use e.g.
 --limit-train 10000 --epochs 1."""
 
 
