@@ -246,3 +246,57 @@ def test_pooling_output_never_aliases_the_input(rng):
         out = layer(x)
         np.testing.assert_array_equal(out, x)
         assert not np.shares_memory(out, x)
+
+
+# -- ReLU -> MaxPool2d run pool-first ---------------------------------------------------------
+
+def _relu_pool_model():
+    from scratchcnn.nn import Conv2d, Flatten, Linear, ReLU, Sequential
+
+    gen = np.random.default_rng(5)
+    return Sequential(Conv2d(2, 3, 3, padding=1, rng=gen), ReLU(), MaxPool2d(2),
+                      ReLU(), MaxPool2d(3, stride=1, padding=1),  # overlapping windows
+                      Flatten(), Linear(3 * 3 * 3, 4, rng=gen))
+
+
+def test_pool_before_relu_reorders_only_relu_maxpool_pairs_and_keeps_names():
+    from scratchcnn.nn import ReLU
+    from scratchcnn.nn.pooling import pool_before_relu
+
+    model = _relu_pool_model()
+    fused = pool_before_relu(model)
+    assert [type(m).__name__ for m in fused] == ["Conv2d", "MaxPool2d", "ReLU", "MaxPool2d",
+                                                 "ReLU", "Flatten", "Linear"]
+    assert [type(m) for m in model][1:3] == [ReLU, MaxPool2d]  # the original is untouched
+    assert list(fused.state_dict()) == list(model.state_dict())
+    assert all(a is b for a, b in zip(fused.parameters(), model.parameters(), strict=True))
+    plain = _relu_pool_model()[5:]  # no ReLU -> MaxPool2d pair: returned as is
+    assert pool_before_relu(plain) is plain
+
+
+def test_pool_before_relu_is_exact_including_ties_and_nonpositive_windows():
+    """Values, input and parameter gradients bit-identical to the original order, on inputs
+    with tied maxima (positive, zero and negative) and windows that are entirely negative."""
+    from scratchcnn.nn import CrossEntropyLoss
+    from scratchcnn.nn.pooling import pool_before_relu
+
+    gen = np.random.default_rng(11)
+    x = gen.integers(-2, 3, size=(6, 2, 6, 6)).astype(np.float64)  # many ties, zeros
+    x[0] = -1.0
+    labels = gen.integers(0, 4, size=6)
+    results = []
+    for transform in (lambda m: m, pool_before_relu):
+        model = _relu_pool_model().to(np.float64)
+        model[0].weight.data[...] = np.round(model[0].weight.data * 4) / 4  # exact tied sums
+        model[0].bias.data[...] = 0.0
+        run = transform(model)
+        criterion = CrossEntropyLoss()
+        loss = criterion(run(x), labels)
+        grad_input = run.backward(criterion.backward())
+        results.append((loss, grad_input, [p.grad.copy() for p in model.parameters()]))
+    (loss_a, grad_a, params_a), (loss_b, grad_b, params_b) = results
+    assert loss_a == loss_b
+    np.testing.assert_array_equal(grad_a, grad_b)
+    for a, b in zip(params_a, params_b, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert np.count_nonzero(grad_a) > 0

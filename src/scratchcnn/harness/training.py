@@ -126,12 +126,14 @@ MIN_SHARD_SIZE = 16
 
 def _numpy_runner(model: Any) -> Any:
     """``model`` run on batch shards in ``configured_threads()`` threads, PyTorch's thread count
-    (see nn.parallel; with one thread and a small batch it is a plain call)."""
+    (see nn.parallel; with one thread and a small batch it is a plain call), with each
+    ReLU -> MaxPool2d pair run pool-first (exact, see ``nn.pooling.pool_before_relu``)."""
     from scratchcnn.harness.threads import configured_threads
     from scratchcnn.nn.parallel import DataParallel
+    from scratchcnn.nn.pooling import pool_before_relu
 
-    return DataParallel(model, num_shards=configured_threads(), max_shard_size=MAX_SHARD_SIZE,
-                        min_shard_size=MIN_SHARD_SIZE)
+    return DataParallel(pool_before_relu(model), num_shards=configured_threads(),
+                        max_shard_size=MAX_SHARD_SIZE, min_shard_size=MIN_SHARD_SIZE)
 
 
 @contextlib.contextmanager
@@ -199,11 +201,13 @@ def evaluate(
     _check_arrays(images, labels)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if check_framework(framework) == "numpy":
+    check_framework(framework)
+    model.eval()
+    if framework == "numpy":
         logits_of, model = _numpy_logits, _numpy_runner(model)
+        model.eval()
     else:
         logits_of = _torch_logits
-    model.eval()
     start = time.perf_counter()
     loss_sum = 0.0
     predictions = np.empty(len(labels), dtype=np.int64)

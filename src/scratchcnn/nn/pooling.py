@@ -11,7 +11,14 @@ from typing import Any
 import numpy as np
 
 from scratchcnn.nn import functional as F
-from scratchcnn.nn.module import Module, check_grad_output, check_input, is_grad_enabled
+from scratchcnn.nn.activation import ReLU
+from scratchcnn.nn.module import (
+    Module,
+    Sequential,
+    check_grad_output,
+    check_input,
+    is_grad_enabled,
+)
 
 
 class _Pool2d(Module):
@@ -219,6 +226,32 @@ class AvgPool2d(_Pool2d):
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+def pool_before_relu(model: Module) -> Module:
+    """An execution order of ``model`` that runs every ``ReLU`` directly followed by a
+    ``MaxPool2d`` *after* the pool instead: the same layer objects (and names, so the same
+    parameters and state_dict), with 4x fewer elements through the ReLU for a 2x2 pool.
+
+    Exact, values and gradients: ReLU is monotone, so max(relu(window)) = relu(max(window)); a
+    window whose maximum is <= 0 gives 0 and a zero gradient either way, and a positive maximum
+    wins at the same (first) position, ties included, because the ReLU only lowers non-maxima to
+    0. ``model`` itself is not changed; anything but a Sequential is returned as is.
+    """
+    if not isinstance(model, Sequential):
+        return model
+    items = list(model.named_children())
+    swapped = False
+    for index in range(len(items) - 1):
+        (_, first), (_, second) = items[index], items[index + 1]
+        if type(first) is ReLU and type(second) is MaxPool2d:
+            items[index], items[index + 1] = items[index + 1], items[index]
+            swapped = True
+    if not swapped:
+        return model
+    reordered = Sequential(dict(items))
+    reordered.training = model.training
+    return reordered
 
 
 def _first_max_and_argmax(taps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
