@@ -54,7 +54,8 @@ def export_torch(checkpoint_path: str | os.PathLike, out: str | os.PathLike) -> 
     """Save the checkpoint's model state_dict as a torch file (written atomically)."""
     import torch
 
-    from scratchcnn.harness.checkpoint import atomic_write, load_checkpoint
+    from scratchcnn.atomic import atomic_write
+    from scratchcnn.harness.checkpoint import load_checkpoint
     from scratchcnn.reference.torch_models import to_torch_state_dict
 
     checkpoint = load_checkpoint(checkpoint_path)

@@ -19,6 +19,8 @@ from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
+from scratchcnn.atomic import atomic_write_bytes
+
 
 class DatasetError(ValueError):
     """A dataset file or directory is missing, corrupt or inconsistent (the message says which)."""
@@ -216,9 +218,4 @@ def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool | None 
     data = header + payload
     if compress or (compress is None and path.suffix == ".gz"):
         data = gzip.compress(data, mtime=0)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    atomic_write_bytes(path, data)

@@ -209,10 +209,10 @@ def describe_seed(result: Mapping[str, Any]) -> str:
 
 def write_json(document: Mapping[str, Any], path: str | Path) -> Path:
     """Write atomically: a crash never leaves a half-written results file."""
-    from scratchcnn.harness.checkpoint import atomic_write
+    from scratchcnn.atomic import atomic_write_text
 
     text = json.dumps(document, indent=2, allow_nan=False) + "\n"
-    return atomic_write(path, lambda handle: handle.write(text.encode()))
+    return atomic_write_text(path, text)
 
 
 def load_results(path: str | Path) -> dict[str, Any]:

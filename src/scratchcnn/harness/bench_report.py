@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from scratchcnn.harness.report import to_json, write_text_atomic
+from scratchcnn.atomic import atomic_write_text
+from scratchcnn.harness.report import to_json
 
 TARGET_MODEL = "simple-cnn"
 TRAINING_TARGETS = {10: 1.0, 64: 0.85, 256: 1.0}  # max NumPy/PyTorch median ratio per batch
@@ -180,6 +181,6 @@ def write_bench_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md"}
-    write_text_atomic(paths["json"], to_json(report))
-    write_text_atomic(paths["markdown"], render_markdown(report))
+    atomic_write_text(paths["json"], to_json(report))
+    atomic_write_text(paths["markdown"], render_markdown(report))
     return paths

@@ -21,19 +21,19 @@ run killed at any moment leaves either the previous checkpoint or the new one, n
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
+
+from scratchcnn.atomic import atomic_write
 
 FORMAT = "scratchcnn-checkpoint"
 FORMAT_VERSION = 1
@@ -91,49 +91,6 @@ class Checkpoint:
         model = _fresh_model(self.architecture, self.dtype, self.path, rng)
         model.load_state_dict(self.model_state)
         return model
-
-
-# -- atomic writes ------------------------------------------------------------------------------
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it over ``path``.
-
-    If anything fails (including KeyboardInterrupt), the temporary file is removed and ``path``
-    keeps its previous content.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temp_name, 0o666 & ~_current_umask())  # mkstemp makes files private (0600)
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_name)
-        raise
-    _fsync_directory(path.parent)
-    return path
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform, hence best effort.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # -- saving -------------------------------------------------------------------------------------

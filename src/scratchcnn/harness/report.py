@@ -3,15 +3,14 @@ atomically: a temporary file in the same directory, then a rename."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from scratchcnn.atomic import atomic_write_text
 
 
 def public_report(report: dict[str, Any]) -> dict[str, Any]:
@@ -38,26 +37,6 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                             suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates the file private (0600); give it the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
 def to_json(report: dict[str, Any]) -> str:
     cleaned = _finite_or_none(json.loads(json.dumps(public_report(report), default=_json_default)))
     return json.dumps(cleaned, indent=2, allow_nan=False) + "\n"
@@ -68,8 +47,8 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md"}
-    write_text_atomic(paths["json"], to_json(report))
-    write_text_atomic(paths["markdown"], render_markdown(report))
+    atomic_write_text(paths["json"], to_json(report))
+    atomic_write_text(paths["markdown"], render_markdown(report))
     return paths
 
 
