@@ -90,11 +90,12 @@ def report(title: str, times: dict[str, list[float]], per: int) -> None:
 def breakdown(args) -> None:
     """Per-layer forward/backward time of NumPy training steps (single shard, no threads)."""
     from scratchcnn import nn
+    from scratchcnn.nn.pooling import pool_before_relu
 
     images, labels = load_images(args.batch, np.random.default_rng(2))
     model, opt, _, _ = build_pair(args.model)
     criterion = nn.CrossEntropyLoss()
-    layers = list(model)
+    layers = list(pool_before_relu(model))  # the order training runs them in
     layers[0].needs_input_grad = False  # as in training (see harness/training.py)
     totals = np.zeros((len(layers), 2))
     other = 0.0

@@ -99,3 +99,24 @@ def test_flatten_bad_dims_and_backward_without_forward():
     layer(np.zeros((2, 3, 2)))
     with pytest.raises(ValueError, match=r"shape \(2, 5\).*returned shape \(2, 6\)"):
         layer.backward(np.zeros((2, 5)))
+
+
+@pytest.mark.parametrize("grad_layout", ["nchw", "channels_last_crop"])
+def test_relu_backward_takes_any_gradient_layout_and_returns_the_outputs(rng, grad_layout):
+    """An NCHW gradient (from Flatten) for a channels-last output takes a transposing copy
+    first; a channels-last crop of a larger buffer (from a conv's padded gradient) does not.
+    Either way: exactly grad * (out > 0), laid out like the output."""
+    x = rng.standard_normal((2, 5, 6, 3)).transpose(0, 3, 1, 2)  # channels-last memory
+    x[0, 0, :2] = 0.0
+    relu = ReLU()
+    out = relu(x)
+    values = rng.standard_normal(out.shape)
+    if grad_layout == "nchw":
+        grad = np.ascontiguousarray(values)
+    else:
+        buffer = np.zeros((2, 7, 8, 3))
+        buffer[:, 1:6, 1:7] = values.transpose(0, 2, 3, 1)
+        grad = buffer[:, 1:6, 1:7].transpose(0, 3, 1, 2)
+    grad_input = relu.backward(grad)
+    np.testing.assert_array_equal(grad_input, values * (out > 0))
+    assert grad_input.strides == out.strides

@@ -433,3 +433,64 @@ def test_importing_optim_does_not_import_torch():
 
     code = "import sys, scratchcnn.optim; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [("Adam", {}), ("Adam", {"lr": 0.05, "weight_decay": 0.1, "amsgrad": True,
+                             "maximize": True}),
+     ("AdamW", {"lr": 0.05, "weight_decay": 0.1, "amsgrad": True})],
+)
+def test_adam_whole_group_steps_match_torch_and_the_per_parameter_path(torch, rng, name, config):
+    """Steps where every parameter has a gradient update the group as one flat vector: the
+    parameters become views of one vector, the trajectory tracks torch to 1e-10 and is
+    bit-identical to the per-parameter path, also across a skipped gradient and a state_dict
+    load (whose arrays are copied into the flat vectors)."""
+    problem = Problem(rng)
+    ours, theirs = make_pair(torch, problem)
+    opt = OURS[name](ours, **config)
+    run_steps(torch, opt, torch_optimizer(torch, name, theirs, **config), ours, theirs, problem,
+              rng, 8, skip_every=1)  # x % 1 is never 1: no skips
+    flat_base = ours[0].data.base
+    assert flat_base is not None and all(p.data.base is flat_base for p in ours)
+    assert all(opt.state[p]["step"] == 8 for p in ours)
+
+    twins = [Parameter(p.data.copy()) for p in ours]
+    per_param = OURS[name](twins, **config)
+    per_param._supports_flat = False
+    per_param.load_state_dict(opt.state_dict())
+    fresh = [Parameter(p.data.copy()) for p in ours]
+    reloaded = OURS[name](fresh, **config)
+    reloaded.load_state_dict(opt.state_dict())
+    groups = (ours, twins, fresh)
+    for step in range(6):
+        grads = problem.gradients([p.data for p in ours], rng)
+        for params in groups:
+            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+                p.grad = None if (step == 2 and i == 1) else g.copy()
+        for optimizer in (opt, per_param, reloaded):
+            optimizer.step()
+        for params in groups[1:]:
+            for p, q in zip(ours, params, strict=True):
+                np.testing.assert_array_equal(p.data, q.data)
+    assert opt.state[ours[1]]["step"] == 13 and opt.state[ours[0]]["step"] == 14
+
+
+def test_threaded_flat_update_is_bit_identical_to_one_thread(rng):
+    shapes = [(300, 301), (7,), (3, 5)]  # 2 blocks of the flat update in float32
+    start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    runs = []
+    for threads in (1, 2, 3):  # 3: more threads than blocks
+        params = [Parameter(a.copy()) for a in start]
+        opt = AdamW(params, lr=0.01, amsgrad=True)
+        opt.num_threads = threads
+        gen = np.random.default_rng(3)
+        for _ in range(4):
+            for p in params:
+                p.grad = gen.standard_normal(p.shape).astype(np.float32)
+            opt.step()
+        runs.append(params)
+    for params in runs[1:]:
+        for p, q in zip(runs[0], params, strict=True):
+            np.testing.assert_array_equal(p.data, q.data)
+    assert not np.array_equal(runs[0][0].data, start[0])

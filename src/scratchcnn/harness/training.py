@@ -151,8 +151,10 @@ def _numpy_training_runner(model: Any) -> Iterator[Any]:
 
 def _numpy_steps(model, optimizer, images, labels) -> Callable[[np.ndarray], float]:
     from scratchcnn import nn
+    from scratchcnn.harness.threads import configured_threads
 
     criterion = nn.CrossEntropyLoss()
+    optimizer.num_threads = configured_threads()  # PyTorch's thread count, as for the model
 
     def step(batch: np.ndarray) -> float:
         logits = model(images[batch])

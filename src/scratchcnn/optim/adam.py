@@ -34,6 +34,7 @@ class Adam(Optimizer):
     _scalar_state = ("step",)
     _required_state = ("step", "exp_avg", "exp_avg_sq")
     _decoupled_weight_decay = False
+    _supports_flat = True  # elementwise: a whole group updates as one vector (optimizer.py)
 
     def __init__(
         self,
@@ -75,6 +76,9 @@ class Adam(Optimizer):
             raise ValueError(
                 f"{name}: invalid weight_decay value {group['weight_decay']}; it must be >= 0"
             )
+
+    def _flat_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return self._array_state if group["amsgrad"] else self._required_state[1:]
 
     def _update(
         self,

@@ -6,17 +6,32 @@ applies one step to one parameter *in place* on ``param.data`` (never rebinding 
 may be views into one flat vector).
 
 State is keyed by the ``Parameter`` object itself (identity), so two layers whose parameters share
-a name never share state. ``state_dict()`` holds only NumPy arrays, plain numbers, booleans and
+a name never share state.
+
+Flat groups (a subclass opts in with ``_supports_flat`` and ``_flat_state_keys``): a step in
+which every parameter of a group has a gradient and the same step count updates the whole group
+at once, as one contiguous vector cut into cache-sized blocks (split across ``num_threads``
+threads), instead of parameter by parameter. For that, the group's first such step moves the
+parameters (and their state arrays) into one vector per group: ``param.data`` becomes a view of
+it, same values, unless the parameters already lie end to end in one array (then they stay as
+they are). The arithmetic is elementwise and identical, so results are bit-for-bit those of the
+per-parameter path, which still runs whenever a step does not qualify (some gradient None,
+unequal step counts, mixed dtypes).
+
+``state_dict()`` holds only NumPy arrays, plain numbers, booleans and
 tuples of numbers, so it can be written with ``np.savez`` (arrays) plus JSON (everything else).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import wait
 from typing import Any, ClassVar
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from scratchcnn.nn.module import Parameter
 
@@ -48,6 +63,93 @@ class Workspace:
         return buffer[: like.size].reshape(like.shape)
 
 
+# Flat updates run block by block, each block's arrays together small enough for L2.
+_BLOCK_BYTES = 256 * 1024
+
+
+def _root(array: np.ndarray) -> Any:
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
+
+
+def _end_to_end(arrays: list[np.ndarray]) -> np.ndarray | None:
+    """The 1-d vector the C-contiguous ``arrays`` form if they lie end to end, in order, in one
+    allocation (same root array and dtype, each starting where the previous one ends), else
+    None. The result is a view: writing to it writes to the arrays."""
+    first = arrays[0]
+    address = first.__array_interface__["data"][0]
+    for array in arrays:
+        if (array.dtype != first.dtype or not array.flags.c_contiguous
+                or not array.flags.writeable or _root(array) is not _root(first)
+                or array.__array_interface__["data"][0] != address):
+            return None
+        address += array.nbytes
+    total = sum(array.size for array in arrays)
+    return as_strided(first, shape=(total,), strides=(first.itemsize,))
+
+
+class FlatGroup:
+    """One parameter group laid end to end: ``param.data`` is a flat vector whose slices
+    ``views[i]`` are the parameters' ``.data``; ``grad`` gathers their gradients each step, and
+    ``state[key]`` / ``state_views[key]`` hold each per-parameter state array the same way."""
+
+    def __init__(self, params: list[Parameter]) -> None:
+        arrays = [p.data for p in params]
+        flat = _end_to_end(arrays)
+        if flat is None:
+            flat = np.concatenate([a.ravel() for a in arrays])
+            offsets = np.cumsum([0] + [a.size for a in arrays])
+            for param, start, stop in zip(params, offsets[:-1], offsets[1:], strict=True):
+                param.data = flat[start:stop].reshape(param.data.shape)
+        self.param = Parameter(flat)
+        self.views = [p.data for p in params]
+        self.grad = np.empty_like(flat)
+        self.grad_views = self._split(self.grad)
+        self.state: dict[str, np.ndarray] = {}
+        self.state_views: dict[str, list[np.ndarray]] = {}
+        self._chunks: dict[tuple[int, tuple[str, ...]], list[tuple[Any, ...]]] = {}
+
+    def chunks(self, count: int) -> list[tuple[Parameter, np.ndarray, dict[str, np.ndarray]]]:
+        """``count`` consecutive pieces (parameter, grad, state arrays) of the vectors, cut at
+        multiples of 64 elements so every piece starts cache-line aligned like the whole."""
+        key = (count, tuple(self.state))
+        if key not in self._chunks:
+            size = self.param.data.size
+            bounds = [min(size, -(-size * k // count // 64) * 64) for k in range(count + 1)]
+            self._chunks[key] = [
+                (Parameter(self.param.data[start:stop]), self.grad[start:stop],
+                 {name: array[start:stop] for name, array in self.state.items()})
+                for start, stop in itertools.pairwise(bounds) if stop > start]
+        return self._chunks[key]
+
+    def _split(self, flat: np.ndarray) -> list[np.ndarray]:
+        offsets = np.cumsum([0] + [v.size for v in self.views])
+        return [flat[start:stop].reshape(view.shape)
+                for view, start, stop in zip(self.views, offsets[:-1], offsets[1:], strict=True)]
+
+    def holds(self, params: list[Parameter]) -> bool:
+        """Whether every parameter's ``.data`` is still this group's view (nothing rebound it)."""
+        return len(params) == len(self.views) and all(
+            p.data is view for p, view in zip(params, self.views, strict=True))
+
+    def gather_state(self, states: list[dict[str, Any]], key: str) -> None:
+        """Make ``states[i][key]`` the i-th view of one flat vector (copying in any array that
+        is not yet; a missing one starts at zero, as each optimizer initialises it)."""
+        views = self.state_views.get(key)
+        if views is None:
+            self.state[key] = np.zeros_like(self.param.data)
+            views = self.state_views[key] = self._split(self.state[key])
+        for state, view in zip(states, views, strict=True):
+            current = state.get(key)
+            if current is not view:
+                if current is None:
+                    view.fill(0)
+                else:
+                    np.copyto(view, current)
+                state[key] = view
+
+
 class Optimizer:
     """Base class of every optimizer; ``params`` is an iterable of Parameters, of
     ``(name, Parameter)`` pairs, or of dicts (parameter groups with per-group options)."""
@@ -57,6 +159,12 @@ class Optimizer:
     _array_state: ClassVar[tuple[str, ...]] = ()
     _scalar_state: ClassVar[tuple[str, ...]] = ()
     _required_state: ClassVar[tuple[str, ...]] = ()  # what a non-empty state must contain
+    # Whether the flat-group path applies (see the module docstring): subclasses whose
+    # ``_update`` is elementwise and whose state arrays ``_flat_state_keys`` names set it.
+    _supports_flat: ClassVar[bool] = False
+    # Threads a flat group's update is split across (not a torch option; the training harness
+    # sets it to PyTorch's thread count). Results do not depend on it: the update is elementwise.
+    num_threads: int = 1
 
     def __init__(self, params: ParamsT, defaults: Mapping[str, Any]) -> None:
         if isinstance(params, (Parameter, np.ndarray)):
@@ -68,6 +176,8 @@ class Optimizer:
         self.state: dict[Parameter, dict[str, Any]] = {}
         self.param_groups: list[dict[str, Any]] = []
         self._work = Workspace()
+        self._flat_groups: dict[int, FlatGroup] = {}
+        self._works: list[Workspace] = [self._work]  # one per thread of a flat update
         groups = list(params)
         if not groups:
             raise ValueError(f"{type(self).__name__} got an empty parameter list")
@@ -141,11 +251,69 @@ class Optimizer:
                         f"{param.data.shape} and dtype {param.data.dtype} whose .grad has shape "
                         f"{grad.shape} and dtype {grad.dtype}; they must match"
                     )
+            if self._supports_flat and self._flat_step(index, group):
+                continue
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
                 state = self.state.get(param)
                 if state is None:
                     state = self.state[param] = {}
-                self._update(param, grad, group, state, self._work)
+                self._update(param, param.grad, group, state, self._work)
         return loss
+
+    def _flat_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The per-parameter state arrays an update of ``group`` uses (flat groups only)."""
+        return ()
+
+    def _flat_step(self, index: int, group: dict[str, Any]) -> bool:
+        """One update of the whole group as one vector, if the step qualifies; False otherwise
+        (the caller then updates parameter by parameter)."""
+        params = group["params"]
+        if not params or any(p.grad is None for p in params):
+            return False
+        if len({p.data.dtype for p in params}) != 1:
+            return False
+        states = [self.state.get(p) or {} for p in params]
+        steps = {state.get("step", 0) for state in states}
+        if len(steps) != 1:
+            return False
+        flat = self._flat_groups.get(index)
+        if flat is None or not flat.holds(params):
+            flat = self._flat_groups[index] = FlatGroup(params)
+        for key in self._flat_state_keys(group):
+            flat.gather_state(states, key)
+        for param, state in zip(params, states, strict=True):
+            self.state[param] = state
+        for view, param in zip(flat.grad_views, params, strict=True):
+            np.copyto(view, param.grad)
+        step = steps.pop()
+        # Cache-sized blocks: the update's dozen passes then re-read a block from L2 instead of
+        # streaming whole vectors from memory each time (~30% faster for 400k floats).
+        pieces = flat.chunks(max(1, -(-flat.param.data.nbytes // _BLOCK_BYTES)))
+        threads = max(1, min(self.num_threads, len(pieces)))
+        while len(self._works) < threads:
+            self._works.append(Workspace())
+
+        def update(thread: int) -> None:
+            for param, grad, arrays in pieces[thread::threads]:
+                self._update(param, grad, group, {"step": step, **arrays}, self._works[thread])
+
+        if threads > 1:  # ufuncs release the GIL: the blocks run in parallel
+            from scratchcnn.nn.parallel import _shared_executor
+
+            futures = [_shared_executor().submit(update, k) for k in range(1, threads)]
+            try:
+                update(0)
+            finally:
+                wait(futures)
+            for future in futures:
+                future.result()
+        else:
+            update(0)
+        for state in states:
+            state["step"] = step + 1
+        return True
 
     def _update(
         self,
