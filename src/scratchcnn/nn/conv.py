@@ -154,13 +154,17 @@ class Conv2d(Module):
 
         # col2im, one kernel tap at a time: (N*OH*OW, O) @ (O, C) gives the gradient of the input
         # pixels that tap read, added onto them in place. Per-tap products write contiguous
-        # blocks, which add faster than strided slices of one (N*OH*OW, KH*KW*C) product.
+        # blocks, which add faster than strided slices of one (N*OH*OW, KH*KW*C) product; each
+        # goes into one reused buffer, with its (O, C) weight block made contiguous first (for
+        # LeNet's 6 channels ~10% faster than transposed views and fresh arrays).
         grad_padded = np.zeros(self._padded_shape, dtype=cols.dtype)
+        tap_weights = np.ascontiguousarray(weight_matrix.reshape(kh * kw, c, o).transpose(0, 2, 1))
+        product = np.empty((n * out_h * out_w, c), dtype=cols.dtype)
         for tap_index in range(kh * kw):
-            tap_weight = weight_matrix[tap_index * c:(tap_index + 1) * c]  # (C, O)
+            np.matmul(grad_2d, tap_weights[tap_index], out=product)
             tap = F.tap_view(grad_padded, *divmod(tap_index, kw), (out_h, out_w), self.stride,
                              self.dilation)
-            tap += (grad_2d @ tap_weight.T).reshape(n, out_h, out_w, c)
+            tap += product.reshape(n, out_h, out_w, c)
         top, _, left, _ = self._pad
         h, w = self._input_hw
         return F.to_nchw(grad_padded[:, top:top + h, left:left + w, :])
