@@ -160,3 +160,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "not a scratchcnn accuracy results file" in capsys.readouterr().err
     assert main(["accuracy"]) == 2
     assert "name a TARGET" in capsys.readouterr().err
+
+
+def test_a_mean_exactly_on_the_target_meets_it():
+    # Seeds 0-2 of a real run: (98.89 + 98.58 + 99.23) / 3 is exactly 98.90%, although the float
+    # mean is 0.98899999...; one test image fewer must miss it.
+    target = accuracy.get_target("mnist-simple-b64")
+    exact = [_seed(0, 0.9889, 0.9887), _seed(1, 0.9858, 0.9883), _seed(2, 0.9923, 0.9917)]
+    assert sum(s["numpy"]["test_accuracy"] for s in exact) / 3 < 0.989
+    assert accuracy.summarize(target, exact, modified=False)["checks"][0]["passed"] is True
+    short = [_seed(0, 0.9888, 0.9887), *exact[1:]]
+    assert accuracy.summarize(target, short, modified=False)["checks"][0]["passed"] is False
+    # The gap check is exact too: a mean gap of exactly 0.15 pp passes, 0.16 pp does not.
+    at_limit = [_seed(s, 0.9900, 0.9885) for s in SEEDS]
+    assert accuracy.summarize(target, at_limit, modified=False)["checks"][1]["passed"] is True
+    beyond = [_seed(s, 0.9900, 0.9884) for s in SEEDS]
+    assert accuracy.summarize(target, beyond, modified=False)["checks"][1]["passed"] is False
