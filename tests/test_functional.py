@@ -6,7 +6,8 @@ import pytest
 from scratchcnn.nn import functional as F
 
 
-@pytest.mark.parametrize("shape", [(50176, 16), (97, 3), (1, 5), (12544, 32), (6, 2000)])
+@pytest.mark.parametrize("shape", [(50176, 16), (97, 3), (1, 5), (12544, 32), (6, 2000),
+                                   (50176, 6), (1009, 6), (0, 4)])
 def test_sum_rows_is_the_column_sum(rng, shape):
     matrix = rng.standard_normal(shape).astype(np.float32)
     expected = matrix.astype(np.float64).sum(axis=0)

@@ -13,7 +13,6 @@ Everything here works on channels-last (NHWC) arrays, the layout the layers comp
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -132,7 +131,9 @@ def im2col(padded: np.ndarray, kernel: Pair, out_size: Pair, stride: Pair,
 def sum_rows(matrix: np.ndarray) -> np.ndarray:
     """``matrix.sum(axis=0)`` for an (M, K) matrix. NumPy reduces a narrow matrix one short row at
     a time; folding rows into ~1024-wide ones first is ~5x faster, and the two-level sum is more
-    accurate too."""
+    accurate too. The fold is the largest divisor of M up to 1024 / K (a power-of-two gcd alone
+    folded LeNet's 6-channel 64*28*28 rows only 2-fold: 4x slower)."""
     m, k = matrix.shape
-    fold = math.gcd(m, max(1, 1024 // max(k, 1)))
+    limit = max(1, 1024 // max(k, 1))
+    fold = next(d for d in range(min(limit, max(m, 1)), 0, -1) if m % d == 0)
     return matrix.reshape(m // fold, fold * k).sum(axis=0).reshape(fold, k).sum(axis=0)
