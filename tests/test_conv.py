@@ -260,3 +260,33 @@ def test_repr_and_state_dict_keys_match_torch(torch, args):
     no_bias = Conv2d(1, 2, 3, bias=False)
     assert repr(no_bias) == repr(torch.nn.Conv2d(1, 2, 3, bias=False))
     assert list(no_bias.state_dict()) == ["weight"]
+
+
+@pytest.mark.parametrize("kwargs", [dict(padding=1), dict(stride=2, dilation=(1, 2)),
+                                    dict(padding="valid")])
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_large_im2col_goes_in_pieces_with_the_same_results(rng, monkeypatch, kwargs, in_channels):
+    """Above MAX_COLS_BYTES the cols matrix is built a few samples at a time (also for dL/dW in
+    backward): the same results up to rounding (the input gradient, bit for bit)."""
+    from scratchcnn.nn import conv as conv_module
+
+    x = rng.standard_normal((7, in_channels, 9, 8))
+    upstream = None
+    results = []
+    for limit, piece in ((None, None), (1, 3 * 9 * 8 * 9 * in_channels * 8)):  # ~3 samples
+        if limit is not None:
+            monkeypatch.setattr(conv_module, "MAX_COLS_BYTES", limit)
+            monkeypatch.setattr(conv_module, "_COLS_PIECE_BYTES", piece)
+        layer = Conv2d(in_channels, 4, 3, dtype=np.float64, rng=np.random.default_rng(1),
+                       **kwargs)
+        out = layer(x)
+        if upstream is None:
+            upstream = rng.standard_normal(out.shape)
+        grad_input = layer.backward(upstream)
+        assert (layer._cols is None) == (limit is not None)
+        results.append((out, grad_input, layer.weight.grad, layer.bias.grad))
+    (out_a, gin_a, gw_a, gb_a), (out_b, gin_b, gw_b, gb_b) = results
+    np.testing.assert_allclose(out_b, out_a, rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(gin_a, gin_b)
+    np.testing.assert_allclose(gw_b, gw_a, rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(gb_a, gb_b)
