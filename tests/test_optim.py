@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gradcheck import assert_close
-from scratchcnn.nn.module import Parameter
+from scratchcnn.nn.module import Parameter, flatten_parameters
 from scratchcnn.optim import SGD, Adam, AdamW, Optimizer
 
 SHAPES = [(3, 4), (5,), (2, 3, 2, 2), (1,)]  # not (): Parameter makes 0-d arrays 1-d
@@ -442,12 +442,13 @@ def test_importing_optim_does_not_import_torch():
      ("AdamW", {"lr": 0.05, "weight_decay": 0.1, "amsgrad": True})],
 )
 def test_adam_whole_group_steps_match_torch_and_the_per_parameter_path(torch, rng, name, config):
-    """Steps where every parameter has a gradient update the group as one flat vector: the
-    parameters become views of one vector, the trajectory tracks torch to 1e-10 and is
-    bit-identical to the per-parameter path, also across a skipped gradient and a state_dict
+    """Once flatten_parameters has laid the parameters end to end, steps where every parameter
+    has a gradient update the group as one flat vector: the trajectory tracks torch to 1e-10 and
+    is bit-identical to the per-parameter path, also across a skipped gradient and a state_dict
     load (whose arrays are copied into the flat vectors)."""
     problem = Problem(rng)
     ours, theirs = make_pair(torch, problem)
+    flatten_parameters(ours)
     opt = OURS[name](ours, **config)
     run_steps(torch, opt, torch_optimizer(torch, name, theirs, **config), ours, theirs, problem,
               rng, 8, skip_every=1)  # x % 1 is never 1: no skips
@@ -476,12 +477,37 @@ def test_adam_whole_group_steps_match_torch_and_the_per_parameter_path(torch, rn
     assert opt.state[ours[1]]["step"] == 13 and opt.state[ours[0]]["step"] == 14
 
 
+def test_optimizers_never_rebind_parameter_arrays(rng):
+    """As in torch, a step updates ``param.data`` in place: arrays a caller holds stay live."""
+    params = [Parameter(rng.standard_normal(s)) for s in [(3, 4), (5,), (2, 2, 2)]]
+    held = [p.data for p in params]
+    for optimizer in (SGD(params, lr=0.1, momentum=0.9), Adam(params), AdamW(params)):
+        for _ in range(3):
+            for p in params:
+                p.grad = rng.standard_normal(p.shape)
+            optimizer.step()
+    assert all(p.data is array for p, array in zip(params, held, strict=True))
+
+
+def test_flatten_parameters_lays_them_end_to_end_keeping_values(rng):
+    params = [Parameter(rng.standard_normal(s)) for s in [(3, 4), (5,)]]
+    before = [p.data.copy() for p in params]
+    vector = flatten_parameters([*params, params[0]])  # a repeated parameter is laid out once
+    assert vector.shape == (17,)
+    for p, values in zip(params, before, strict=True):
+        assert np.shares_memory(p.data, vector)
+        np.testing.assert_array_equal(p.data, values)
+    with pytest.raises(ValueError, match="one dtype"):
+        flatten_parameters([Parameter(np.zeros(2)), Parameter(np.zeros(2, np.float32))])
+
+
 def test_threaded_flat_update_is_bit_identical_to_one_thread(rng):
     shapes = [(300, 301), (7,), (3, 5)]  # 2 blocks of the flat update in float32
     start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     runs = []
     for threads in (1, 2, 3):  # 3: more threads than blocks
         params = [Parameter(a.copy()) for a in start]
+        flatten_parameters(params)
         opt = AdamW(params, lr=0.01, amsgrad=True)
         opt.num_threads = threads
         gen = np.random.default_rng(3)

@@ -68,6 +68,13 @@ def make_optimizer(framework: str, params: Iterable[Any], name: str, lr: float, 
         raise ValueError(f"learning rate must be a positive number, got {lr!r}")
     if framework == "numpy":
         from scratchcnn import optim
+        from scratchcnn.nn import Parameter, flatten_parameters
+
+        params = list(params)
+        if params and all(isinstance(p, Parameter) for p in params):
+            # End to end in one vector, the optimizer updates every parameter in a few
+            # whole-vector passes instead of one call per parameter (bit-identical results).
+            flatten_parameters(params)
     else:
         import torch.optim as optim
     return getattr(optim, class_names[name])(params, lr=lr, **options)

@@ -11,7 +11,15 @@ from scratchcnn.nn.dropout import Dropout
 from scratchcnn.nn.flatten import Flatten
 from scratchcnn.nn.linear import Linear
 from scratchcnn.nn.loss import CrossEntropyLoss
-from scratchcnn.nn.module import Module, Parameter, Sequential, is_grad_enabled, no_grad
+from scratchcnn.nn.module import (
+    Module,
+    Parameter,
+    Sequential,
+    flatten_parameters,
+    is_grad_enabled,
+    no_grad,
+)
+from scratchcnn.nn.parallel import DataParallel
 from scratchcnn.nn.pooling import AvgPool2d, MaxPool2d
 
 __all__ = [
@@ -19,6 +27,7 @@ __all__ = [
     "BatchNorm2d",
     "Conv2d",
     "CrossEntropyLoss",
+    "DataParallel",
     "Dropout",
     "Flatten",
     "Linear",
@@ -27,6 +36,7 @@ __all__ = [
     "Parameter",
     "ReLU",
     "Sequential",
+    "flatten_parameters",
     "functional",
     "init",
     "is_grad_enabled",

@@ -99,6 +99,35 @@ class Parameter:
         return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
 
 
+def flatten_parameters(params: Iterable[Parameter]) -> np.ndarray:
+    """Lay the parameters end to end in one new contiguous vector and return it.
+
+    Each ``param.data`` is rebound to a view of the vector (values unchanged), so an optimizer can
+    update all of them with a few whole-vector operations instead of one call per parameter (see
+    ``scratchcnn.optim.optimizer``). Arrays taken from ``.data`` before the call no longer alias
+    the parameters: call it right after building a model, before creating its optimizer. The
+    training harness does this; nothing else in the library rebinds ``.data``.
+    """
+    unique: dict[int, Parameter] = {}
+    for param in params:
+        unique.setdefault(id(param), param)
+    ordered = list(unique.values())
+    if not ordered:
+        raise ValueError("flatten_parameters: no parameters given")
+    dtypes = {param.dtype for param in ordered}
+    if len(dtypes) != 1:
+        raise ValueError(
+            f"flatten_parameters: parameters must share one dtype, got {sorted(map(str, dtypes))}"
+        )
+    vector = np.concatenate([param.data.ravel() for param in ordered])
+    start = 0
+    for param in ordered:
+        stop = start + param.size
+        param.data = vector[start:stop].reshape(param.shape)
+        start = stop
+    return vector
+
+
 class LoadResult(NamedTuple):
     """What ``load_state_dict(..., strict=False)`` left out, as in PyTorch."""
 

@@ -8,15 +8,14 @@ may be views into one flat vector).
 State is keyed by the ``Parameter`` object itself (identity), so two layers whose parameters share
 a name never share state.
 
-Flat groups (a subclass opts in with ``_supports_flat`` and ``_flat_state_keys``): a step in
-which every parameter of a group has a gradient and the same step count updates the whole group
-at once, as one contiguous vector cut into cache-sized blocks (split across ``num_threads``
-threads), instead of parameter by parameter. For that, the group's first such step moves the
-parameters (and their state arrays) into one vector per group: ``param.data`` becomes a view of
-it, same values, unless the parameters already lie end to end in one array (then they stay as
-they are). The arithmetic is elementwise and identical, so results are bit-for-bit those of the
-per-parameter path, which still runs whenever a step does not qualify (some gradient None,
-unequal step counts, mixed dtypes).
+Flat groups (a subclass opts in with ``_supports_flat`` and ``_flat_state_keys``): when a group's
+parameters lie end to end in one array (``scratchcnn.nn.flatten_parameters`` lays them out so;
+the optimizer itself never rebinds ``param.data``), a step in which every parameter has a
+gradient and the same step count updates the whole group at once, as one contiguous vector cut
+into cache-sized blocks (split across ``num_threads`` threads), instead of parameter by
+parameter. The arithmetic is elementwise and identical, so results are bit-for-bit those of the
+per-parameter path, which runs whenever a step does not qualify (parameters not end to end, some
+gradient None, unequal step counts, mixed dtypes).
 
 ``state_dict()`` holds only NumPy arrays, plain numbers, booleans and
 tuples of numbers, so it can be written with ``np.savez`` (arrays) plus JSON (everything else).
@@ -90,18 +89,11 @@ def _end_to_end(arrays: list[np.ndarray]) -> np.ndarray | None:
 
 
 class FlatGroup:
-    """One parameter group laid end to end: ``param.data`` is a flat vector whose slices
-    ``views[i]`` are the parameters' ``.data``; ``grad`` gathers their gradients each step, and
-    ``state[key]`` / ``state_views[key]`` hold each per-parameter state array the same way."""
+    """One parameter group laid end to end: ``param.data`` is the flat vector ``flat`` whose
+    slices ``views[i]`` are the parameters' ``.data``; ``grad`` gathers their gradients each step,
+    and ``state[key]`` / ``state_views[key]`` hold each per-parameter state array the same way."""
 
-    def __init__(self, params: list[Parameter]) -> None:
-        arrays = [p.data for p in params]
-        flat = _end_to_end(arrays)
-        if flat is None:
-            flat = np.concatenate([a.ravel() for a in arrays])
-            offsets = np.cumsum([0] + [a.size for a in arrays])
-            for param, start, stop in zip(params, offsets[:-1], offsets[1:], strict=True):
-                param.data = flat[start:stop].reshape(param.data.shape)
+    def __init__(self, params: list[Parameter], flat: np.ndarray) -> None:
         self.param = Parameter(flat)
         self.views = [p.data for p in params]
         self.grad = np.empty_like(flat)
@@ -280,7 +272,10 @@ class Optimizer:
             return False
         flat = self._flat_groups.get(index)
         if flat is None or not flat.holds(params):
-            flat = self._flat_groups[index] = FlatGroup(params)
+            vector = _end_to_end([p.data for p in params])
+            if vector is None:
+                return False  # not laid out end to end: update parameter by parameter
+            flat = self._flat_groups[index] = FlatGroup(params, vector)
         for key in self._flat_state_keys(group):
             flat.gather_state(states, key)
         for param, state in zip(params, states, strict=True):
