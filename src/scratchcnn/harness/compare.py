@@ -154,11 +154,11 @@ def resolve_dataset(config: CompareConfig, warn: Callable[[str], None] = _warn):
         return load_dataset(DEFAULT_DATASET, config.data_dir, download=True), None
     except (DatasetError, OSError) as error:
         message = (
-            f"WARNING: full MNIST is not available ({error}). FALLING BACK to the small bundled "
+            f"full MNIST is not available ({error}). FALLING BACK to the small bundled "
             f"'{FALLBACK_DATASET}' dataset: accuracies and timings are NOT comparable to full "
             "MNIST. Pass --dataset mnist --data-dir DIR to use a local copy."
         )
-        warn("\n" + "!" * 78 + "\n" + message + "\n" + "!" * 78)
+        warn("\n" + "!" * 78 + "\nWARNING: " + message + "\n" + "!" * 78)
         return load_dataset(FALLBACK_DATASET, download=False), message
 
 
