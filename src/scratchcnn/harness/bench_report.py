@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from scratchcnn.atomic import atomic_write_text
-from scratchcnn.harness.report import to_json
+from scratchcnn.harness.report import write_json_and_markdown
 
 TARGET_MODEL = "simple-cnn"
 TRAINING_TARGETS = {10: 1.0, 64: 0.85, 256: 1.0}  # max NumPy/PyTorch median ratio per batch
@@ -178,9 +177,4 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def write_bench_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """``bench.json`` and ``bench.md`` in ``out_dir`` (created if needed), written atomically."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md"}
-    atomic_write_text(paths["json"], to_json(report))
-    atomic_write_text(paths["markdown"], render_markdown(report))
-    return paths
+    return write_json_and_markdown(report, out_dir, "bench", render_markdown(report))

@@ -42,14 +42,21 @@ def to_json(report: dict[str, Any]) -> str:
     return json.dumps(cleaned, indent=2, allow_nan=False) + "\n"
 
 
-def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """Write ``report.json`` and ``report.md`` into ``out_dir`` (created if needed)."""
+def write_json_and_markdown(
+    report: dict[str, Any], out_dir: Path, stem: str, markdown: str
+) -> dict[str, Path]:
+    """``STEM.json`` (``report`` as JSON) and ``STEM.md`` in ``out_dir`` (created if needed),
+    each written atomically."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md"}
+    paths = {"json": out_dir / f"{stem}.json", "markdown": out_dir / f"{stem}.md"}
     atomic_write_text(paths["json"], to_json(report))
-    atomic_write_text(paths["markdown"], render_markdown(report))
+    atomic_write_text(paths["markdown"], markdown)
     return paths
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``."""
+    return write_json_and_markdown(report, out_dir, "report", render_markdown(report))
 
 
 def _fmt(value: Any, kind: str) -> str:
