@@ -39,10 +39,10 @@ def per_class_accuracy(
 
 def run(args: argparse.Namespace) -> int:
     from scratchcnn.cli import CommandError
-    from scratchcnn.cli.train import load_data
     from scratchcnn.data import normalize
     from scratchcnn.harness.checkpoint import load_checkpoint
     from scratchcnn.harness.training import evaluate
+    from scratchcnn.harness.training_run import load_data
 
     if args.limit_test is not None and args.limit_test < 1:
         raise CommandError(f"--limit-test must be at least 1, got {args.limit_test}")

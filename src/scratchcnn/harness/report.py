@@ -26,19 +26,20 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _finite_or_none(value: Any) -> Any:
-    """JSON has no NaN/inf: replace them by null rather than write invalid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (also inside dicts, lists and tuples) replaced
+    by None: JSON has no NaN/inf, and null is better than invalid JSON."""
+    if isinstance(value, float | np.floating) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
+        return {key: finite_or_none(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite_or_none(item) for item in value]
+        return [finite_or_none(item) for item in value]
     return value
 
 
 def to_json(report: dict[str, Any]) -> str:
-    cleaned = _finite_or_none(json.loads(json.dumps(public_report(report), default=_json_default)))
+    cleaned = finite_or_none(json.loads(json.dumps(public_report(report), default=_json_default)))
     return json.dumps(cleaned, indent=2, allow_nan=False) + "\n"
 
 
