@@ -40,6 +40,21 @@ def test_shift_is_an_exact_integer_translation_within_the_limit(rng):
     assert len(used) > 10  # the shifts really vary between images
 
 
+def test_shift_flip_is_an_exact_shift_of_the_image_or_of_its_mirror(rng):
+    images = _digits(rng, 64)
+    out = aug.augment(images, "shift-flip", np.random.default_rng(0))
+    offsets = range(-aug.MAX_SHIFT, aug.MAX_SHIFT + 1)
+    mirrored = 0
+    for image, result in zip(images, out, strict=True):
+        plain = any(np.array_equal(_shifted(image, dy, dx), result)
+                    for dy in offsets for dx in offsets)
+        flipped = any(np.array_equal(_shifted(image[:, ::-1], dy, dx), result)
+                      for dy in offsets for dx in offsets)
+        assert plain or flipped, "output is neither a shift of the image nor of its mirror"
+        mirrored += flipped and not plain
+    assert 16 < mirrored < 48  # about half the images are mirrored
+
+
 @pytest.mark.parametrize("kind", ["affine", "elastic"])
 def test_output_shape_dtype_range_and_layouts(rng, kind):
     images = _digits(rng, 10)
@@ -102,7 +117,7 @@ def test_gaussian_blur_equals_a_direct_zero_padded_convolution(rng):
     np.testing.assert_allclose(aug._gaussian_blur(field, sigma), expected, atol=2e-3)
 
 
-@pytest.mark.parametrize("kind", ["shift", "affine", "elastic"])
+@pytest.mark.parametrize("kind", ["shift", "shift-flip", "affine", "elastic"])
 def test_augment_epoch_is_a_pure_function_of_seed_and_epoch(rng, kind):
     images = _digits(rng, 20)
     first = aug.augment_epoch(images, kind, seed=3, epoch=2)

@@ -43,12 +43,15 @@ def add_training_recipe_options(parser: argparse.ArgumentParser, defaults: bool 
     def default(value):
         return value if defaults else None
 
-    parser.add_argument("--augment", choices=("none", "shift", "affine", "elastic"),
+    from scratchcnn.data.augment import AUGMENTATIONS
+
+    parser.add_argument("--augment", choices=AUGMENTATIONS,
                         default=default("none"),
                         help="augment the training images each epoch, identically for both "
-                        "frameworks: integer shifts up to 2 px, affine (rotation up to 12 deg, "
-                        "scale 0.9-1.1, shift up to 2 px) or affine + elastic distortion "
-                        "(default none)")
+                        "frameworks: integer shifts up to 2 px, shifts plus a left-right mirror "
+                        "of half the images (shift-flip, for clothes, not digits), affine "
+                        "(rotation up to 12 deg, scale 0.9-1.1, shift up to 2 px) or affine + "
+                        "elastic distortion (default none)")
     parser.add_argument("--lr-schedule", choices=("constant", "step", "cosine"),
                         default=default("constant"),
                         help="per-epoch learning-rate schedule: step (x0.1 every --lr-step-size "

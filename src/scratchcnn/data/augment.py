@@ -1,4 +1,4 @@
-"""Data augmentation for 28x28 digit images, vectorised over the whole batch.
+"""Data augmentation for 28x28 images (digits, clothes), vectorised over the whole batch.
 
 Every kind is one inverse mapping per image: output pixel (i, j) reads the source image at
 ``(y, x) = A_n · ((i, j) - c) + c + t_n (+ a smooth displacement field for "elastic")``, sampled
@@ -10,6 +10,8 @@ Kinds (``AUGMENTATIONS``):
 
 - ``none``:    the images unchanged.
 - ``shift``:   integer translations of up to ``MAX_SHIFT`` pixels in x and y (exact, no blur).
+- ``shift-flip``: ``shift``, and a left-right mirror of half the images (exact too). For
+  Fashion-MNIST, whose clothes are symmetric; never for digits, which a mirror turns into others.
 - ``affine``:  rotation up to ``MAX_ROTATION_DEGREES``, scaling by 1 ± ``MAX_SCALE``, and
   fractional translation up to ``MAX_SHIFT`` pixels.
 - ``elastic``: the affine transform plus Simard et al. (2003) elastic distortion: a uniform(-1, 1)
@@ -26,7 +28,7 @@ import numpy as np
 
 from scratchcnn.random import resolve_rng
 
-AUGMENTATIONS = ("none", "shift", "affine", "elastic")
+AUGMENTATIONS = ("none", "shift", "shift-flip", "affine", "elastic")
 MAX_SHIFT = 2
 MAX_ROTATION_DEGREES = 12.0
 MAX_SCALE = 0.1
@@ -94,9 +96,15 @@ def augment_epoch(images: np.ndarray, kind: str, seed: int, epoch: int) -> np.nd
 
 def _draw_affine(n: int, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Per-image inverse maps: (N, 2, 2) float32 matrices on (y, x) and (N, 2) shifts."""
-    if kind == "shift":
+    if kind in ("shift", "shift-flip"):
         shifts = rng.integers(-MAX_SHIFT, MAX_SHIFT + 1, size=(n, 2)).astype(np.float32)
-        return np.broadcast_to(np.eye(2, dtype=np.float32), (n, 2, 2)), shifts
+        matrices = np.broadcast_to(np.eye(2, dtype=np.float32), (n, 2, 2))
+        if kind == "shift-flip":
+            # x -> -x about the centre: pixel j reads j' = W - 1 - j, an integer, so no blur.
+            mirrored = rng.random(n) < 0.5
+            matrices = matrices.copy()
+            matrices[mirrored, 1, 1] = -1.0
+        return matrices, shifts
     angles = np.deg2rad(rng.uniform(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES, size=n))
     scales = rng.uniform(1.0 - MAX_SCALE, 1.0 + MAX_SCALE, size=n)
     shifts = rng.uniform(-MAX_SHIFT, MAX_SHIFT, size=(n, 2)).astype(np.float32)
