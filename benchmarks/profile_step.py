@@ -3,10 +3,11 @@
 Both sides are built from the same weights and run through ``scratchcnn.harness.training`` (the
 loop ``scratchcnn compare`` uses), alternating sides round by round so machine noise hits both
 alike; the medians and their ratio (NumPy / PyTorch) are printed. ``--breakdown`` adds a per-layer
-timing of one NumPy training step.
+timing of one training step, NumPy beside PyTorch (module hooks), to see where each spends its
+time; at ``--threads 1`` it compares the frameworks core for core.
 
     python benchmarks/profile_step.py --batch 64 --steps 100 --rounds 5
-    python benchmarks/profile_step.py --model lenet5 --breakdown
+    python benchmarks/profile_step.py --model lenet5 --breakdown --threads 1 --batch 32
 """
 
 from __future__ import annotations
@@ -88,41 +89,143 @@ def report(title: str, times: dict[str, list[float]], per: int) -> None:
 
 
 def breakdown(args) -> None:
-    """Per-layer forward/backward time of NumPy training steps (single shard, no threads)."""
+    """Per-layer forward/backward time of one training step on one core, NumPy beside PyTorch:
+    where each framework spends its time, layer by layer (run with ``--threads 1``; the NumPy
+    side runs unsharded, as each of DataParallel's threads does on its shard)."""
+    numpy_names, numpy_times, numpy_other = numpy_layer_times(args)
+    torch_times, torch_other, torch_plain = torch_layer_times(args)
+    print(f"ms per training step, batch {args.batch}, threads {args.threads or 'all'} "
+          "(forward / backward; NumPy runs each ReLU -> MaxPool2d pair pool-first):")
+    print(f"  {'layer':44s} {'NumPy':>15s} {'PyTorch':>15s}")
+    for name, (fwd, bwd) in zip(numpy_names, numpy_times, strict=True):
+        torch_fwd, torch_bwd = torch_times[name]
+        print(f"  {name[:44]:44s} {fwd:7.2f} {bwd:7.2f} {torch_fwd:7.2f} {torch_bwd:7.2f}")
+    numpy_total = numpy_times.sum() + numpy_other
+    torch_total = sum(f + b for f, b in torch_times.values()) + torch_other
+    print(f"  {'loss + optimizer':44s} {numpy_other:15.2f} {torch_other:15.2f}")
+    print(f"  {'total':44s} {numpy_total:15.2f} {torch_total:15.2f}")
+    print(f"  PyTorch without the timing hooks: {torch_plain:.2f} ms per step (the hooks' cost is "
+          "in its per-layer figures)")
+
+
+def numpy_layer_times(args) -> tuple[list[str], np.ndarray, float]:
+    """(layer names as 'index: repr', (layers, 2) ms forward/backward, ms loss + optimizer)."""
     from scratchcnn import nn
+    from scratchcnn.harness.training import make_optimizer
+    from scratchcnn.models import build_model
     from scratchcnn.nn.pooling import pool_before_relu
 
     images, labels = load_images(args.batch, np.random.default_rng(2))
-    model, opt, _, _ = build_pair(args.model)
+    model = build_model(args.model, rng=np.random.default_rng(0))
+    opt = make_optimizer("numpy", model.parameters(), "adam", 1e-3)
     criterion = nn.CrossEntropyLoss()
-    layers = list(pool_before_relu(model))  # the order training runs them in
+    named = list(pool_before_relu(model).named_children())  # the order training runs them in
+    layers = [layer for _, layer in named]
     layers[0].needs_input_grad = False  # as in training (see harness/training.py)
     totals = np.zeros((len(layers), 2))
     other = 0.0
-    for _ in range(args.steps):
+    for step in range(args.steps + 1):  # step 0 warms up
         x = images
+        times = np.zeros_like(totals)
         for index, layer in enumerate(layers):
             start = time.perf_counter()
             x = layer(x)
-            totals[index, 0] += time.perf_counter() - start
+            times[index, 0] = time.perf_counter() - start
         start = time.perf_counter()
         criterion(x, labels)
         grad = criterion.backward()
         opt.zero_grad()
-        other -= start - time.perf_counter()
+        step_other = time.perf_counter() - start
         for index in reversed(range(len(layers))):
             start = time.perf_counter()
             grad = layers[index].backward(grad)
-            totals[index, 1] += time.perf_counter() - start
+            times[index, 1] = time.perf_counter() - start
         start = time.perf_counter()
         opt.step()
-        other -= start - time.perf_counter()
+        step_other += time.perf_counter() - start
+        if step:
+            totals += times
+            other += step_other
+    names = [f"{name}: {layer.describe()}" for name, layer in named]
+    order = np.argsort([int(name) for name, _ in named])  # back to the model's order
+    return [names[i] for i in order], totals[order] * 1e3 / args.steps, other * 1e3 / args.steps
+
+
+def torch_layer_times(args) -> tuple[dict[str, tuple[float, float]], float, float]:
+    """PyTorch's twin timed per layer with module hooks: {'index: repr': (ms forward, ms
+    backward)}, ms loss + optimizer, and ms per whole step without hooks. The first layer
+    computes no input gradient, so its full-backward hook fires before its weight gradient: its
+    backward is the rest of ``loss.backward()`` after every other layer's."""
+    import warnings
+
+    import torch
+
+    from scratchcnn.models import build_model
+    from scratchcnn.reference.torch_models import torch_twin
+
+    images, labels = load_images(args.batch, np.random.default_rng(2))
+    model = build_model(args.model, rng=np.random.default_rng(0))
+    twin = torch_twin(model, args.model)
+    opt = torch.optim.Adam(twin.parameters(), lr=1e-3)
+    criterion = torch.nn.CrossEntropyLoss()
+    x_t, y_t = torch.from_numpy(images), torch.from_numpy(labels)
+    names = [f"{name}: {layer.describe()}" for name, layer in model.named_children()]
+    children = list(twin.children())
+
+    def plain_step() -> None:
+        opt.zero_grad()
+        criterion(twin(x_t), y_t).backward()
+        opt.step()
+
+    plain_step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        plain_step()
+    plain = (time.perf_counter() - start) * 1e3 / args.steps
+    started: dict[tuple[int, str], float] = {}
+    spent = np.zeros((len(children), 2))
+
+    def hooks(index: int) -> None:
+        def begin(kind: str):
+            return lambda *_: started.__setitem__((index, kind), time.perf_counter())
+
+        def end(kind: int):
+            def hook(*_):
+                spent[index, kind] += time.perf_counter() - started[(index, "fb"[kind])]
+            return hook
+
+        layer = children[index]
+        layer.register_forward_pre_hook(begin("f"))
+        layer.register_forward_hook(end(0))
+        layer.register_full_backward_pre_hook(begin("b"))
+        layer.register_full_backward_hook(end(1))
+
+    for index in range(len(children)):
+        hooks(index)
+    other, backward_total = 0.0, 0.0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for step in range(args.steps + 1):  # step 0 warms up
+            if step == 1:
+                spent[:] = 0
+            logits = twin(x_t)
+            start = time.perf_counter()
+            loss = criterion(logits, y_t)
+            opt.zero_grad()
+            step_other = time.perf_counter() - start
+            start = time.perf_counter()
+            loss.backward()
+            step_backward = time.perf_counter() - start
+            start = time.perf_counter()
+            opt.step()
+            step_other += time.perf_counter() - start
+            if step:
+                other += step_other
+                backward_total += step_backward
+    spent[0, 1] = backward_total - spent[1:, 1].sum()
     per_step = 1e3 / args.steps
-    print(f"per-layer ms per step, batch {args.batch} (forward, backward):")
-    for layer, (fwd, bwd) in zip(layers, totals * per_step, strict=True):
-        print(f"  {layer.describe():60s} {fwd:7.2f} {bwd:7.2f}")
-    print(f"  loss + optimizer: {other * per_step:.2f}; total "
-          f"{totals.sum() * per_step + other * per_step:.2f}")
+    times = {name: (f * per_step, b * per_step) for name, (f, b) in zip(names, spent, strict=True)}
+    return times, other * per_step, plain
 
 
 def main() -> None:
