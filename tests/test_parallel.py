@@ -79,6 +79,20 @@ def test_batch_coupled_layers_run_unsharded_in_training(rng):
     assert runner._sharded_batch is not None  # eval mode has no coupling: sharded
 
 
+def test_batchnorm_without_running_stats_runs_unsharded_in_eval_mode(rng):
+    """Without running statistics BatchNorm normalises with the batch's even in eval mode."""
+    def build():
+        return nn.Sequential(nn.Conv2d(1, 3, 3, dtype=np.float64, rng=np.random.default_rng(5)),
+                             nn.BatchNorm2d(3, track_running_stats=False, dtype=np.float64))
+
+    model, twin = build().eval(), build().eval()
+    images, _ = sparse_images(rng, 8)
+    runner = DataParallel(model, num_shards=2)
+    with nn.no_grad():
+        assert_close(runner(images), twin(images), 1e-13, "eval mode, batch statistics")
+    assert runner._sharded_batch is None
+
+
 def test_dataparallel_rejects_bad_arguments(rng):
     with pytest.raises(ValueError, match="num_shards"):
         DataParallel(nn.ReLU(), num_shards=0)

@@ -90,8 +90,9 @@ class DataParallel(Module):
 
     Falls back to plain ``module`` calls (one shard) when the batch has fewer than two samples,
     when threadpoolctl is missing (BLAS threads could not be limited to one per shard), and when
-    ``module`` contains BatchNorm or Dropout in training mode: BatchNorm's statistics are per
-    batch, and Dropout's masks would be drawn from the shared generator in a racy order.
+    ``module`` contains BatchNorm using batch statistics (training mode, or no running
+    statistics) or Dropout in training mode: BatchNorm's statistics are per batch, and Dropout's
+    masks would be drawn from the shared generator in a racy order.
     ``state_dict`` keys are the wrapped module's, prefixed with ``module.`` as in PyTorch.
     """
 
@@ -128,8 +129,14 @@ class DataParallel(Module):
         return [len(part) for part in np.array_split(np.empty(n, dtype=np.int8), shards)]
 
     def _has_batch_coupling(self) -> bool:
-        return any(isinstance(m, (BatchNorm2d, Dropout)) and m.training and
-                   (not isinstance(m, Dropout) or m.p > 0) for m in self.module.modules())
+        """Whether some layer mixes samples: BatchNorm using batch statistics (in training, or
+        always without running statistics) or Dropout drawing masks (training, p > 0)."""
+        for m in self.module.modules():
+            if isinstance(m, BatchNorm2d) and (m.training or m.running_mean is None):
+                return True
+            if isinstance(m, Dropout) and m.training and m.p > 0:
+                return True
+        return False
 
     def _synced_replicas(self, count: int) -> list[Module]:
         """``count`` replicas whose parameters point at the module's current arrays and whose
