@@ -36,16 +36,16 @@ def load_images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
 
 
 def build_pair(model_name: str, seed: int = 0):
-    import torch
-
-    from scratchcnn import optim
+    """(model, optimizer, twin, twin's optimizer): Adam lr 1e-3 on both sides, made by the
+    harness's ``make_optimizer`` so the NumPy side takes the flat-vector path training takes."""
+    from scratchcnn.harness.training import make_optimizer
     from scratchcnn.models import build_model
     from scratchcnn.reference.torch_models import torch_twin
 
     model = build_model(model_name, rng=np.random.default_rng(seed))
     twin = torch_twin(model, model_name)
-    return (model, optim.Adam(model.parameters(), lr=1e-3),
-            twin, torch.optim.Adam(twin.parameters(), lr=1e-3))
+    return (model, make_optimizer("numpy", model.parameters(), "adam", 1e-3),
+            twin, make_optimizer("torch", twin.parameters(), "adam", 1e-3))
 
 
 def time_training(args) -> None:
@@ -92,39 +92,40 @@ def breakdown(args) -> None:
     """Per-layer forward/backward time of one training step on one core, NumPy beside PyTorch:
     where each framework spends its time, layer by layer (run with ``--threads 1``; the NumPy
     side runs unsharded, as each of DataParallel's threads does on its shard)."""
-    numpy_names, numpy_times, numpy_other = numpy_layer_times(args)
-    torch_times, torch_other, torch_plain = torch_layer_times(args)
+    images, labels = load_images(args.batch, np.random.default_rng(2))
+    model, opt, twin, twin_opt = build_pair(args.model)
+    names = [f"{name}: {layer.describe()}" for name, layer in model.named_children()]
+    numpy_times, numpy_other = numpy_layer_times(model, opt, images, labels, args.steps)
+    torch_times, torch_other, torch_plain = torch_layer_times(twin, twin_opt, images, labels,
+                                                              args.steps)
     print(f"ms per training step, batch {args.batch}, threads {args.threads or 'all'} "
           "(forward / backward; NumPy runs each ReLU -> MaxPool2d pair pool-first):")
     print(f"  {'layer':44s} {'NumPy':>15s} {'PyTorch':>15s}")
-    for name, (fwd, bwd) in zip(numpy_names, numpy_times, strict=True):
-        torch_fwd, torch_bwd = torch_times[name]
+    for name, (fwd, bwd), (torch_fwd, torch_bwd) in zip(names, numpy_times, torch_times,
+                                                          strict=True):
         print(f"  {name[:44]:44s} {fwd:7.2f} {bwd:7.2f} {torch_fwd:7.2f} {torch_bwd:7.2f}")
     numpy_total = numpy_times.sum() + numpy_other
-    torch_total = sum(f + b for f, b in torch_times.values()) + torch_other
+    torch_total = torch_times.sum() + torch_other
     print(f"  {'loss + optimizer':44s} {numpy_other:15.2f} {torch_other:15.2f}")
     print(f"  {'total':44s} {numpy_total:15.2f} {torch_total:15.2f}")
     print(f"  PyTorch without the timing hooks: {torch_plain:.2f} ms per step (the hooks' cost is "
           "in its per-layer figures)")
 
 
-def numpy_layer_times(args) -> tuple[list[str], np.ndarray, float]:
-    """(layer names as 'index: repr', (layers, 2) ms forward/backward, ms loss + optimizer)."""
+def numpy_layer_times(model, opt, images: np.ndarray, labels: np.ndarray,
+                      steps: int) -> tuple[np.ndarray, float]:
+    """((layers, 2) ms forward/backward per step in the model's layer order, ms loss +
+    optimizer), timed layer by layer."""
     from scratchcnn import nn
-    from scratchcnn.harness.training import make_optimizer
-    from scratchcnn.models import build_model
     from scratchcnn.nn.pooling import pool_before_relu
 
-    images, labels = load_images(args.batch, np.random.default_rng(2))
-    model = build_model(args.model, rng=np.random.default_rng(0))
-    opt = make_optimizer("numpy", model.parameters(), "adam", 1e-3)
     criterion = nn.CrossEntropyLoss()
     named = list(pool_before_relu(model).named_children())  # the order training runs them in
     layers = [layer for _, layer in named]
     layers[0].needs_input_grad = False  # as in training (see harness/training.py)
     totals = np.zeros((len(layers), 2))
     other = 0.0
-    for step in range(args.steps + 1):  # step 0 warms up
+    for step in range(steps + 1):  # step 0 warms up
         x = images
         times = np.zeros_like(totals)
         for index, layer in enumerate(layers):
@@ -146,30 +147,22 @@ def numpy_layer_times(args) -> tuple[list[str], np.ndarray, float]:
         if step:
             totals += times
             other += step_other
-    names = [f"{name}: {layer.describe()}" for name, layer in named]
     order = np.argsort([int(name) for name, _ in named])  # back to the model's order
-    return [names[i] for i in order], totals[order] * 1e3 / args.steps, other * 1e3 / args.steps
+    return totals[order] * 1e3 / steps, other * 1e3 / steps
 
 
-def torch_layer_times(args) -> tuple[dict[str, tuple[float, float]], float, float]:
-    """PyTorch's twin timed per layer with module hooks: {'index: repr': (ms forward, ms
-    backward)}, ms loss + optimizer, and ms per whole step without hooks. The first layer
+def torch_layer_times(twin, opt, images: np.ndarray, labels: np.ndarray,
+                      steps: int) -> tuple[np.ndarray, float, float]:
+    """PyTorch's twin timed per layer with module hooks: ((layers, 2) ms forward/backward per
+    step, ms loss + optimizer, ms per whole step without hooks). The first layer
     computes no input gradient, so its full-backward hook fires before its weight gradient: its
     backward is the rest of ``loss.backward()`` after every other layer's."""
     import warnings
 
     import torch
 
-    from scratchcnn.models import build_model
-    from scratchcnn.reference.torch_models import torch_twin
-
-    images, labels = load_images(args.batch, np.random.default_rng(2))
-    model = build_model(args.model, rng=np.random.default_rng(0))
-    twin = torch_twin(model, args.model)
-    opt = torch.optim.Adam(twin.parameters(), lr=1e-3)
     criterion = torch.nn.CrossEntropyLoss()
     x_t, y_t = torch.from_numpy(images), torch.from_numpy(labels)
-    names = [f"{name}: {layer.describe()}" for name, layer in model.named_children()]
     children = list(twin.children())
 
     def plain_step() -> None:
@@ -179,9 +172,9 @@ def torch_layer_times(args) -> tuple[dict[str, tuple[float, float]], float, floa
 
     plain_step()
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         plain_step()
-    plain = (time.perf_counter() - start) * 1e3 / args.steps
+    plain = (time.perf_counter() - start) * 1e3 / steps
     started: dict[tuple[int, str], float] = {}
     spent = np.zeros((len(children), 2))
 
@@ -205,7 +198,7 @@ def torch_layer_times(args) -> tuple[dict[str, tuple[float, float]], float, floa
     other, backward_total = 0.0, 0.0
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for step in range(args.steps + 1):  # step 0 warms up
+        for step in range(steps + 1):  # step 0 warms up
             if step == 1:
                 spent[:] = 0
             logits = twin(x_t)
@@ -223,9 +216,7 @@ def torch_layer_times(args) -> tuple[dict[str, tuple[float, float]], float, floa
                 other += step_other
                 backward_total += step_backward
     spent[0, 1] = backward_total - spent[1:, 1].sum()
-    per_step = 1e3 / args.steps
-    times = {name: (f * per_step, b * per_step) for name, (f, b) in zip(names, spent, strict=True)}
-    return times, other * per_step, plain
+    return spent * 1e3 / steps, other * 1e3 / steps, plain
 
 
 def main() -> None:
