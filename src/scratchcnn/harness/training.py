@@ -129,18 +129,35 @@ def train_epoch(
 MAX_SHARD_SIZE = 64
 # Smallest shard worth a thread; smaller batches run whole (see nn.parallel).
 MIN_SHARD_SIZE = 16
+# Worker processes, not threads: they share no GIL (see nn.shard_process).
+SHARD_WORKERS = "processes"
+
+
+# The last runner made, kept so that its worker processes outlive one epoch or evaluation (a fork
+# costs ~20 ms, a bench round is 30 steps): (model, what it was made for, runner). One entry:
+# a runner for another model replaces it, and its workers stop.
+_last_runner: tuple[Any, tuple[int, str], Any] | None = None
 
 
 def _numpy_runner(model: Any) -> Any:
-    """``model`` run on batch shards in ``configured_threads()`` threads, PyTorch's thread count
+    """``model`` run on batch shards in ``configured_threads()`` workers, PyTorch's thread count
     (see nn.parallel; with one thread and a small batch it is a plain call), with each
     ReLU -> MaxPool2d pair run pool-first (exact, see ``nn.pooling.pool_before_relu``)."""
     from scratchcnn.harness.threads import configured_threads
     from scratchcnn.nn.parallel import DataParallel
     from scratchcnn.nn.pooling import pool_before_relu
 
-    return DataParallel(pool_before_relu(model), num_shards=configured_threads(),
-                        max_shard_size=MAX_SHARD_SIZE, min_shard_size=MIN_SHARD_SIZE)
+    global _last_runner
+    made_for = (configured_threads(), repr(model))
+    if _last_runner is not None and _last_runner[0] is model and _last_runner[1] == made_for:
+        return _last_runner[2]
+    if _last_runner is not None:
+        _last_runner[2].close()
+    runner = DataParallel(pool_before_relu(model), num_shards=made_for[0],
+                          max_shard_size=MAX_SHARD_SIZE, min_shard_size=MIN_SHARD_SIZE,
+                          workers=SHARD_WORKERS)
+    _last_runner = (model, made_for, runner)
+    return runner
 
 
 @contextlib.contextmanager

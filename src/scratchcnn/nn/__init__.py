@@ -18,6 +18,7 @@ from scratchcnn.nn.module import (
     flatten_parameters,
     is_grad_enabled,
     no_grad,
+    set_grad_enabled,
 )
 from scratchcnn.nn.parallel import DataParallel
 from scratchcnn.nn.pooling import AvgPool2d, MaxPool2d
@@ -41,4 +42,5 @@ __all__ = [
     "init",
     "is_grad_enabled",
     "no_grad",
+    "set_grad_enabled",
 ]

@@ -35,9 +35,17 @@ def no_grad() -> Iterator[None]:
 
     Inference then needs less memory and time; calling ``backward`` afterwards is an error.
     """
+    with set_grad_enabled(False):
+        yield
+
+
+@contextlib.contextmanager
+def set_grad_enabled(mode: bool) -> Iterator[None]:
+    """Like ``torch.set_grad_enabled(mode)``: layers keep their caches for ``backward`` inside
+    it if ``mode`` is True, not if False; the previous mode returns on exit."""
     global _grad_enabled
     previous = _grad_enabled
-    _grad_enabled = False
+    _grad_enabled = bool(mode)
     try:
         yield
     finally:

@@ -1,0 +1,67 @@
+"""Replicas of a module for DataParallel: copies that share its parameter arrays but keep their
+own gradients and forward caches, and how the replicas' gradients add up."""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+
+from scratchcnn.nn.module import Module, Parameter
+
+
+def replicate(module: Module) -> Module:
+    """A copy of ``module``'s tree whose Parameters share ``.data`` with the original's but have
+    their own ``.grad``, and whose layers have their own forward caches. Buffers are shared."""
+    clone = copy.copy(module)  # shallow: plain attributes (hyper-parameters) are shared
+    parameters: OrderedDict[str, Parameter | None] = OrderedDict()
+    for name, param in module._parameters.items():
+        shell = Parameter(param.data) if param is not None else None
+        parameters[name] = shell
+        object.__setattr__(clone, name, shell)
+    children = OrderedDict()
+    for name, child in module._modules.items():
+        children[name] = replicate(child)
+        object.__setattr__(clone, name, children[name])
+    object.__setattr__(clone, "_parameters", parameters)
+    object.__setattr__(clone, "_modules", children)
+    return clone
+
+
+def module_flags(module: Module) -> list[list[bool]]:
+    """Each submodule's (training, needs_input_grad), in ``modules()`` order."""
+    return [[m.training, m.needs_input_grad] for m in module.modules()]
+
+
+def set_module_flags(modules: Sequence[Module], flags: Sequence[Sequence[bool]]) -> None:
+    """Give ``modules`` the flags ``module_flags`` read off another tree of the same shape."""
+    for replica_module, (training, needs_input_grad) in zip(modules, flags, strict=True):
+        object.__setattr__(replica_module, "training", training)
+        object.__setattr__(replica_module, "needs_input_grad", needs_input_grad)
+
+
+def sum_gradients(replicas: Sequence[Module],
+                  out: Sequence[np.ndarray] | None = None) -> list[np.ndarray | None]:
+    """Per parameter, the replicas' gradients added up in replica order (None where none has
+    one), into ``out`` when given, else into the first replica's array; the replicas' ``.grad``
+    are released either way. A fixed order makes the sum the same whichever thread or process
+    computes it."""
+    sums: list[np.ndarray | None] = []
+    for index, shells in enumerate(zip(*(replica.parameters() for replica in replicas),
+                                       strict=True)):
+        grads = [shell.grad for shell in shells if shell.grad is not None]
+        for shell in shells:
+            shell.grad = None
+        if not grads:
+            sums.append(None)
+            continue
+        total = grads[0]
+        if out is not None:
+            total = out[index]
+            np.copyto(total, grads[0])
+        for grad in grads[1:]:
+            total += grad
+        sums.append(total)
+    return sums
