@@ -27,12 +27,16 @@ def forward_backward(runner, model, images, labels):
     return loss, grad_input, [p.grad.copy() for p in model.parameters()]
 
 
+WORKERS = pytest.mark.parametrize("workers", ["threads", "processes"])
+
+
+@WORKERS
 @pytest.mark.parametrize("batch, shards", [(10, 2), (7, 3), (64, 2)])
-def test_sharded_step_equals_whole_batch(rng, batch, shards):
+def test_sharded_step_equals_whole_batch(rng, batch, shards, workers):
     model = build_model("simple-cnn", dtype=np.float64, rng=rng)
     images, labels = sparse_images(rng, batch)
     loss, grad_input, grads = forward_backward(model, model, images, labels)
-    runner = DataParallel(model, num_shards=shards)
+    runner = DataParallel(model, num_shards=shards, workers=workers)
     loss_p, grad_input_p, grads_p = forward_backward(runner, model, images, labels)
     assert runner._sharded_batch is not None and len(runner._sharded_batch) == shards
     assert_close(loss_p, loss, 1e-14, "loss")
@@ -43,9 +47,10 @@ def test_sharded_step_equals_whole_batch(rng, batch, shards):
         assert_close(got, want, 1e-13, name)
 
 
-def test_gradients_accumulate_and_replicas_follow_new_weights(rng):
+@WORKERS
+def test_gradients_accumulate_and_replicas_follow_new_weights(rng, workers):
     model = build_model("tiny-cnn", dtype=np.float64, rng=rng)
-    runner = DataParallel(model, num_shards=2)
+    runner = DataParallel(model, num_shards=2, workers=workers)
     images, labels = sparse_images(rng, 6)
     _, _, first = forward_backward(runner, model, images, labels)
     criterion = nn.CrossEntropyLoss()  # a second backward without zero_grad adds up
@@ -64,12 +69,13 @@ def test_gradients_accumulate_and_replicas_follow_new_weights(rng):
     assert_close(out, other(images), 1e-5, "after float()")
 
 
-def test_batch_coupled_layers_run_unsharded_in_training(rng):
+@WORKERS
+def test_batch_coupled_layers_run_unsharded_in_training(rng, workers):
     """BatchNorm statistics (and Dropout draws) are per batch: sharding would change them."""
     model = build_model("bn-cnn", dtype=np.float64, rng=np.random.default_rng(3))
     twin = build_model("bn-cnn", dtype=np.float64, rng=np.random.default_rng(3))
     images, _ = sparse_images(rng, 8)
-    runner = DataParallel(model, num_shards=2)
+    runner = DataParallel(model, num_shards=2, workers=workers)
     assert_close(runner(images), twin(images), 1e-14, "training mode")
     assert runner._sharded_batch is None
     model.eval()
@@ -77,6 +83,12 @@ def test_batch_coupled_layers_run_unsharded_in_training(rng):
     with nn.no_grad():
         assert_close(runner(images), twin(images), 1e-13, "eval mode")
     assert runner._sharded_batch is not None  # eval mode has no coupling: sharded
+    for net in (model, twin):  # running statistics changed in place reach every shard
+        for name, buffer in net.named_buffers():
+            if name.endswith("running_mean"):
+                buffer += 0.25
+    with nn.no_grad():
+        assert_close(runner(images), twin(images), 1e-13, "new running statistics")
 
 
 def test_batchnorm_without_running_stats_runs_unsharded_in_eval_mode(rng):

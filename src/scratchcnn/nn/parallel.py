@@ -20,7 +20,13 @@ import numpy as np
 from scratchcnn.nn.batchnorm import BatchNorm2d
 from scratchcnn.nn.dropout import Dropout
 from scratchcnn.nn.module import Module, is_grad_enabled
-from scratchcnn.nn.replica import module_flags, replicate, set_module_flags, sum_gradients
+from scratchcnn.nn.replica import (
+    module_flags,
+    replicate,
+    set_module_flags,
+    signature,
+    sum_gradients,
+)
 from scratchcnn.nn.shard_process import ShardProcessPool, processes_available
 
 _executor: ThreadPoolExecutor | None = None
@@ -106,6 +112,7 @@ class DataParallel(Module):
         self.min_shard_size = min_shard_size
         self.workers = workers if processes_available() else "threads"
         self._replicas: list[Module] = []
+        self._signature = ""  # the module's signature when the replicas were made
         self._processes: ShardProcessPool | None = None
         self._sharded_batch: list[int] | None = None  # shard sizes of the last sharded forward
 
@@ -139,10 +146,13 @@ class DataParallel(Module):
                 return True
         return False
 
-    def _synced_replicas(self, count: int) -> list[Module]:
+    def _synced_replicas(self, count: int, current: str) -> list[Module]:
         """``count`` replicas whose parameters point at the module's current arrays and whose
         ``training`` and ``needs_input_grad`` flags match it (``to()``, ``train()`` or the
-        caller may have changed them since the replicas were made)."""
+        caller may have changed them since the replicas were made); made anew if the module's
+        ``signature``, ``current``, changed (a layer added, say)."""
+        if current != self._signature:
+            self._replicas, self._signature = [], current
         while len(self._replicas) < count:
             self._replicas.append(replicate(self.module))
         replicas = self._replicas[:count]
@@ -197,7 +207,7 @@ class DataParallel(Module):
             if self._processes is None or self._processes.count != len(groups) - 1:
                 self.close()
                 self._processes = ShardProcessPool(len(groups) - 1)
-            workers = self._processes.sync(self.module)
+            workers = self._processes.sync(self.module, self._signature)
             fields = {"flags": module_flags(self.module), "grad_enabled": is_grad_enabled()}
         else:
             assert self._processes is not None
@@ -228,7 +238,7 @@ class DataParallel(Module):
         if len(sizes) == 1:
             self._sharded_batch = None
             return self.module(x)
-        self._synced_replicas(len(sizes))
+        self._synced_replicas(len(sizes), signature(self.module))
         outputs, _ = self._run("forward", np.split(x, np.cumsum(sizes)[:-1]))
         self._sharded_batch = sizes
         return np.concatenate(outputs)

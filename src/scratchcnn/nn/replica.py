@@ -30,6 +30,15 @@ def replicate(module: Module) -> Module:
     return clone
 
 
+def signature(module: Module) -> str:
+    """What a forked copy of ``module`` must still match: the layer tree with its
+    hyper-parameters (``repr``), and the name, shape and dtype of every parameter and buffer."""
+    arrays = [(name, param.data.shape, param.data.dtype.str)
+              for name, param in module.named_parameters()]
+    arrays += [(name, buffer.shape, buffer.dtype.str) for name, buffer in module.named_buffers()]
+    return repr(module) + repr(arrays)
+
+
 def module_flags(module: Module) -> list[list[bool]]:
     """Each submodule's (training, needs_input_grad), in ``modules()`` order."""
     return [[m.training, m.needs_input_grad] for m in module.modules()]

@@ -26,7 +26,7 @@ import signal
 import sys
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -40,15 +40,6 @@ def processes_available() -> bool:
     """Whether shard workers can be forked: Linux only (macOS's system libraries are not safe to
     use after a fork, and Windows cannot fork)."""
     return sys.platform.startswith("linux")
-
-
-def signature(module: Module) -> str:
-    """What a forked copy of ``module`` must still match: the layer tree with its
-    hyper-parameters (``repr``), and the name, shape and dtype of every parameter and buffer."""
-    arrays = [(name, param.data.shape, param.data.dtype.str)
-              for name, param in module.named_parameters()]
-    arrays += [(name, buffer.shape, buffer.dtype.str) for name, buffer in module.named_buffers()]
-    return repr(module) + repr(arrays)
 
 
 class SharedArrays:
@@ -75,18 +66,21 @@ def send_array(conn: Any, array: np.ndarray) -> None:
     """``array`` through ``conn`` as a JSON header and its raw bytes, in its own memory order
     (a channels-last view arrives channels-last, so the receiver computes exactly as we do)."""
     order = sorted(range(array.ndim), key=lambda axis: -abs(array.strides[axis]))
-    stored = np.ascontiguousarray(array.transpose(order))
+    stored = np.asarray(array.transpose(order), order="C")  # not ascontiguousarray: 0-d stays 0-d
     header = {"shape": stored.shape, "dtype": stored.dtype.str, "order": order}
     conn.send_bytes(json.dumps(header).encode())
-    conn.send_bytes(memoryview(stored).cast("B"))
+    conn.send_bytes(memoryview(stored).cast("B") if stored.size else b"")
 
 
 def recv_array(conn: Any) -> np.ndarray:
     """The array ``send_array`` sent: same values, shape, dtype and memory order."""
     header = json.loads(conn.recv_bytes())
     stored = np.empty(header["shape"], np.dtype(header["dtype"]))
-    conn.recv_bytes_into(memoryview(stored).cast("B"))
-    return stored.transpose(np.argsort(header["order"]))
+    if stored.size:
+        conn.recv_bytes_into(memoryview(stored).cast("B"))
+    else:
+        conn.recv_bytes()
+    return stored.transpose(tuple(np.argsort(header["order"])))
 
 
 def send_message(conn: Any, message: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> None:
@@ -117,19 +111,25 @@ class ShardProcess:
 
     def request(self, op: str, parts: Sequence[np.ndarray], **fields: Any) -> None:
         """Send ``parts`` to be run through the worker's replicas (``op`` forward or backward)."""
-        send_message(self._conn, {"op": op, "arrays": len(parts), **fields}, parts)
+        try:
+            send_message(self._conn, {"op": op, "arrays": len(parts), **fields}, parts)
+        except OSError:
+            self._died()
 
     def reply(self) -> tuple[dict[str, Any], list[np.ndarray]]:
         """The worker's answer to the last request; its exception re-raised here if it failed."""
         try:
             message, arrays = recv_message(self._conn)
         except (EOFError, OSError):
-            code = self._process.exitcode
-            raise RuntimeError(f"a DataParallel shard worker process died (exit code {code}); "
-                               "it is restarted on the next call") from None
+            self._died()
         if "error" in message:
             raise _rebuilt_error(message["error"], message["message"])
         return message, arrays
+
+    def _died(self) -> NoReturn:
+        self._process.join(timeout=1)
+        raise RuntimeError(f"a DataParallel shard worker process died (exit code "
+                           f"{self._process.exitcode}); it is restarted on the next call")
 
     def close(self) -> None:
         """Stop the worker; also done when this object is garbage-collected."""
@@ -209,10 +209,9 @@ class ShardProcessPool:
         self._states: SharedArrays | None = None
         self.workers: list[ShardProcess] = []
 
-    def sync(self, module: Module) -> list[ShardProcess]:
+    def sync(self, module: Module, current: str) -> list[ShardProcess]:
         """Workers mirroring ``module`` as it is now: its values copied into shared memory,
-        forked anew if its structure changed since they were."""
-        current = signature(module)
+        forked anew if its ``signature``, ``current``, changed since they were."""
         if current != self._signature or len(self.workers) != self.count:
             self.close()
             self._states = SharedArrays(_states(module))
