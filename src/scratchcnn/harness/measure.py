@@ -3,7 +3,9 @@
 Peak memory is measured the same way for every framework: the work runs in a fresh Python
 subprocess, and we report the peak resident set size (Linux ``VmHWM``) during the work minus the
 resident size just before it, after imports and data loading. Separate processes keep one side's
-freed-but-retained heap from hiding the other's allocations.
+freed-but-retained heap from hiding the other's allocations. Child processes the work starts (the
+NumPy side's shard workers) add the peak of their private memory: a forked worker shares its
+parent's pages until it writes to them, so its private pages are what it adds.
 """
 
 from __future__ import annotations
@@ -80,6 +82,53 @@ class _RssSampler(threading.Thread):
         return max(self.peak_kb, _status_kb("VmRSS") or 0)
 
 
+def _child_pids() -> list[int]:
+    """This process's child processes (Linux; empty elsewhere)."""
+    pids = []
+    for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
+        try:
+            with open(f"/proc/self/task/{task}/children", encoding="ascii") as children:
+                pids += [int(pid) for pid in children.read().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def _private_kb(pid: int) -> int:
+    """Memory only process ``pid`` holds: Private_Clean + Private_Dirty (0 if it is gone)."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
+            for line in rollup:
+                if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    total += int(line.split()[1])
+    except OSError:
+        pass
+    return total
+
+
+class _ChildrenSampler(threading.Thread):
+    """The peak of the child processes' summed private memory, polled every 2 ms."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak_kb = 0
+        self._stop_event = threading.Event()
+
+    def _sample(self) -> None:
+        self.peak_kb = max(self.peak_kb, sum(_private_kb(pid) for pid in _child_pids()))
+
+    def run(self) -> None:
+        while not self._stop_event.wait(0.002):
+            self._sample()
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        self._sample()
+        return self.peak_kb
+
+
 class PeakMemory:
     """``with PeakMemory() as peak: work()`` then ``peak.mb``: the peak RSS above the RSS at
     entry, in MiB, and ``peak.method`` saying how it was measured."""
@@ -93,16 +142,21 @@ class PeakMemory:
         if self._baseline_kb is not None and not _reset_peak():
             self._sampler = _RssSampler()
             self._sampler.start()
+        self._children = _ChildrenSampler()
+        self._children.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        children_kb = self._children.stop()
         if self._baseline_kb is None:
             return
         if self._sampler is not None:
             peak_kb, self.method = self._sampler.stop(), "VmRSS sampled every 2 ms"
         else:
             peak_kb, self.method = _status_kb("VmHWM") or 0, "VmHWM (peak RSS), reset at start"
-        self.mb = max(peak_kb - self._baseline_kb, 0) / 1024
+        if children_kb:
+            self.method += " + child processes' private memory sampled every 2 ms"
+        self.mb = (max(peak_kb - self._baseline_kb, 0) + children_kb) / 1024
 
 
 ProbeFunction = Callable[[dict[str, Any], Callable[[], contextlib.AbstractContextManager]], Any]
