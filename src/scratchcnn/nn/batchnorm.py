@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from scratchcnn.nn.collective import BatchShard
 from scratchcnn.nn.module import (
     Module,
     Parameter,
@@ -21,6 +22,14 @@ _AXES = (0, 2, 3)  # every axis but the channel axis: statistics are per channel
 def _per_channel(v: np.ndarray) -> np.ndarray:
     """A (C,) vector as (C, 1, 1), to broadcast against (N, C, H, W)."""
     return v.reshape(-1, 1, 1)
+
+
+def _mean_over_batch(v: np.ndarray, count: int, shard: BatchShard | None) -> np.ndarray:
+    """Per-channel mean (C,) of (N, C, H, W) ``v`` over N, H, W, i.e. sum / M with M = ``count``.
+    On a shard of a batch, the whole batch's: every shard's sum over its samples, added up."""
+    if shard is None:
+        return v.mean(axis=_AXES)
+    return shard.combine_sum(v.sum(axis=_AXES)) / count
 
 
 class BatchNorm2d(Module):
@@ -44,7 +53,14 @@ class BatchNorm2d(Module):
 
     Reductions are NumPy reductions over axes (0, 2, 3) and elementwise operations keep the input's
     memory layout, so channels-last inputs are handled without copies or loops.
+
+    Sharded (``DataParallel`` sets ``batch_shard`` while it runs this layer on a part of a batch,
+    see ``nn.collective``): the sums over N, H, W above are the whole batch's, added up across the
+    shards, M counts the whole batch, and one shard updates the running statistics, so the results
+    are those of the unsharded call, as with ``torch.nn.SyncBatchNorm``.
     """
+
+    batch_shard: BatchShard | None = None
 
     def __init__(
         self,
@@ -103,19 +119,22 @@ class BatchNorm2d(Module):
                 f"{self.running_mean.dtype}; cast one to match, e.g. model.to(np.{x.dtype})"
             )
         use_batch_stats = self.training or self.running_mean is None
+        shard = self.batch_shard
         if use_batch_stats:
-            count = x.size // self.num_features
+            count = (len(x) if shard is None else shard.batch_size) * x.shape[2] * x.shape[3]
             if count <= 1:
                 raise ValueError(
                     f"{self.describe()}: expected more than 1 value per channel when training, "
                     f"got input of shape {x.shape}"
                 )
-            mean = x.mean(axis=_AXES)
+            mean = _mean_over_batch(x, count, shard)
             x_hat = x - _per_channel(mean)
-            var = np.mean(np.square(x_hat), axis=_AXES)
+            var = _mean_over_batch(np.square(x_hat), count, shard)
             inv_std = 1.0 / np.sqrt(var + self.eps)
             x_hat *= _per_channel(inv_std)
-            if self.training and self.running_mean is not None:
+            # Once per batch: every shard's buffers are the wrapped module's, so one updates them.
+            tracking = self.training and self.running_mean is not None
+            if tracking and (shard is None or shard.rank == 0):
                 self._update_running_stats(mean, var, count)
         else:
             inv_std = 1.0 / np.sqrt(self.running_var + self.eps)
@@ -148,10 +167,17 @@ class BatchNorm2d(Module):
         grad_weight = np.sum(grad * x_hat, axis=_AXES)
         scale = inv_std if not self.affine else inv_std * self.weight.data
         if used_batch_stats:
-            count = x_hat.size // self.num_features
-            grad_input = x_hat * _per_channel(grad_weight / count)
+            shard = self.batch_shard
+            sum_dy, sum_dy_x_hat = grad_bias, grad_weight
+            if shard is not None:
+                # dx needs the whole batch's sums. The parameter gradients below stay this
+                # shard's partial sums: DataParallel adds up the replicas' parameter gradients.
+                sum_dy, sum_dy_x_hat = shard.combine_sum(np.stack([grad_bias, grad_weight]))
+            n = len(x_hat) if shard is None else shard.batch_size
+            count = n * x_hat.shape[2] * x_hat.shape[3]
+            grad_input = x_hat * _per_channel(sum_dy_x_hat / count)
             np.subtract(grad, grad_input, out=grad_input)
-            grad_input -= _per_channel(grad_bias / count)
+            grad_input -= _per_channel(sum_dy / count)
             grad_input *= _per_channel(scale)
         else:
             grad_input = grad * _per_channel(scale)

@@ -1,0 +1,104 @@
+"""Collectives for the layers whose result depends on the whole batch, BatchNorm2d's statistics
+and Dropout's masks, when ``DataParallel`` runs a batch as shards in parallel threads (what
+``torch.nn.SyncBatchNorm`` does across processes with ``torch.distributed``).
+
+Every shard runs the same layers in the same order, so every shard makes the same sequence of
+collective calls. Each call is a meeting at one ``threading.Barrier``: each shard leaves its
+contribution, the last to arrive combines them (while the others wait), and all leave with the
+same, read-only answer:
+
+    combine_sum(partial) -> sum over shards k of partial_k, added in rank order (deterministic)
+    draw_once(draw)      -> draw() called once, for the whole batch, and shared by every shard
+
+``DataParallel`` makes one ``BatchGroup`` per sharded forward or backward, gives replica k's
+BatchNorm2d and Dropout layers the view ``group.shards[k]`` as their ``batch_shard`` for the
+duration of the call, and aborts the group when a shard raises: the others then leave their
+barrier with ``threading.BrokenBarrierError`` instead of waiting forever for it. Layers with no
+``batch_shard`` (every layer outside a sharded call) compute over their own input, as always.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+Combine = Callable[[list[Any]], Any]  # every shard's contribution, by rank -> the shared answer
+
+
+def _sum_in_rank_order(partials: list[np.ndarray]) -> np.ndarray:
+    total = np.array(partials[0], copy=True)  # a new array: a shard may still hold its partial
+    for partial in partials[1:]:
+        total += partial
+    return total
+
+
+def _call_first(draws: list[Callable[[], Any]]) -> Any:
+    return draws[0]()  # every shard passed an equivalent function; rank 0's is the one called
+
+
+class BatchGroup:
+    """The shards of one batch, ``sizes[k]`` samples each in batch order, run concurrently (one
+    thread per shard: the barrier needs every shard to arrive) for one forward or backward."""
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        if len(sizes) < 2 or min(sizes) < 1:
+            raise ValueError(f"BatchGroup needs two or more non-empty shards, got sizes {sizes}")
+        self.batch_size = int(sum(sizes))
+        starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        self.shards = [BatchShard(self, rank, slice(starts[rank], starts[rank + 1]))
+                       for rank in range(len(sizes))]
+        self._pending: list[tuple[Combine, Any] | None] = [None] * len(sizes)
+        self._answer: Any = None
+        self._barrier = threading.Barrier(len(sizes), action=self._combine)
+
+    def abort(self) -> None:
+        """Release every shard waiting in (or later arriving at) a collective, with
+        ``BrokenBarrierError``: called when a shard raises and will never arrive."""
+        self._barrier.abort()
+
+    def _meet(self, rank: int, combine: Combine, contribution: Any) -> Any:
+        self._pending[rank] = (combine, contribution)
+        self._barrier.wait()
+        # Safe to read: the next meeting's _combine cannot run before this shard arrives there.
+        return self._answer
+
+    def _combine(self) -> None:
+        """Runs in the last shard to arrive, once all have left their contribution."""
+        combines = {id(entry[0]) for entry in self._pending}
+        if len(combines) != 1:  # a bug in a layer: without this, shards would mix answers
+            raise RuntimeError("shards called different collectives; every shard must run the "
+                               "same layers in the same order")
+        combine = self._pending[0][0]
+        self._answer = combine([contribution for _, contribution in self._pending])
+
+
+class BatchShard:
+    """Shard ``rank``'s view of its ``BatchGroup``: samples ``rows`` of a batch of
+    ``batch_size``. Layers call ``combine_sum`` and ``draw_once``; every shard must call them
+    the same number of times in the same order (each call waits for all shards)."""
+
+    def __init__(self, group: BatchGroup, rank: int, rows: slice) -> None:
+        self._group = group
+        self.rank = rank
+        self.rows = rows
+
+    @property
+    def batch_size(self) -> int:
+        """Samples in the whole batch (N of the unsharded call)."""
+        return self._group.batch_size
+
+    def combine_sum(self, partial: np.ndarray) -> np.ndarray:
+        """Sum over the shards of ``partial``, an array of the same shape on each, e.g. the
+        per-channel sums (C,) of this shard's samples -> the whole batch's sums (C,).
+        The answer is shared by every shard: read it, do not modify it."""
+        return self._group._meet(self.rank, _sum_in_rank_order, partial)
+
+    def draw_once(self, draw: Callable[[], T]) -> T:
+        """``draw()``, called by one shard only, e.g. a whole batch's random numbers drawn from
+        a generator that must be advanced exactly as an unsharded call would. The answer is
+        shared by every shard: read it (e.g. take ``answer[shard.rows]``), do not modify it."""
+        return self._group._meet(self.rank, _call_first, draw)
