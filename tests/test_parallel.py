@@ -1,5 +1,8 @@
-"""DataParallel gives the wrapped module's results; the first layer's input gradient can be
+"""DataParallel gives the wrapped module's results, BatchNorm2d and Dropout models included
+(whole-batch statistics and masks through nn.collective); the first layer's input gradient can be
 skipped; the harness's threaded NumPy training tracks PyTorch over 50 float32 Adam steps."""
+
+import threading
 
 import numpy as np
 import pytest
@@ -9,6 +12,8 @@ from scratchcnn import nn, optim
 from scratchcnn.harness import threads as thread_settings
 from scratchcnn.harness import training
 from scratchcnn.models import build_model
+from scratchcnn.nn import parallel
+from scratchcnn.nn.collective import BatchGroup
 from scratchcnn.nn.parallel import DataParallel
 
 
@@ -69,40 +74,235 @@ def test_gradients_accumulate_and_replicas_follow_new_weights(rng, workers):
     assert_close(out, other(images), 1e-5, "after float()")
 
 
+def small_bn_model(rng, **bn_options):
+    """Conv -> BatchNorm -> ReLU -> Dropout -> Linear on (N, 2, 5, 5) inputs, float64."""
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, bias=False, dtype=np.float64, rng=rng),  # BN: no bias
+        nn.BatchNorm2d(4, dtype=np.float64, **bn_options), nn.ReLU(),
+        nn.Dropout(0.3, rng=rng), nn.Flatten(), nn.Linear(4 * 5 * 5, 3, dtype=np.float64, rng=rng),
+    )
+
+
+def twin_models(name, seed, **bn_options):
+    """Two identical models, Dropout generators included (same seed, same state)."""
+    if name == "small":
+        return [small_bn_model(np.random.default_rng(seed), **bn_options) for _ in range(2)]
+    return [build_model(name, dtype=np.float64, rng=np.random.default_rng(seed))
+            for _ in range(2)]
+
+
+def assert_same_step(model, twin, runner, images, labels, tol=1e-12):
+    """One step of ``twin`` unsharded and of ``model`` through ``runner``: same loss, input
+    gradient, parameter gradients and buffers (running statistics, num_batches_tracked)."""
+    loss, grad_input, grads = forward_backward(twin, twin, images, labels)
+    loss_p, grad_input_p, grads_p = forward_backward(runner, model, images, labels)
+    assert_close(loss_p, loss, tol, "loss")
+    assert_close(grad_input_p, grad_input, tol, "input gradient")
+    names = dict(model.named_parameters())
+    for name, got, want in zip(names, grads_p, grads, strict=True):
+        assert got.dtype == want.dtype
+        assert_close(got, want, tol, name)
+    buffers = dict(twin.named_buffers())
+    assert list(dict(model.named_buffers())) == list(buffers)
+    for name, value in model.named_buffers():
+        assert value.dtype == buffers[name].dtype
+        assert_close(value, buffers[name], tol, name)
+
+
 @WORKERS
-def test_batch_coupled_layers_run_unsharded_in_training(rng, workers):
-    """BatchNorm statistics (and Dropout draws) are per batch: sharding would change them."""
-    model = build_model("bn-cnn", dtype=np.float64, rng=np.random.default_rng(3))
-    twin = build_model("bn-cnn", dtype=np.float64, rng=np.random.default_rng(3))
-    images, _ = sparse_images(rng, 8)
-    runner = DataParallel(model, num_shards=2, workers=workers)
-    assert_close(runner(images), twin(images), 1e-14, "training mode")
-    assert runner._sharded_batch is None
-    model.eval()
+@pytest.mark.parametrize("name, batch", [("bn-cnn", 7), ("small", 9)])
+@pytest.mark.parametrize("shards", [2, 3])
+def test_batchnorm_and_dropout_shard_like_the_whole_batch(rng, name, batch, shards, workers):
+    """Like torch's SyncBatchNorm: batch statistics, their gradients, the running statistics and
+    the dropout masks are the whole batch's, so a sharded step is the unsharded one. The shards
+    meet in threads whatever ``workers`` says (worker processes have no collectives)."""
+    model, twin = twin_models(name, 3)
+    model[0].needs_input_grad = twin[0].needs_input_grad = True
+    runner = DataParallel(model, num_shards=shards, max_shard_size=2,  # ignored: coupled
+                          workers=workers)
+    for step in range(2):  # the second step: running statistics updated twice, fresh masks
+        images, labels = sparse_images(rng, batch)
+        if name == "small":
+            images = rng.standard_normal((batch, 2, 5, 5)) + step
+            labels = labels % 3
+        assert_same_step(model, twin, runner, images, labels)
+        assert runner._sharded_batch is not None and len(runner._sharded_batch) == shards
+        assert runner._coupled and runner._processes is None  # threads: no process forked
+    tracked = [int(b) for key, b in model.named_buffers() if key.endswith("num_batches_tracked")]
+    assert tracked and set(tracked) == {2}  # once per call, not once per shard
+
+    model.eval()  # running statistics: no coupling, sharded like any layer (max_shard_size too)
     twin.eval()
     with nn.no_grad():
         assert_close(runner(images), twin(images), 1e-13, "eval mode")
-    assert runner._sharded_batch is not None  # eval mode has no coupling: sharded
+    assert len(runner._sharded_batch) == max(shards, -(-batch // 2))
+    assert not runner._coupled and (runner._processes is not None) == (workers == "processes")
     for net in (model, twin):  # running statistics changed in place reach every shard
-        for name, buffer in net.named_buffers():
-            if name.endswith("running_mean"):
+        for key, buffer in net.named_buffers():
+            if key.endswith("running_mean"):
                 buffer += 0.25
     with nn.no_grad():
         assert_close(runner(images), twin(images), 1e-13, "new running statistics")
+    model.float()  # the replicas (and workers) follow rebound buffers too
+    with nn.no_grad():
+        assert_close(runner(images.astype(np.float32)), twin(images), 1e-5, "after float()")
+    runner.close()
 
 
-def test_batchnorm_without_running_stats_runs_unsharded_in_eval_mode(rng):
-    """Without running statistics BatchNorm normalises with the batch's even in eval mode."""
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_running_statistics_land_in_the_module_buffers(rng, dtype):
+    """One shard updates the running statistics in place, in the wrapped module's own arrays,
+    also after ``to()`` rebinds them, even back to the dtype the replicas were made for."""
+    model, twin = twin_models("small", 4)
+    runner = DataParallel(model, num_shards=2)
+    bn, twin_bn = model[1], twin[1]
+
+    def step_and_compare(label):
+        before = bn.running_mean, bn.running_var, bn.num_batches_tracked
+        x = (rng.standard_normal((6, 2, 5, 5)) * 2 + 1).astype(bn.running_mean.dtype)
+        y = rng.integers(0, 3, 6)
+        forward_backward(runner, model, x, y)
+        forward_backward(twin, twin, x, y)
+        assert runner._sharded_batch == [3, 3]
+        after = bn.running_mean, bn.running_var, bn.num_batches_tracked
+        assert all(now is then for now, then in zip(after, before, strict=True))  # in place
+        tol = 1e-5 if bn.running_mean.dtype == np.float32 else 1e-13
+        for key in ("running_mean", "running_var"):
+            got, want = getattr(bn, key), getattr(twin_bn, key)
+            assert got.dtype == want.dtype == x.dtype
+            assert_close(got, want, tol, f"{key} {label}")
+        assert int(bn.num_batches_tracked) == int(twin_bn.num_batches_tracked)
+
+    model.to(dtype)
+    twin.to(dtype)
+    step_and_compare("first step")
+    step_and_compare("second step")
+    for net in (model, twin):  # rebound twice; the signature is the replicas' again
+        net.to(np.float32 if dtype == np.float64 else np.float64)
+        net.to(dtype)
+    step_and_compare("after to() and back")
+    bn.running_mean = np.zeros(4, dtype)  # rebound by hand: same signature too
+    twin_bn.running_mean = np.zeros(4, dtype)
+    step_and_compare("after assigning running_mean")
+    assert int(bn.num_batches_tracked) == 4
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shards", [2, 3])
+def test_dropout_masks_do_not_depend_on_sharding(dtype, shards):
+    x = np.ones((7, 3, 4, 5), dtype=dtype)
+    whole = nn.Dropout(0.5, rng=np.random.default_rng(8))
+    sharded = nn.Dropout(0.5, rng=np.random.default_rng(8))
+    runner = DataParallel(nn.Sequential(sharded), num_shards=shards)
+    for _ in range(2):
+        out = runner(x)
+        assert runner._sharded_batch is not None
+        np.testing.assert_array_equal(out, whole(x))
+        upstream = np.arange(x.size, dtype=dtype).reshape(x.shape)
+        np.testing.assert_array_equal(runner.backward(upstream), whole.backward(upstream))
+    # The generator advanced exactly as the unsharded draws did.
+    assert sharded.rng.random() == whole.rng.random()
+
+
+@pytest.mark.parametrize("options", [dict(momentum=None), dict(track_running_stats=False),
+                                     dict(affine=False), dict(bias=False)])
+def test_batchnorm_options_shard_like_the_whole_batch(rng, options):
+    model, twin = twin_models("small", 5, **options)
+    runner = DataParallel(model, num_shards=3)
+    for step in range(3):
+        images = rng.standard_normal((8, 2, 5, 5)) * (step + 1)
+        assert_same_step(model, twin, runner, images, rng.integers(0, 3, 8))
+    model.eval()
+    twin.eval()
+    images = rng.standard_normal((8, 2, 5, 5))
+    # Without running statistics, eval mode normalises with the batch's: still coupled.
+    assert_same_step(model, twin, runner, images, rng.integers(0, 3, 8))
+    assert len(runner._sharded_batch) == 3
+
+
+@WORKERS
+def test_batchnorm_without_running_stats_shards_with_batch_statistics_in_eval_mode(rng, workers):
+    """Without running statistics BatchNorm normalises with the batch's even in eval mode: the
+    shards combine theirs, in threads, and give the unsharded result."""
     def build():
         return nn.Sequential(nn.Conv2d(1, 3, 3, dtype=np.float64, rng=np.random.default_rng(5)),
                              nn.BatchNorm2d(3, track_running_stats=False, dtype=np.float64))
 
     model, twin = build().eval(), build().eval()
     images, _ = sparse_images(rng, 8)
-    runner = DataParallel(model, num_shards=2)
+    runner = DataParallel(model, num_shards=2, max_shard_size=2, workers=workers)
     with nn.no_grad():
         assert_close(runner(images), twin(images), 1e-13, "eval mode, batch statistics")
-    assert runner._sharded_batch is None
+    assert runner._sharded_batch == [4, 4] and runner._coupled and runner._processes is None
+    # Each shard alone would be normalised with its own statistics: far from the batch's.
+    with nn.no_grad():
+        alone = model(images[:4])
+    assert np.abs(alone - twin(images)[:4]).max() > 1e-3
+
+
+def test_batchnorm_shards_of_one_value_per_channel_use_the_whole_batch(rng):
+    """Statistics are over the whole batch: only a whole batch of M <= 1 values is an error."""
+    layer = nn.BatchNorm2d(2, dtype=np.float64)
+    twin = nn.BatchNorm2d(2, dtype=np.float64)
+    runner = DataParallel(nn.Sequential(layer), num_shards=3)
+    x = rng.standard_normal((3, 2, 1, 1))
+    upstream = rng.standard_normal(x.shape)
+    assert_close(runner(x), twin(x), 1e-14, "output")
+    assert runner._sharded_batch == [1, 1, 1]
+    assert_close(runner.backward(upstream), twin.backward(upstream), 1e-14, "input gradient")
+    assert_close(layer.weight.grad, twin.weight.grad, 1e-14, "weight gradient")
+    assert_close(layer.running_var, twin.running_var, 1e-14, "running_var")
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        runner(x[:1])
+
+
+class Fail(nn.Module):
+    """The identity, or a FloatingPointError in ``forward``/``backward`` when told to."""
+
+    fail_in = None
+
+    def forward(self, x):
+        if self.fail_in == "forward":
+            raise FloatingPointError("this shard fails")
+        return x
+
+    def backward(self, grad_output):
+        if self.fail_in == "backward":
+            raise FloatingPointError("this shard fails")
+        return grad_output
+
+
+@pytest.mark.parametrize("rank", [0, 2])  # the shard on this thread, or one on a pool thread
+@pytest.mark.parametrize("fail_in", ["forward", "backward"])
+def test_a_failing_shard_releases_the_others_and_its_error_propagates(rng, rank, fail_in):
+    # The failing shard has passed the first BatchNorm's barriers; the others wait at the next.
+    model = nn.Sequential(nn.BatchNorm2d(2, dtype=np.float64), nn.Dropout(0.5), Fail(),
+                          nn.BatchNorm2d(2, dtype=np.float64))
+    runner = DataParallel(model, num_shards=3, workers="processes")  # coupled: threads anyway
+    x = rng.standard_normal((6, 2, 3, 3))
+    runner.backward(runner(x))  # makes the replicas
+    runner._replicas[rank][2].fail_in = fail_in
+    outcome = {}
+
+    def step():
+        try:
+            runner.backward(runner(x))
+        except BaseException as error:
+            outcome["error"] = error
+
+    caller = threading.Thread(target=step, daemon=True)
+    caller.start()
+    caller.join(timeout=60)
+    assert not caller.is_alive(), "the other shards hang at a barrier"
+    assert isinstance(outcome.get("error"), FloatingPointError)  # not BrokenBarrierError
+    assert all(layer.batch_shard is None for replica in runner._replicas
+               for layer in replica.modules() if isinstance(layer, parallel._BATCH_AWARE))
+    # Nothing is left behind: the next step runs normally.
+    runner._replicas[rank][2].fail_in = None
+    out = runner(x)
+    assert runner._sharded_batch == [2, 2, 2]
+    assert runner.backward(out).shape == x.shape
+    assert runner._processes is None
 
 
 def test_dataparallel_rejects_bad_arguments(rng):
@@ -132,18 +332,31 @@ def test_skipping_input_grad_keeps_parameter_grads(rng, layer):
         assert_close(param.grad, grad, 0.0)
 
 
-def test_train_epoch_threads_agree_and_restore_first_layer(rng, monkeypatch):
-    images, labels = sparse_images(rng, 96, np.float32)
+@pytest.mark.parametrize("name, groups", [("simple-cnn", 0), ("bn-cnn", 2 * 3)])
+def test_train_epoch_threads_agree_and_restore_first_layer(rng, monkeypatch, name, groups):
+    images, labels = sparse_images(rng, 96)  # float64: float32 noise grows over Adam steps
     batches = [np.arange(i, i + 32) for i in range(0, 96, 32)]  # 2 shards of 16 with 2 threads
-    losses = {}
+    made = []  # BatchGroups: bn-cnn's forward and backward shards meet in one per step each
+
+    def counted_group(sizes):
+        made.append(list(sizes))
+        return BatchGroup(sizes)
+
+    monkeypatch.setattr(parallel, "BatchGroup", counted_group)
+    losses, states = {}, {}
     for count in (1, 2):
         monkeypatch.setattr(thread_settings, "_configured_threads", count)
-        model = build_model("simple-cnn", rng=np.random.default_rng(0))
+        # Same weights and, drawn from the same generator, the same dropout masks.
+        model = build_model(name, dtype=np.float64, rng=np.random.default_rng(0))
         opt = optim.Adam(model.parameters())
         losses[count] = training.train_epoch("numpy", model, opt, images, labels, batches,
                                              epoch=1)
         assert model[0].needs_input_grad  # switched off only during the epoch
-    assert losses[2] == pytest.approx(losses[1], rel=1e-6)
+        states[count] = model.state_dict()
+    assert made == [[16, 16]] * groups
+    assert losses[2] == pytest.approx(losses[1], rel=1e-12)
+    for key, value in states[2].items():  # weights and running statistics alike
+        assert_close(value, states[1][key], 1e-9, key)
 
 
 def test_float32_adam_50_steps_track_pytorch(rng, torch, monkeypatch):

@@ -5,12 +5,15 @@ model on half the batch keep two cores busy on every layer, including the memory
 pooling that a multi-threaded BLAS leaves on one core. This is the engine's only parallelism; the
 layers themselves stay single-threaded textbook code. With ``workers="processes"`` the shards
 beyond the first run in forked worker processes instead (see nn/shard_process.py), which do not
-share a GIL.
+share a GIL. BatchNorm2d and Dropout, whose results depend on the whole batch, exchange what they
+need across shards run in threads through ``nn.collective``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from scratchcnn.nn.batchnorm import BatchNorm2d
+from scratchcnn.nn.collective import BatchGroup, BatchShard
 from scratchcnn.nn.dropout import Dropout
 from scratchcnn.nn.module import Module, is_grad_enabled
 from scratchcnn.nn.replica import (
@@ -30,14 +34,23 @@ from scratchcnn.nn.replica import (
 from scratchcnn.nn.shard_process import ShardProcessPool, processes_available
 
 _executor: ThreadPoolExecutor | None = None
+_executor_workers = 0
 _blas_controller: Any = None
 
+# Layers that take a BatchShard (nn.collective) while they run on a shard of a batch.
+_BATCH_AWARE = (BatchNorm2d, Dropout)
 
-def _shared_executor() -> ThreadPoolExecutor:
-    """One process-wide pool: starting threads per call would cost more than small shards."""
-    global _executor
-    if _executor is None:
-        _executor = ThreadPoolExecutor(thread_name_prefix="scratchcnn-shard")
+
+def _shared_executor(workers: int = 1) -> ThreadPoolExecutor:
+    """One process-wide pool of at least ``workers`` threads: starting threads per call would cost
+    more than small shards, and shards that meet at barriers need a thread each."""
+    global _executor, _executor_workers
+    if _executor is None or _executor_workers < workers:
+        if _executor is not None:
+            _executor.shutdown(wait=False)  # jobs already submitted still run to completion
+        # The default size of a ThreadPoolExecutor, or more; its threads start only when needed.
+        _executor_workers = max(workers, min(32, (os.cpu_count() or 1) + 4))
+        _executor = ThreadPoolExecutor(_executor_workers, thread_name_prefix="scratchcnn-shard")
     return _executor
 
 
@@ -59,6 +72,29 @@ def _single_threaded_blas() -> Iterator[None]:
     """BLAS limited to one thread while shards run, so each shard owns one core."""
     with _blas_controller.limit(limits=1, user_api="blas"):
         yield
+
+
+def _couples_samples(module: Module) -> bool:
+    """Whether ``module``'s forward depends on the whole batch: BatchNorm2d normalising with batch
+    statistics (training, or no running statistics kept) and Dropout drawing masks."""
+    if isinstance(module, BatchNorm2d):
+        return module.training or module.running_mean is None
+    return isinstance(module, Dropout) and module.training and module.p > 0
+
+
+def _give_shards(replicas: Sequence[Module], shards: Sequence[BatchShard | None]) -> None:
+    """Replica k's BatchNorm2d and Dropout layers see ``shards[k]`` (None: their own input)."""
+    for replica, shard in zip(replicas, shards, strict=True):
+        for layer in replica.modules():
+            if isinstance(layer, _BATCH_AWARE):
+                object.__setattr__(layer, "batch_shard", shard)
+
+
+def _root_cause(errors: list[BaseException]) -> BaseException:
+    """The error a shard raised itself, rather than the BrokenBarrierError that aborting its
+    BatchGroup then raised in the shards waiting for it."""
+    return next((error for error in errors
+                 if not isinstance(error, threading.BrokenBarrierError)), errors[0])
 
 
 class DataParallel(Module):
@@ -83,11 +119,20 @@ class DataParallel(Module):
     Batches smaller than two ``min_shard_size`` shards run unsharded: for a few samples the
     hand-offs cost more than they save (simple-cnn at batch 10: 4.2 ms sharded, 3.2 ms not).
 
-    Falls back to plain ``module`` calls (one shard) when the batch has fewer than two samples,
-    when threadpoolctl is missing (BLAS threads could not be limited to one per shard), and when
-    ``module`` contains BatchNorm using batch statistics (training mode, or no running
-    statistics) or Dropout in training mode: BatchNorm's statistics are per batch, and Dropout's
-    masks would be drawn from the shared generator in a racy order.
+    BatchNorm2d using batch statistics (training mode, or no running statistics) and Dropout in
+    training mode depend on the whole batch; their replicas exchange it through ``nn.collective``,
+    as ``torch.nn.SyncBatchNorm`` does: the shards add up their per-channel sums into the batch's
+    mean, variance and backward sums, one shard updates the running statistics (the module's own
+    arrays, which every replica shares), and one shard draws the batch's dropout masks from the
+    generator, which every shard then slices. Each shard's gamma and beta gradients stay its
+    partial sums, which the summation above adds up once. The results are the unsharded ones (up
+    to summation order), whatever the number of shards. Shards of such a model wait for each
+    other, so there are at most ``num_shards``, one per thread (``max_shard_size`` is ignored); if
+    one raises, the others are released and its error is raised. Worker processes have no
+    collectives, so such a model runs its shards in threads whatever ``workers`` says.
+
+    Falls back to plain ``module`` calls (one shard) when the batch has fewer than two samples
+    and when threadpoolctl is missing (BLAS threads could not be limited to one per shard).
     ``state_dict`` keys are the wrapped module's, prefixed with ``module.`` as in PyTorch.
     """
 
@@ -115,6 +160,7 @@ class DataParallel(Module):
         self._signature = ""  # the module's signature when the replicas were made
         self._processes: ShardProcessPool | None = None
         self._sharded_batch: list[int] | None = None  # shard sizes of the last sharded forward
+        self._coupled = False  # whether that forward's shards met in a BatchGroup
 
     def extra_repr(self) -> str:
         return (f"num_shards={self.num_shards}, max_shard_size={self.max_shard_size}, "
@@ -126,30 +172,21 @@ class DataParallel(Module):
             self._processes.close()
             self._processes = None
 
-    def _shard_sizes(self, n: int) -> list[int]:
-        """Sizes of the shards a batch of ``n`` splits into: one entry means no sharding."""
+    def _shard_sizes(self, n: int, coupled: bool) -> list[int]:
+        """Sizes of the shards a batch of ``n`` splits into: one entry means no sharding.
+        ``coupled`` shards meet at barriers, so each needs its own thread: num_shards at most."""
         shards = self.num_shards
-        if self.max_shard_size is not None:
+        if self.max_shard_size is not None and not coupled:
             shards = max(shards, -(-n // self.max_shard_size))
         shards = min(shards, n // self.min_shard_size)
-        if shards < 2 or not threadpoolctl_available() or self._has_batch_coupling():
+        if shards < 2 or not threadpoolctl_available():
             return [n]
         return [len(part) for part in np.array_split(np.empty(n, dtype=np.int8), shards)]
 
-    def _has_batch_coupling(self) -> bool:
-        """Whether some layer mixes samples: BatchNorm using batch statistics (in training, or
-        always without running statistics) or Dropout drawing masks (training, p > 0)."""
-        for m in self.module.modules():
-            if isinstance(m, BatchNorm2d) and (m.training or m.running_mean is None):
-                return True
-            if isinstance(m, Dropout) and m.training and m.p > 0:
-                return True
-        return False
-
     def _synced_replicas(self, count: int, current: str) -> list[Module]:
-        """``count`` replicas whose parameters point at the module's current arrays and whose
-        ``training`` and ``needs_input_grad`` flags match it (``to()``, ``train()`` or the
-        caller may have changed them since the replicas were made); made anew if the module's
+        """``count`` replicas whose parameters and buffers point at the module's current arrays
+        and whose ``training`` and ``needs_input_grad`` flags match it (``to()``, ``train()`` or
+        the caller may have changed them since the replicas were made); made anew if the module's
         ``signature``, ``current``, changed (a layer added, say)."""
         if current != self._signature:
             self._replicas, self._signature = [], current
@@ -157,11 +194,19 @@ class DataParallel(Module):
             self._replicas.append(replicate(self.module))
         replicas = self._replicas[:count]
         params = list(self.module.parameters())
+        modules = list(self.module.modules())
         flags = module_flags(self.module)
         for replica in replicas:
             for shell, param in zip(replica.parameters(), params, strict=True):
                 shell.data = param.data
-            set_module_flags(list(replica.modules()), flags)
+            clones = list(replica.modules())
+            for clone, module in zip(clones, modules, strict=True):
+                # The module's own buffer arrays, even if rebound since with an unchanged
+                # signature (float() then double()): running statistics are read, and updated
+                # in place by one shard, there.
+                for name, buffer in module._buffers.items():
+                    object.__setattr__(clone, name, buffer)
+            set_module_flags(clones, flags)
         return replicas
 
     def _groups(self, parts: Sequence[np.ndarray]) -> list[list[int]]:
@@ -169,35 +214,70 @@ class DataParallel(Module):
         workers = min(self.num_shards, len(parts))
         return [list(range(start, len(parts), workers)) for start in range(workers)]
 
-    def _run(self, op: str, parts: Sequence[np.ndarray]) -> tuple[list[Any], list[Any]]:
+    def _run(self, op: str, parts: Sequence[np.ndarray],
+             coupled: bool) -> tuple[list[Any], list[Any]]:
         """Run ``op`` ("forward" or "backward") on every shard: shard k on replica k, the first
-        group on this thread and the others in the pool or the worker processes. Returns the
-        per-shard results and, for backward, each group's summed parameter gradients."""
+        group on this thread and the others in the pool or the worker processes. ``coupled``:
+        the replicas' BatchNorm2d/Dropout layers share a BatchGroup for the call, one shard per
+        thread (see ``_shard_sizes``). Returns the per-shard results and, for backward, each
+        group's summed parameter gradients."""
         groups = self._groups(parts)
         replicas = self._replicas[:len(parts)]
+        batch = BatchGroup([len(part) for part in parts]) if coupled else None
+        if batch is not None and len(groups) != len(parts):
+            # Shards dealt round-robin would wait at a barrier for one queued behind them.
+            raise RuntimeError(f"{self.describe()}: {len(parts)} coupled shards for "
+                               f"{len(groups)} threads")
 
         def run_group(group: list[int]) -> tuple[list[Any], list[Any]]:
-            if op == "forward":
-                return [replicas[k](parts[k]) for k in group], []
-            grads = [replicas[k].backward(parts[k]) for k in group]
-            return grads, sum_gradients([replicas[k] for k in group])
+            try:
+                if op == "forward":
+                    return [replicas[k](parts[k]) for k in group], []
+                grads = [replicas[k].backward(parts[k]) for k in group]
+                return grads, sum_gradients([replicas[k] for k in group])
+            except BaseException:
+                if batch is not None:
+                    batch.abort()  # the other shards would otherwise wait for this one forever
+                raise
 
         limit = _single_threaded_blas() if len(groups) > 1 else contextlib.nullcontext()
         with limit:
-            if self.workers == "processes" and len(groups) > 1:
+            if self.workers == "processes" and len(groups) > 1 and batch is None:
                 group_results = self._run_in_processes(op, groups, parts, run_group)
             else:
-                futures = [_shared_executor().submit(run_group, group) for group in groups[1:]]
-                try:
-                    group_results = [run_group(groups[0])]
-                finally:
-                    wait(futures)  # never leave shards running into the next call
-                group_results.extend(future.result() for future in futures)
+                group_results = self._run_in_threads(groups, run_group, replicas, batch)
         results: list[Any] = [None] * len(parts)
         for group, (group_result, _) in zip(groups, group_results, strict=True):
             for k, result in zip(group, group_result, strict=True):
                 results[k] = result
         return results, [grad_sums for _, grad_sums in group_results]
+
+    @staticmethod
+    def _run_in_threads(groups: list[list[int]],
+                        run_group: Callable[[list[int]], tuple[list[Any], list[Any]]],
+                        replicas: Sequence[Module], batch: BatchGroup | None,
+                        ) -> list[tuple[list[Any], list[Any]]]:
+        """The first group here, the others in the pool meanwhile; with ``batch``, replica k's
+        batch-aware layers hold shard k of it for the call."""
+        if batch is not None:
+            _give_shards(replicas, batch.shards)
+        errors: list[BaseException] = []
+        futures = [_shared_executor(len(groups) - 1).submit(run_group, group)
+                   for group in groups[1:]]
+        try:
+            group_results = [run_group(groups[0])]
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            wait(futures)  # never leave shards running into the next call
+            if batch is not None:
+                _give_shards(replicas, [None] * len(replicas))
+        errors.extend(error for error in (future.exception() for future in futures)
+                      if error is not None)
+        if errors:
+            raise _root_cause(errors)
+        group_results.extend(future.result() for future in futures)
+        return group_results
 
     def _run_in_processes(self, op: str, groups: list[list[int]], parts: Sequence[np.ndarray],
                           run_group: Callable[[list[int]], tuple[list[Any], list[Any]]],
@@ -234,13 +314,14 @@ class DataParallel(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
         """(N, ...) -> the wrapped module's output for the whole batch."""
         n = len(x) if isinstance(x, np.ndarray) and x.ndim else 0
-        sizes = self._shard_sizes(n)
+        coupled = any(_couples_samples(module) for module in self.module.modules())
+        sizes = self._shard_sizes(n, coupled)
+        self._sharded_batch = None
         if len(sizes) == 1:
-            self._sharded_batch = None
             return self.module(x)
         self._synced_replicas(len(sizes), signature(self.module))
-        outputs, _ = self._run("forward", np.split(x, np.cumsum(sizes)[:-1]))
-        self._sharded_batch = sizes
+        outputs, _ = self._run("forward", np.split(x, np.cumsum(sizes)[:-1]), coupled)
+        self._sharded_batch, self._coupled = sizes, coupled
         return np.concatenate(outputs)
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
@@ -252,8 +333,11 @@ class DataParallel(Module):
         if grad_output.ndim == 0 or len(grad_output) != sum(sizes):
             raise ValueError(f"{self.describe()}: grad_output has shape {grad_output.shape} but "
                              f"the last forward returned a batch of {sum(sizes)}; they must match")
+        # The forward's coupling: BatchNorm's backward uses the statistics it cached, and the
+        # shards run where their forward did.
         input_grads, group_sums = self._run("backward",
-                                            np.split(grad_output, np.cumsum(sizes)[:-1]))
+                                            np.split(grad_output, np.cumsum(sizes)[:-1]),
+                                            self._coupled)
         for param, sums in zip(self.module.parameters(), zip(*group_sums, strict=True),
                                strict=True):
             present = [grad for grad in sums if grad is not None]
