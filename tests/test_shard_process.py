@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from scratchcnn import nn
+from scratchcnn.forked import processes_available, recv_array, send_array
 from scratchcnn.models import build_model
 from scratchcnn.nn.parallel import DataParallel
-from scratchcnn.nn.shard_process import processes_available, recv_array, send_array
 
 pytestmark = pytest.mark.skipif(not processes_available(), reason="worker processes need Linux")
 
