@@ -20,6 +20,7 @@ import contextlib
 import json
 import mmap
 import multiprocessing
+import os
 import signal
 import sys
 import weakref
@@ -67,9 +68,12 @@ def shared_empty_like(array: np.ndarray) -> np.ndarray:
 
 def is_shared(array: np.ndarray) -> bool:
     """Whether ``array`` lies in memory made by ``SharedArrays`` (a fork would share it)."""
-    while isinstance(array.base, np.ndarray):
-        array = array.base
-    return isinstance(array.base, _SharedMemory)
+    owner: Any = array
+    while owner is not None:  # views, and as_strided's wrappers, name what they view as .base
+        if isinstance(owner, _SharedMemory):
+            return True
+        owner = getattr(owner, "base", None)
+    return False
 
 
 def send_array(conn: Any, array: np.ndarray) -> None:
@@ -113,7 +117,8 @@ class ForkedWorker:
     def __init__(self, make_handler: Callable[[], Handler], name: str) -> None:
         context = multiprocessing.get_context("fork")
         self._conn, child_conn = context.Pipe()
-        self._process = context.Process(target=_serve, args=(make_handler, child_conn),
+        self._process = context.Process(target=_serve,
+                                        args=(make_handler, child_conn, self._conn, os.getpid()),
                                         name=name, daemon=True)
         self._process.start()
         child_conn.close()
@@ -174,14 +179,21 @@ def _rebuilt_error(name: str, message: str) -> Exception:
     return RuntimeError(f"{name} in a scratchcnn worker process: {message}")
 
 
-def _serve(make_handler: Callable[[], Handler], conn: Any) -> None:
+def _serve(make_handler: Callable[[], Handler], conn: Any, parent_end: Any,
+           parent_pid: int) -> None:
     """The worker's loop: answer requests until told to exit or the parent goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    parent_end.close()  # the fork's copy of the parent's end would hide the parent's exit
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1, user_api="blas")
     handler = make_handler()
     while True:
+        # Other workers forked later hold copies of this pipe's parent end too, so a killed
+        # parent may never show as end-of-file: check it is still there once a second.
+        while not conn.poll(1.0):
+            if os.getppid() != parent_pid:
+                return
         try:
             message, arrays = recv_message(conn)
         except EOFError:
