@@ -49,3 +49,18 @@ def test_adds_a_child_process_private_memory_but_not_pages_it_shares():
     assert "child processes" in writer.method
     reader = run_child(0, shared)
     assert reader.mb < 15, reader.mb
+
+
+def test_children_alive_before_the_window_count_only_what_they_add():
+    context = multiprocessing.get_context("fork")
+    ready, release = context.Event(), context.Event()
+    bystander = context.Process(target=hold, args=(ready, release, 30))
+    bystander.start()
+    ready.wait(10)
+    try:
+        with PeakMemory() as peak:
+            time.sleep(0.05)
+    finally:
+        release.set()
+        bystander.join()
+    assert peak.mb < 10, peak.mb

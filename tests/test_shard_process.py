@@ -9,53 +9,40 @@ import numpy as np
 import pytest
 
 from scratchcnn import nn
+from scratchcnn.forked import processes_available, recv_array, send_array
 from scratchcnn.models import build_model
 from scratchcnn.nn.parallel import DataParallel
-from scratchcnn.nn.shard_process import processes_available, recv_array, send_array
+from test_parallel import forward_backward, sparse_images
 
 pytestmark = pytest.mark.skipif(not processes_available(), reason="worker processes need Linux")
-
-
-def images(rng, n, dtype=np.float32):
-    raw = rng.random((n, 1, 28, 28)) * (rng.random((n, 1, 28, 28)) < 0.3)
-    return ((raw - 0.13) / 0.31).astype(dtype), rng.integers(0, 10, n)
-
-
-def step(runner, model, x, y):
-    """Output, input gradient and parameter gradients of one forward + backward."""
-    model.zero_grad()
-    criterion = nn.CrossEntropyLoss()
-    out = runner(x)
-    criterion(out, y)
-    grad_input = runner.backward(criterion.backward())
-    return [out, grad_input, *(p.grad.copy() for p in model.parameters())]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("batch, shards, max_shard", [(64, 2, None), (256, 2, 64), (50, 3, 16)])
 def test_processes_give_the_same_bits_as_threads(rng, dtype, batch, shards, max_shard):
-    x, y = images(rng, batch, dtype)
+    x, y = sparse_images(rng, batch, dtype)
     results = {}
     for workers in ("threads", "processes"):
         model = build_model("simple-cnn", dtype=dtype, rng=np.random.default_rng(1))
         runner = DataParallel(model, shards, max_shard_size=max_shard, workers=workers)
-        results[workers] = step(runner, model, x, y)
+        loss, grad_input, grads = forward_backward(runner, model, x, y)
+        results[workers] = [runner(x), loss, grad_input, *grads]
         runner.close()
     for got, want in zip(results["processes"], results["threads"], strict=True):
-        assert got.dtype == want.dtype and got.shape == want.shape
+        assert np.asarray(got).dtype == np.asarray(want).dtype
         np.testing.assert_array_equal(got, want)
 
 
 def test_worker_follows_flags_grad_mode_and_structure(rng):
     model = build_model("tiny-cnn", dtype=np.float64, rng=rng)
     runner = DataParallel(model, 2, workers="processes")
-    x, y = images(rng, 8, np.float64)
+    x, y = sparse_images(rng, 8)
     with nn.no_grad():  # the worker is forked here, inside no_grad
         np.testing.assert_allclose(runner(x), model(x), rtol=1e-13)
-    step(runner, model, x, y)  # it must still keep caches for backward when asked to
+    forward_backward(runner, model, x, y)  # it must still keep caches for backward when asked to
 
     model[0].needs_input_grad = False  # flags travel with every forward
-    assert step(runner, model, x, y)[1] is None
+    assert forward_backward(runner, model, x, y)[1] is None
 
     model.append(nn.ReLU())  # a new structure: the worker is replaced by a fresh fork
     out = runner(x)
@@ -95,7 +82,7 @@ def test_worker_errors_are_raised_by_the_caller_and_the_runner_recovers():
 def test_a_killed_worker_is_reported_and_replaced(rng):
     model = build_model("tiny-cnn", rng=rng)
     runner = DataParallel(model, 2, workers="processes")
-    x, _ = images(rng, 6)
+    x, _ = sparse_images(rng, 6, np.float32)
     runner(x)
     process = runner._processes.workers[0]._process
     os.kill(process.pid, signal.SIGKILL)
@@ -108,7 +95,7 @@ def test_a_killed_worker_is_reported_and_replaced(rng):
 
 def test_close_stops_the_workers(rng):
     runner = DataParallel(build_model("tiny-cnn", rng=rng), 3, workers="processes")
-    runner(images(rng, 6)[0])
+    runner(sparse_images(rng, 6, np.float32)[0])
     processes = [worker._process for worker in runner._processes.workers]
     assert len(processes) == 2 and all(p.is_alive() for p in processes)
     runner.close()

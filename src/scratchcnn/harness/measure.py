@@ -108,15 +108,21 @@ def _private_kb(pid: int) -> int:
 
 
 class _ChildrenSampler(threading.Thread):
-    """The peak of the child processes' summed private memory, polled every 2 ms."""
+    """How far the child processes' summed private memory rose above its value at the start,
+    at its peak, polled every 2 ms."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
+        self._baseline_kb = self._children_kb()
         self.peak_kb = 0
         self._stop_event = threading.Event()
 
+    @staticmethod
+    def _children_kb() -> int:
+        return sum(_private_kb(pid) for pid in _child_pids())
+
     def _sample(self) -> None:
-        self.peak_kb = max(self.peak_kb, sum(_private_kb(pid) for pid in _child_pids()))
+        self.peak_kb = max(self.peak_kb, self._children_kb() - self._baseline_kb)
 
     def run(self) -> None:
         while not self._stop_event.wait(0.002):

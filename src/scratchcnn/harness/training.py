@@ -179,6 +179,7 @@ def _numpy_steps(model, optimizer, images, labels) -> Callable[[np.ndarray], flo
 
     criterion = nn.CrossEntropyLoss()
     optimizer.num_threads = configured_threads()  # PyTorch's thread count, as for the model
+    optimizer.workers = SHARD_WORKERS
 
     def step(batch: np.ndarray) -> float:
         logits = model(images[batch])

@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from scratchcnn.forked import shared_empty_like
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 _grad_enabled = True
@@ -127,7 +129,10 @@ def flatten_parameters(params: Iterable[Parameter]) -> np.ndarray:
         raise ValueError(
             f"flatten_parameters: parameters must share one dtype, got {sorted(map(str, dtypes))}"
         )
-    vector = np.concatenate([param.data.ravel() for param in ordered])
+    # In shared memory where workers can be forked: an optimizer's worker process may then
+    # update part of it in place (see scratchcnn.optim.optimizer).
+    vector = shared_empty_like(np.empty(sum(param.size for param in ordered), dtypes.pop()))
+    np.concatenate([param.data.ravel() for param in ordered], out=vector)
     start = 0
     for param in ordered:
         stop = start + param.size

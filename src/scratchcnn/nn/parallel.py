@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from scratchcnn.forked import processes_available
 from scratchcnn.nn.batchnorm import BatchNorm2d
 from scratchcnn.nn.collective import BatchGroup, BatchShard
 from scratchcnn.nn.dropout import Dropout
@@ -31,7 +32,7 @@ from scratchcnn.nn.replica import (
     signature,
     sum_gradients,
 )
-from scratchcnn.nn.shard_process import ShardProcessPool, processes_available
+from scratchcnn.nn.shard_process import ShardProcessPool
 
 _executor: ThreadPoolExecutor | None = None
 _executor_workers = 0
@@ -294,7 +295,7 @@ class DataParallel(Module):
             workers, fields = self._processes.workers, {}
         try:
             for worker, group in zip(workers, groups[1:], strict=True):
-                worker.request(op, [parts[k] for k in group], **fields)
+                worker.request({"op": op, **fields}, [parts[k] for k in group])
             group_results = [run_group(groups[0])]
             for worker in workers:
                 message, arrays = worker.reply()

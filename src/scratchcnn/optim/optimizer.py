@@ -12,7 +12,8 @@ Flat groups (a subclass opts in with ``_supports_flat`` and ``_flat_state_keys``
 parameters lie end to end in one array (``scratchcnn.nn.flatten_parameters`` lays them out so;
 the optimizer itself never rebinds ``param.data``), a step in which every parameter has a
 gradient and the same step count updates the whole group at once, as one contiguous vector cut
-into cache-sized blocks (split across ``num_threads`` threads), instead of parameter by
+into cache-sized blocks (split across ``num_threads`` threads, or with ``workers =
+"processes"`` across forked worker processes, see ``scratchcnn.forked``), instead of parameter by
 parameter. The arithmetic is elementwise and identical, so results are bit-for-bit those of the
 per-parameter path, which runs whenever a step does not qualify (parameters not end to end, some
 gradient None, unequal step counts, mixed dtypes).
@@ -32,6 +33,13 @@ from typing import Any, ClassVar
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from scratchcnn.forked import (
+    ForkedWorker,
+    Handler,
+    is_shared,
+    processes_available,
+    shared_empty_like,
+)
 from scratchcnn.nn.module import Parameter
 
 ParamsT = Iterable[Parameter] | Iterable[Mapping[str, Any]] | Iterable[tuple[str, Parameter]]
@@ -96,7 +104,8 @@ class FlatGroup:
     def __init__(self, params: list[Parameter], flat: np.ndarray) -> None:
         self.param = Parameter(flat)
         self.views = [p.data for p in params]
-        self.grad = np.empty_like(flat)
+        # Shared memory (where workers can be forked): a worker process may update a share.
+        self.grad = shared_empty_like(flat)
         self.grad_views = self._split(self.grad)
         self.state: dict[str, np.ndarray] = {}
         self.state_views: dict[str, list[np.ndarray]] = {}
@@ -120,6 +129,11 @@ class FlatGroup:
         return [flat[start:stop].reshape(view.shape)
                 for view, start, stop in zip(self.views, offsets[:-1], offsets[1:], strict=True)]
 
+    def shared(self) -> bool:
+        """Whether a forked process would share every vector (parameters, gradient, state)."""
+        return all(is_shared(array) for array in (self.param.data, self.grad,
+                                                  *self.state.values()))
+
     def holds(self, params: list[Parameter]) -> bool:
         """Whether every parameter's ``.data`` is still this group's view (nothing rebound it)."""
         return len(params) == len(self.views) and all(
@@ -130,7 +144,8 @@ class FlatGroup:
         is not yet; a missing one starts at zero, as each optimizer initialises it)."""
         views = self.state_views.get(key)
         if views is None:
-            self.state[key] = np.zeros_like(self.param.data)
+            self.state[key] = shared_empty_like(self.param.data)
+            self.state[key].fill(0)
             views = self.state_views[key] = self._split(self.state[key])
         for state, view in zip(states, views, strict=True):
             current = state.get(key)
@@ -157,6 +172,11 @@ class Optimizer:
     # Threads a flat group's update is split across (not a torch option; the training harness
     # sets it to PyTorch's thread count). Results do not depend on it: the update is elementwise.
     num_threads: int = 1
+    # "threads", or "processes": the blocks beyond the first thread's go to forked workers, which
+    # do not share the GIL (for a few hundred thousand floats, two threads gained only ~10%).
+    # Used only when the group's vectors are shared memory (``nn.flatten_parameters`` makes them
+    # so); otherwise, and where processes cannot be forked, threads.
+    workers: str = "threads"
 
     def __init__(self, params: ParamsT, defaults: Mapping[str, Any]) -> None:
         if isinstance(params, (Parameter, np.ndarray)):
@@ -170,6 +190,8 @@ class Optimizer:
         self._work = Workspace()
         self._flat_groups: dict[int, FlatGroup] = {}
         self._works: list[Workspace] = [self._work]  # one per thread of a flat update
+        self._step_workers: list[ForkedWorker] = []
+        self._step_workers_for: tuple[int, tuple[str, ...]] | None = None
         groups = list(params)
         if not groups:
             raise ValueError(f"{type(self).__name__} got an empty parameter list")
@@ -294,7 +316,10 @@ class Optimizer:
             for param, grad, arrays in pieces[thread::threads]:
                 self._update(param, grad, group, {"step": step, **arrays}, self._works[thread])
 
-        if threads > 1:  # ufuncs release the GIL: the blocks run in parallel
+        if threads > 1 and self.workers == "processes" and processes_available() \
+                and flat.shared():
+            self._update_in_processes(flat, group, step, len(pieces), threads, update)
+        elif threads > 1:  # ufuncs release the GIL: the blocks run in parallel
             from scratchcnn.nn.parallel import _shared_executor
 
             futures = [_shared_executor().submit(update, k) for k in range(1, threads)]
@@ -309,6 +334,36 @@ class Optimizer:
         for state in states:
             state["step"] = step + 1
         return True
+
+    def _update_in_processes(self, flat: FlatGroup, group: dict[str, Any], step: int,
+                             pieces: int, threads: int, update: Callable[[int], None]) -> None:
+        """``update(0)`` here while worker k updates thread k's blocks (the same blocks, so the
+        same bits, as with threads); workers are forked again if the group's vectors changed."""
+        made_for = (id(flat), tuple(flat.state))
+        if self._step_workers_for != made_for or len(self._step_workers) != threads - 1:
+            self.close()
+            self._step_workers = [
+                ForkedWorker(lambda: _flat_update_handler(self, flat), "scratchcnn-optim")
+                for _ in range(threads - 1)]
+            self._step_workers_for = made_for
+        options = {key: _plain(value) for key, value in group.items() if key != "params"}
+        try:
+            for thread, worker in enumerate(self._step_workers, start=1):
+                worker.request({"group": options, "step": step, "pieces": pieces,
+                                "thread": thread, "threads": threads})
+            update(0)
+            for worker in self._step_workers:
+                worker.reply()
+        except BaseException:
+            self.close()  # a worker may be mid-request: start afresh on the next step
+            raise
+
+    def close(self) -> None:
+        """Stop the worker processes of ``workers = "processes"``, if any (the next step starts
+        new ones; they also end with this process)."""
+        for worker in self._step_workers:
+            worker.close()
+        self._step_workers, self._step_workers_for = [], None
 
     def _update(
         self,
@@ -437,3 +492,25 @@ class Optimizer:
             )
         lines.append(")")
         return "\n".join(lines)
+
+
+def _plain(value: Any) -> Any:
+    """A group option as JSON can carry it (tuples as lists, NumPy scalars as Python ones)."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(item) for item in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _flat_update_handler(optimizer: Optimizer, flat: FlatGroup) -> Handler:
+    """In a worker forked from ``optimizer``: update thread ``thread``'s blocks of ``flat`` (the
+    vectors are shared memory, so the parent sees the result) with the group options sent."""
+    work = Workspace()
+
+    def handle(message: dict[str, Any], _: list[np.ndarray]) -> tuple[dict[str, Any], list]:
+        pieces = flat.chunks(message["pieces"])
+        group, step = message["group"], message["step"]
+        for param, grad, arrays in pieces[message["thread"]::message["threads"]]:
+            optimizer._update(param, grad, group, {"step": step, **arrays}, work)
+        return {}, []
+
+    return handle

@@ -1,0 +1,208 @@
+"""Forked worker processes, and the shared memory and messages they work with.
+
+The engine's answer to the GIL: Python threads share one interpreter lock, which every NumPy call
+takes back, so two threads running many mid-sized NumPy calls spend a good part of their time
+handing it over (two simple-cnn shards in threads took ~20% longer than in processes). A forked
+worker has its own interpreter; it starts as a copy of this process, so nothing is pickled:
+
+- arrays made by ``SharedArrays`` before the fork are the same memory in both processes;
+- requests and replies are a JSON header plus arrays sent as raw bytes (``send_message``);
+- a worker's exception is raised again in the caller, a dead worker is reported as such.
+
+Linux only (``processes_available``): macOS's system libraries are not safe to use after a
+fork, and Windows cannot fork. Callers fall back to threads elsewhere.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import json
+import mmap
+import multiprocessing
+import os
+import signal
+import sys
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import numpy as np
+
+_ALIGN = 64  # bytes: each shared array starts on its own cache line
+
+Message = dict[str, Any]
+Handler = Callable[[Message, list[np.ndarray]], tuple[Message, Sequence[np.ndarray]]]
+
+
+def processes_available() -> bool:
+    """Whether workers can be forked here (Linux)."""
+    return sys.platform.startswith("linux")
+
+
+class _SharedMemory(mmap.mmap):
+    """An anonymous ``MAP_SHARED`` mapping: a fork shares it instead of copying it."""
+
+
+class SharedArrays:
+    """Arrays shaped like ``templates`` (values not copied), laid out in one anonymous shared
+    mapping: a process forked after it is made sees every later write to them, both ways."""
+
+    def __init__(self, templates: Sequence[np.ndarray]) -> None:
+        offsets, end = [], 0
+        for template in templates:
+            offsets.append(end)
+            end += -(-template.nbytes // _ALIGN) * _ALIGN
+        self._memory = _SharedMemory(-1, max(end, 1))
+        self.arrays = [np.ndarray(t.shape, t.dtype, self._memory, offset)
+                       for t, offset in zip(templates, offsets, strict=True)]
+
+
+def shared_empty_like(array: np.ndarray) -> np.ndarray:
+    """A C-ordered array like ``array`` (contents garbage) in shared memory where workers can be
+    forked, else an ordinary one."""
+    if not processes_available():
+        return np.empty_like(array, order="C")
+    return SharedArrays([np.asarray(array, order="C")]).arrays[0]
+
+
+def is_shared(array: np.ndarray) -> bool:
+    """Whether ``array`` lies in memory made by ``SharedArrays`` (a fork would share it)."""
+    owner: Any = array
+    while owner is not None:  # views, and as_strided's wrappers, name what they view as .base
+        if isinstance(owner, _SharedMemory):
+            return True
+        owner = getattr(owner, "base", None)
+    return False
+
+
+def send_array(conn: Any, array: np.ndarray) -> None:
+    """``array`` through ``conn`` as a JSON header and its raw bytes, in its own memory order
+    (a channels-last view arrives channels-last, so the receiver computes exactly as we do)."""
+    order = sorted(range(array.ndim), key=lambda axis: -abs(array.strides[axis]))
+    stored = np.asarray(array.transpose(order), order="C")  # not ascontiguousarray: 0-d stays 0-d
+    header = {"shape": stored.shape, "dtype": stored.dtype.str, "order": order}
+    conn.send_bytes(json.dumps(header).encode())
+    conn.send_bytes(memoryview(stored).cast("B") if stored.size else b"")
+
+
+def recv_array(conn: Any) -> np.ndarray:
+    """The array ``send_array`` sent: same values, shape, dtype and memory order."""
+    header = json.loads(conn.recv_bytes())
+    stored = np.empty(header["shape"], np.dtype(header["dtype"]))
+    if stored.size:
+        conn.recv_bytes_into(memoryview(stored).cast("B"))
+    else:
+        conn.recv_bytes()
+    return stored.transpose(tuple(np.argsort(header["order"])))
+
+
+def send_message(conn: Any, message: Message, arrays: Sequence[np.ndarray] = ()) -> None:
+    """``message`` (JSON-able) followed by ``arrays``."""
+    conn.send_bytes(json.dumps({**message, "arrays": len(arrays)}).encode())
+    for array in arrays:
+        send_array(conn, array)
+
+
+def recv_message(conn: Any) -> tuple[Message, list[np.ndarray]]:
+    message = json.loads(conn.recv_bytes())
+    return message, [recv_array(conn) for _ in range(message.pop("arrays"))]
+
+
+class ForkedWorker:
+    """A forked process answering requests with ``handler(message, arrays) -> (reply, arrays)``,
+    made in the child by ``make_handler()`` (with everything the parent had at the fork). BLAS is
+    limited to one thread there: the worker is meant to own one core."""
+
+    def __init__(self, make_handler: Callable[[], Handler], name: str) -> None:
+        context = multiprocessing.get_context("fork")
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(target=_serve,
+                                        args=(make_handler, child_conn, self._conn, os.getpid()),
+                                        name=name, daemon=True)
+        self._process.start()
+        child_conn.close()
+        self._finalizer = weakref.finalize(self, _stop, self._process, self._conn)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def is_alive(self) -> bool:
+        return self._process.is_alive()
+
+    def request(self, message: Message, arrays: Sequence[np.ndarray] = ()) -> None:
+        """Send a request; ``reply()`` waits for its answer (do other work in between)."""
+        try:
+            send_message(self._conn, message, arrays)
+        except OSError:
+            self._died()
+
+    def reply(self) -> tuple[Message, list[np.ndarray]]:
+        """The answer to the last request; the worker's exception is raised here if it failed."""
+        try:
+            message, arrays = recv_message(self._conn)
+        except (EOFError, OSError):
+            self._died()
+        if "error" in message:
+            raise _rebuilt_error(message["error"], message["message"])
+        return message, arrays
+
+    def _died(self) -> NoReturn:
+        self._process.join(timeout=1)
+        raise RuntimeError(f"a scratchcnn worker process died (exit code "
+                           f"{self._process.exitcode}); it is restarted on the next call")
+
+    def close(self) -> None:
+        """Stop the worker; also done when this object is garbage-collected."""
+        self._finalizer()
+
+
+def _stop(process: Any, conn: Any) -> None:
+    """Ask the worker to exit, kill it if it does not within a second, close the pipe."""
+    if process.is_alive():
+        with contextlib.suppress(OSError):
+            send_message(conn, {"op": "exit"})
+        process.join(timeout=1)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    conn.close()
+
+
+def _rebuilt_error(name: str, message: str) -> Exception:
+    """The worker's exception as the same built-in type when there is one (a ValueError about a
+    bad shard stays a ValueError), else a RuntimeError naming it."""
+    error_type = getattr(builtins, name, None)
+    if isinstance(error_type, type) and issubclass(error_type, Exception):
+        return error_type(message)
+    return RuntimeError(f"{name} in a scratchcnn worker process: {message}")
+
+
+def _serve(make_handler: Callable[[], Handler], conn: Any, parent_end: Any,
+           parent_pid: int) -> None:
+    """The worker's loop: answer requests until told to exit or the parent goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    parent_end.close()  # the fork's copy of the parent's end would hide the parent's exit
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+    handler = make_handler()
+    while True:
+        # Other workers forked later hold copies of this pipe's parent end too, so a killed
+        # parent may never show as end-of-file: check it is still there once a second.
+        while not conn.poll(1.0):
+            if os.getppid() != parent_pid:
+                return
+        try:
+            message, arrays = recv_message(conn)
+        except EOFError:
+            return
+        if message.get("op") == "exit":
+            return
+        try:
+            reply, reply_arrays = handler(message, arrays)
+        except Exception as error:  # reported to the caller, who raises it
+            send_message(conn, {"error": type(error).__name__, "message": str(error)})
+        else:
+            send_message(conn, reply, reply_arrays)
