@@ -78,15 +78,13 @@ ARCHITECTURES: Mapping[str, tuple[LayerSpec, ...]] = MappingProxyType({
     # The strong model, aimed at >= 99.5% on MNIST (target mnist-strong in
     # harness/accuracy.py): two conv-BN-ReLU blocks per resolution (28x28 with 32 channels,
     # 14x14 with 64), dropout before each Linear. ~19 MMAC per image forward (simple-cnn ~2.6).
-    # Budget: the issue allows 15 minutes of NumPy training on a 2-core machine. Measured on
-    # the engine of 2026-11-22 (float32, 2 threads, idle machine): 125 ms per batch-64 step,
-    # i.e. ~2.0 min per full-MNIST epoch, plus ~3 s of affine augmentation per epoch; so the
-    # recipe trains 6 epochs (~12-13 min) and relies on what buys accuracy per epoch rather
-    # than on many epochs: BatchNorm (a high learning rate, 3e-3), warm-up + cosine decay,
-    # augmentation against overfitting. Kept as designed rather than narrowed: the 32->32 conv
-    # at 28x28 and the 64->64 conv at 14x14 cost 7.2 MMAC each; halving either saves at most
-    # ~40% per epoch at a risk to the 99.5% that no run has measured yet. The engine speed-up
-    # under way (1.5-3x) becomes headroom, or more epochs if 6 prove too few.
+    # Budget: the issue allows 15 minutes of NumPy training on a 2-core machine. The recipe
+    # (batch 128) trains 6 epochs and relies on what buys accuracy per epoch rather than on many
+    # epochs: BatchNorm (a high learning rate, 3e-3), warm-up + cosine decay, augmentation
+    # against overfitting. With BatchNorm's shards meeting across both cores (nn/collective.py)
+    # an epoch takes ~70 s of NumPy training (float32, 2 threads, idle machine; 108 s with the
+    # whole batch on one shard), so the 6 epochs take ~7 min. Kept as designed rather than
+    # narrowed: the 32->32 conv at 28x28 and the 64->64 conv at 14x14 cost 7.2 MMAC each.
     "bn-cnn": (
         *_conv_bn_relu(1, 32), *_conv_bn_relu(32, 32), _POOL,
         *_conv_bn_relu(32, 64), *_conv_bn_relu(64, 64), _POOL,
