@@ -45,25 +45,31 @@ class _SharedMemory(mmap.mmap):
 
 
 class SharedArrays:
-    """Arrays shaped like ``templates`` (values not copied), laid out in one anonymous shared
+    """Empty arrays of the given ``(shape, dtype)`` pairs, laid out in one anonymous shared
     mapping: a process forked after it is made sees every later write to them, both ways."""
 
-    def __init__(self, templates: Sequence[np.ndarray]) -> None:
+    def __init__(self, layout: Sequence[tuple[tuple[int, ...], np.dtype]]) -> None:
         offsets, end = [], 0
-        for template in templates:
+        for shape, dtype in layout:
             offsets.append(end)
-            end += -(-template.nbytes // _ALIGN) * _ALIGN
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            end += -(-nbytes // _ALIGN) * _ALIGN
         self._memory = _SharedMemory(-1, max(end, 1))
-        self.arrays = [np.ndarray(t.shape, t.dtype, self._memory, offset)
-                       for t, offset in zip(templates, offsets, strict=True)]
+        self.arrays = [np.ndarray(shape, dtype, self._memory, offset)
+                       for (shape, dtype), offset in zip(layout, offsets, strict=True)]
 
 
-def shared_empty_like(array: np.ndarray) -> np.ndarray:
-    """A C-ordered array like ``array`` (contents garbage) in shared memory where workers can be
-    forked, else an ordinary one."""
+def layout_of(arrays: Sequence[np.ndarray]) -> list[tuple[tuple[int, ...], np.dtype]]:
+    """The ``(shape, dtype)`` of each array: ``SharedArrays(layout_of(arrays))`` mirrors them."""
+    return [(array.shape, array.dtype) for array in arrays]
+
+
+def shared_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A C-ordered array (contents garbage) in shared memory where workers can be forked, else
+    an ordinary one."""
     if not processes_available():
-        return np.empty_like(array, order="C")
-    return SharedArrays([np.asarray(array, order="C")]).arrays[0]
+        return np.empty(shape, dtype)
+    return SharedArrays([(shape, np.dtype(dtype))]).arrays[0]
 
 
 def is_shared(array: np.ndarray) -> bool:
@@ -123,13 +129,6 @@ class ForkedWorker:
         self._process.start()
         child_conn.close()
         self._finalizer = weakref.finalize(self, _stop, self._process, self._conn)
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid
-
-    def is_alive(self) -> bool:
-        return self._process.is_alive()
 
     def request(self, message: Message, arrays: Sequence[np.ndarray] = ()) -> None:
         """Send a request; ``reply()`` waits for its answer (do other work in between)."""

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from scratchcnn.forked import shared_empty_like
+from scratchcnn.forked import shared_empty
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -131,7 +131,7 @@ def flatten_parameters(params: Iterable[Parameter]) -> np.ndarray:
         )
     # In shared memory where workers can be forked: an optimizer's worker process may then
     # update part of it in place (see scratchcnn.optim.optimizer).
-    vector = shared_empty_like(np.empty(sum(param.size for param in ordered), dtypes.pop()))
+    vector = shared_empty((sum(param.size for param in ordered),), dtypes.pop())
     np.concatenate([param.data.ravel() for param in ordered], out=vector)
     start = 0
     for param in ordered:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scratchcnn.forked import ForkedWorker, Handler, Message, SharedArrays
+from scratchcnn.forked import ForkedWorker, Handler, Message, SharedArrays, layout_of
 from scratchcnn.nn.module import Module, set_grad_enabled
 from scratchcnn.nn.replica import replicate, set_module_flags, sum_gradients
 
@@ -35,7 +35,7 @@ class ShardProcess(ForkedWorker):
     caller copies the module's parameter and buffer values into before each forward request."""
 
     def __init__(self, module: Module, states: SharedArrays) -> None:
-        self.gradients = SharedArrays([param.data for param in module.parameters()])
+        self.gradients = SharedArrays(layout_of([param.data for param in module.parameters()]))
         gradients = self.gradients
         super().__init__(lambda: _shard_handler(module, states, gradients), "scratchcnn-shard")
 
@@ -45,7 +45,7 @@ def _shard_handler(module: Module, states: SharedArrays, gradients: SharedArrays
     (``flags``, ``grad_enabled``, one array per shard) with the outputs, and backward requests
     with the input gradients, the parameter gradients' sum left in ``gradients``."""
     params = list(module.parameters())
-    for param, shared in zip(params, states.arrays, strict=False):
+    for param, shared in zip(params, states.arrays[:len(params)], strict=True):
         param.data = shared
     owners = [(owner, name) for owner in module.modules()
               for name, buffer in owner._buffers.items() if buffer is not None]
@@ -84,13 +84,14 @@ class ShardProcessPool:
     def sync(self, module: Module, current: str) -> list[ShardProcess]:
         """Workers mirroring ``module`` as it is now: its values copied into shared memory,
         forked anew if its ``signature``, ``current``, changed since they were."""
+        values = _states(module)
         if current != self._signature or len(self.workers) != self.count:
             self.close()
-            self._states = SharedArrays(_states(module))
+            self._states = SharedArrays(layout_of(values))
             self.workers = [ShardProcess(module, self._states) for _ in range(self.count)]
             self._signature = current
         assert self._states is not None
-        for shared, value in zip(self._states.arrays, _states(module), strict=True):
+        for shared, value in zip(self._states.arrays, values, strict=True):
             np.copyto(shared, value)
         return self.workers
 

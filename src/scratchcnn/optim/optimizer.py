@@ -38,7 +38,7 @@ from scratchcnn.forked import (
     Handler,
     is_shared,
     processes_available,
-    shared_empty_like,
+    shared_empty,
 )
 from scratchcnn.nn.module import Parameter
 
@@ -105,7 +105,7 @@ class FlatGroup:
         self.param = Parameter(flat)
         self.views = [p.data for p in params]
         # Shared memory (where workers can be forked): a worker process may update a share.
-        self.grad = shared_empty_like(flat)
+        self.grad = shared_empty(flat.shape, flat.dtype)
         self.grad_views = self._split(self.grad)
         self.state: dict[str, np.ndarray] = {}
         self.state_views: dict[str, list[np.ndarray]] = {}
@@ -144,7 +144,7 @@ class FlatGroup:
         is not yet; a missing one starts at zero, as each optimizer initialises it)."""
         views = self.state_views.get(key)
         if views is None:
-            self.state[key] = shared_empty_like(self.param.data)
+            self.state[key] = shared_empty(self.param.data.shape, self.param.data.dtype)
             self.state[key].fill(0)
             views = self.state_views[key] = self._split(self.state[key])
         for state, view in zip(states, views, strict=True):
