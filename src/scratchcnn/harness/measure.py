@@ -64,22 +64,28 @@ def _reset_peak() -> bool:
         return False
 
 
-class _RssSampler(threading.Thread):
-    """Fallback when the peak mark can't be reset: poll VmRSS every few milliseconds."""
+class _PeakSampler(threading.Thread):
+    """The largest value ``read()`` (kB) takes from ``start()`` to ``stop()``, polled every
+    2 ms; ``start_kb`` is its value when the sampler was made."""
 
-    def __init__(self) -> None:
+    def __init__(self, read: Callable[[], int]) -> None:
         super().__init__(daemon=True)
-        self.peak_kb = _status_kb("VmRSS") or 0
+        self._read = read
+        self.start_kb = self.peak_kb = read()
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.wait(0.002):
-            self.peak_kb = max(self.peak_kb, _status_kb("VmRSS") or 0)
+            self.peak_kb = max(self.peak_kb, self._read())
 
     def stop(self) -> int:
         self._stop_event.set()
         self.join()
-        return max(self.peak_kb, _status_kb("VmRSS") or 0)
+        return max(self.peak_kb, self._read())
+
+
+def _rss_kb() -> int:
+    return _status_kb("VmRSS") or 0
 
 
 def _child_pids() -> list[int]:
@@ -107,32 +113,9 @@ def _private_kb(pid: int) -> int:
     return total
 
 
-class _ChildrenSampler(threading.Thread):
-    """How far the child processes' summed private memory rose above its value at the start,
-    at its peak, polled every 2 ms."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self._baseline_kb = self._children_kb()
-        self.peak_kb = 0
-        self._stop_event = threading.Event()
-
-    @staticmethod
-    def _children_kb() -> int:
-        return sum(_private_kb(pid) for pid in _child_pids())
-
-    def _sample(self) -> None:
-        self.peak_kb = max(self.peak_kb, self._children_kb() - self._baseline_kb)
-
-    def run(self) -> None:
-        while not self._stop_event.wait(0.002):
-            self._sample()
-
-    def stop(self) -> int:
-        self._stop_event.set()
-        self.join()
-        self._sample()
-        return self.peak_kb
+def _children_private_kb() -> int:
+    """The child processes' private memory, added up."""
+    return sum(_private_kb(pid) for pid in _child_pids())
 
 
 class PeakMemory:
@@ -144,16 +127,17 @@ class PeakMemory:
 
     def __enter__(self) -> PeakMemory:
         self._baseline_kb = _status_kb("VmRSS")
-        self._sampler: _RssSampler | None = None
+        # When the kernel's peak mark cannot be reset, poll the resident size instead.
+        self._sampler: _PeakSampler | None = None
         if self._baseline_kb is not None and not _reset_peak():
-            self._sampler = _RssSampler()
+            self._sampler = _PeakSampler(_rss_kb)
             self._sampler.start()
-        self._children = _ChildrenSampler()
+        self._children = _PeakSampler(_children_private_kb)
         self._children.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        children_kb = self._children.stop()
+        children_kb = self._children.stop() - self._children.start_kb
         if self._baseline_kb is None:
             return
         if self._sampler is not None:
