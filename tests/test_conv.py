@@ -290,3 +290,34 @@ def test_large_im2col_goes_in_pieces_with_the_same_results(rng, monkeypatch, kwa
     np.testing.assert_array_equal(gin_a, gin_b)
     np.testing.assert_allclose(gw_b, gw_a, rtol=1e-13, atol=1e-13)
     np.testing.assert_array_equal(gb_a, gb_b)
+
+
+@pytest.mark.parametrize("kwargs", [dict(padding=1), dict(stride=2, dilation=(1, 2)),
+                                    dict(padding="valid")])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_input_gradient_in_pieces_is_bit_identical(rng, monkeypatch, kwargs, dtype):
+    """The input gradient is computed a few samples at a time (``_GRAD_PIECE_BYTES``): one sample
+    per piece, or 3 with a shorter last piece, gives the whole batch's bits."""
+    from scratchcnn.nn import conv as conv_module
+
+    x = rng.standard_normal((7, 3, 9, 8)).astype(dtype)
+    layer = Conv2d(3, 4, 3, dtype=dtype, rng=np.random.default_rng(1), **kwargs)
+    out = layer(x)
+    upstream = rng.standard_normal(out.shape).astype(dtype)
+    sample_bytes = out.shape[2] * out.shape[3] * 4 * np.dtype(dtype).itemsize
+    grads = []
+    for piece_bytes in (2**40, 1, 3 * sample_bytes):
+        monkeypatch.setattr(conv_module, "_GRAD_PIECE_BYTES", piece_bytes)
+        layer(x)
+        grads.append(layer.backward(upstream))
+    assert grads[0].dtype == dtype
+    np.testing.assert_array_equal(grads[1], grads[0])
+    np.testing.assert_array_equal(grads[2], grads[0])
+    # And the pieces cover every sample: the whole-batch gradient is the textbook one.
+    reference = np.zeros((7, 3, 9, 8))
+    for sample in range(7):
+        single = Conv2d(3, 4, 3, dtype=np.float64, rng=np.random.default_rng(1), **kwargs)
+        single(x[sample:sample + 1].astype(np.float64))
+        reference[sample] = single.backward(upstream[sample:sample + 1].astype(np.float64))[0]
+    tolerance = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(grads[2], reference, rtol=tolerance, atol=tolerance)

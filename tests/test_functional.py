@@ -16,6 +16,15 @@ def test_sum_rows_is_the_column_sum(rng, shape):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.sqrt(shape[0]) * 4)
 
 
+
+@pytest.mark.parametrize("shape", [(50176, 8), (97, 3), (1, 5), (6272, 32), (6, 2000), (0, 4)])
+def test_add_to_rows_adds_the_vector_to_every_row_in_place(rng, shape):
+    matrix = rng.standard_normal(shape).astype(np.float32)
+    vector = rng.standard_normal(shape[1]).astype(np.float32)
+    expected = matrix + vector
+    F.add_to_rows(matrix, vector)
+    np.testing.assert_array_equal(matrix, expected)  # the same additions: the same bits
+
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("stride, dilation", [((1, 1), (1, 1)), ((2, 1), (1, 2))])
 def test_im2col_matches_the_window_view(rng, channels, stride, dilation):

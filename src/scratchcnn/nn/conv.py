@@ -21,6 +21,8 @@ from scratchcnn.nn.module import (
 MAX_COLS_BYTES = 16 * 2**20
 # The size of each of those pieces: a few MB, so a piece is still in cache for its product.
 _COLS_PIECE_BYTES = 4 * 2**20
+# The output gradient's rows per piece of the input-gradient pass (see Conv2d.backward).
+_GRAD_PIECE_BYTES = 128 * 2**10
 
 
 class Conv2d(Module):
@@ -140,7 +142,7 @@ class Conv2d(Module):
                 np.matmul(self._im2col(padded[samples], (out_h, out_w)), weight_matrix,
                           out=out[rows])
         if self.bias is not None:
-            out += self.bias.data
+            F.add_to_rows(out, self.bias.data)
 
         if is_grad_enabled():
             self._cols, self._weight_matrix = cols, weight_matrix
@@ -196,15 +198,22 @@ class Conv2d(Module):
         # pixels that tap read, added onto them in place. Per-tap products write contiguous
         # blocks, which add faster than strided slices of one (N*OH*OW, KH*KW*C) product; each
         # goes into one reused buffer, with its (O, C) weight block made contiguous first (for
-        # LeNet's 6 channels ~10% faster than transposed views and fresh arrays).
+        # LeNet's 6 channels ~10% faster than transposed views and fresh arrays). A few samples
+        # at a time, so a piece's gradient, products and input rows stay in L2 across the taps
+        # (simple-cnn's second layer: ~12% faster; the same bits, each sample's sums unchanged).
         grad_padded = np.zeros(self._padded_shape, dtype=weight_matrix.dtype)
         tap_weights = np.ascontiguousarray(weight_matrix.reshape(kh * kw, c, o).transpose(0, 2, 1))
-        product = np.empty((n * out_h * out_w, c), dtype=weight_matrix.dtype)
-        for tap_index in range(kh * kw):
-            np.matmul(grad_2d, tap_weights[tap_index], out=product)
-            tap = F.tap_view(grad_padded, *divmod(tap_index, kw), (out_h, out_w), self.stride,
-                             self.dilation)
-            tap += product.reshape(n, out_h, out_w, c)
+        rows_per_sample = out_h * out_w
+        per_piece = max(1, _GRAD_PIECE_BYTES // (rows_per_sample * o * grad_2d.itemsize))
+        product = np.empty((min(n, per_piece) * rows_per_sample, c), dtype=weight_matrix.dtype)
+        for rows, samples in self._pieces(n, per_piece, rows_per_sample):
+            piece_grad, piece_padded = grad_2d[rows], grad_padded[samples]
+            piece_product = product[:len(piece_grad)]
+            for tap_index in range(kh * kw):
+                np.matmul(piece_grad, tap_weights[tap_index], out=piece_product)
+                tap = F.tap_view(piece_padded, *divmod(tap_index, kw), (out_h, out_w),
+                                 self.stride, self.dilation)
+                tap += piece_product.reshape(len(piece_padded), out_h, out_w, c)
         top, _, left, _ = self._pad
         h, w = self._input_hw
         return F.to_nchw(grad_padded[:, top:top + h, left:left + w, :])
