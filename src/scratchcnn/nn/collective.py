@@ -20,6 +20,7 @@ for the duration of the call, and aborts the group when a shard raises: the othe
 their barrier with ``threading.BrokenBarrierError`` instead of waiting forever for it. Layers with
 no ``batch_shard`` (every layer outside a sharded call) compute over their own input, as always.
 """
+
 from __future__ import annotations
 
 import threading
