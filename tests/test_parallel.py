@@ -15,6 +15,8 @@ from scratchcnn.models import build_model
 from scratchcnn.nn import parallel
 from scratchcnn.nn.collective import BatchGroup
 from scratchcnn.nn.parallel import DataParallel
+from scratchcnn.nn.process_collective import HubShard
+from scratchcnn.nn.replica import BATCH_AWARE
 
 
 def sparse_images(rng, n, dtype=np.float64):
@@ -114,8 +116,8 @@ def assert_same_step(model, twin, runner, images, labels, tol=1e-12):
 @pytest.mark.parametrize("shards", [2, 3])
 def test_batchnorm_and_dropout_shard_like_the_whole_batch(rng, name, batch, shards, workers):
     """Like torch's SyncBatchNorm: batch statistics, their gradients, the running statistics and
-    the dropout masks are the whole batch's, so a sharded step is the unsharded one. The shards
-    meet in threads whatever ``workers`` says (worker processes have no collectives)."""
+    the dropout masks are the whole batch's, so a sharded step is the unsharded one, the shards
+    meeting in threads or in worker processes as ``workers`` says."""
     model, twin = twin_models(name, 3)
     model[0].needs_input_grad = twin[0].needs_input_grad = True
     runner = DataParallel(model, num_shards=shards, max_shard_size=2,  # ignored: coupled
@@ -127,7 +129,7 @@ def test_batchnorm_and_dropout_shard_like_the_whole_batch(rng, name, batch, shar
             labels = labels % 3
         assert_same_step(model, twin, runner, images, labels)
         assert runner._sharded_batch is not None and len(runner._sharded_batch) == shards
-        assert runner._coupled and runner._processes is None  # threads: no process forked
+        assert runner._coupled and (runner._processes is not None) == (workers == "processes")
     tracked = [int(b) for key, b in model.named_buffers() if key.endswith("num_batches_tracked")]
     assert tracked and set(tracked) == {2}  # once per call, not once per shard
 
@@ -223,7 +225,7 @@ def test_batchnorm_options_shard_like_the_whole_batch(rng, options):
 @WORKERS
 def test_batchnorm_without_running_stats_shards_with_batch_statistics_in_eval_mode(rng, workers):
     """Without running statistics BatchNorm normalises with the batch's even in eval mode: the
-    shards combine theirs, in threads, and give the unsharded result."""
+    shards combine theirs and give the unsharded result."""
     def build():
         return nn.Sequential(nn.Conv2d(1, 3, 3, dtype=np.float64, rng=np.random.default_rng(5)),
                              nn.BatchNorm2d(3, track_running_stats=False, dtype=np.float64))
@@ -233,7 +235,8 @@ def test_batchnorm_without_running_stats_shards_with_batch_statistics_in_eval_mo
     runner = DataParallel(model, num_shards=2, max_shard_size=2, workers=workers)
     with nn.no_grad():
         assert_close(runner(images), twin(images), 1e-13, "eval mode, batch statistics")
-    assert runner._sharded_batch == [4, 4] and runner._coupled and runner._processes is None
+    assert runner._sharded_batch == [4, 4] and runner._coupled
+    assert (runner._processes is not None) == (workers == "processes")
     # Each shard alone would be normalised with its own statistics: far from the batch's.
     with nn.no_grad():
         alone = model(images[:4])
@@ -278,7 +281,7 @@ def test_a_failing_shard_releases_the_others_and_its_error_propagates(rng, rank,
     # The failing shard has passed the first BatchNorm's barriers; the others wait at the next.
     model = nn.Sequential(nn.BatchNorm2d(2, dtype=np.float64), nn.Dropout(0.5), Fail(),
                           nn.BatchNorm2d(2, dtype=np.float64))
-    runner = DataParallel(model, num_shards=3, workers="processes")  # coupled: threads anyway
+    runner = DataParallel(model, num_shards=3)  # threads (test_shard_process: processes)
     x = rng.standard_normal((6, 2, 3, 3))
     runner.backward(runner(x))  # makes the replicas
     runner._replicas[rank][2].fail_in = fail_in
@@ -296,13 +299,12 @@ def test_a_failing_shard_releases_the_others_and_its_error_propagates(rng, rank,
     assert not caller.is_alive(), "the other shards hang at a barrier"
     assert isinstance(outcome.get("error"), FloatingPointError)  # not BrokenBarrierError
     assert all(layer.batch_shard is None for replica in runner._replicas
-               for layer in replica.modules() if isinstance(layer, parallel._BATCH_AWARE))
+               for layer in replica.modules() if isinstance(layer, BATCH_AWARE))
     # Nothing is left behind: the next step runs normally.
     runner._replicas[rank][2].fail_in = None
     out = runner(x)
     assert runner._sharded_batch == [2, 2, 2]
     assert runner.backward(out).shape == x.shape
-    assert runner._processes is None
 
 
 def test_dataparallel_rejects_bad_arguments(rng):
@@ -336,13 +338,20 @@ def test_skipping_input_grad_keeps_parameter_grads(rng, layer):
 def test_train_epoch_threads_agree_and_restore_first_layer(rng, monkeypatch, name, groups):
     images, labels = sparse_images(rng, 96)  # float64: float32 noise grows over Adam steps
     batches = [np.arange(i, i + 32) for i in range(0, 96, 32)]  # 2 shards of 16 with 2 threads
-    made = []  # BatchGroups: bn-cnn's forward and backward shards meet in one per step each
+    # (shards, batch size) of each meeting: bn-cnn's forward and backward shards meet once per
+    # step each, in a BatchGroup (threads) or around a HubShard (the harness's worker processes).
+    made = []
 
     def counted_group(sizes):
-        made.append(list(sizes))
+        made.append([len(sizes), sum(sizes)])
         return BatchGroup(sizes)
 
+    def counted_hub(workers, rows, batch_size):
+        made.append([len(workers) + 1, batch_size])
+        return HubShard(workers, rows, batch_size)
+
     monkeypatch.setattr(parallel, "BatchGroup", counted_group)
+    monkeypatch.setattr(parallel, "HubShard", counted_hub)
     losses, states = {}, {}
     for count in (1, 2):
         monkeypatch.setattr(thread_settings, "_configured_threads", count)
@@ -353,7 +362,7 @@ def test_train_epoch_threads_agree_and_restore_first_layer(rng, monkeypatch, nam
                                              epoch=1)
         assert model[0].needs_input_grad  # switched off only during the epoch
         states[count] = model.state_dict()
-    assert made == [[16, 16]] * groups
+    assert made == [[2, 32]] * groups
     assert losses[2] == pytest.approx(losses[1], rel=1e-12)
     for key, value in states[2].items():  # weights and running statistics alike
         assert_close(value, states[1][key], 1e-9, key)

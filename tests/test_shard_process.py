@@ -1,9 +1,11 @@
-"""DataParallel's worker processes: the same bits as threads, kept in step with the module
-(weights, buffers, flags, grad mode, structure), errors raised in the caller, dead workers
-replaced, stopped on close."""
+"""DataParallel's worker processes: the same bits as threads, BatchNorm2d/Dropout models
+included (collectives through the pipes), kept in step with the module (weights, buffers, flags,
+grad mode, structure), errors raised in the caller (also from inside a collective, never a hang),
+dead workers replaced, stopped on close."""
 
 import os
 import signal
+import threading
 
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ import pytest
 from scratchcnn import nn
 from scratchcnn.forked import processes_available, recv_array, send_array
 from scratchcnn.models import build_model
+from scratchcnn.nn import parallel
 from scratchcnn.nn.parallel import DataParallel
+from scratchcnn.nn.replica import BATCH_AWARE
 from test_parallel import forward_backward, sparse_images
 
 pytestmark = pytest.mark.skipif(not processes_available(), reason="worker processes need Linux")
@@ -122,3 +126,142 @@ def test_arrays_cross_a_pipe_with_values_and_memory_order(array):
     np.testing.assert_array_equal(got, array)
     assert got.dtype == array.dtype
     assert np.argsort(got.strides).tolist() == np.argsort(array.strides).tolist()
+
+
+def coupled_model(name, dtype):
+    """bn-cnn, or a small Conv -> BatchNorm -> ReLU -> Dropout -> Linear; Dropout generators seeded
+    alike, so two calls of this give the same masks."""
+    rng = np.random.default_rng(11)
+    if name == "bn-cnn":
+        return build_model(name, dtype=dtype, rng=rng)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, bias=False, dtype=dtype, rng=rng),
+                         nn.BatchNorm2d(4, dtype=dtype), nn.ReLU(), nn.Dropout(0.4, rng=rng),
+                         nn.Flatten(), nn.Linear(4 * 26 * 26, 10, dtype=dtype, rng=rng))
+
+
+def no_thread_collectives(sizes):
+    raise AssertionError("coupled shards met in threads, not in the worker processes")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name, batch, shards", [("bn-cnn", 7, 2), ("small", 10, 3),
+                                                 ("small", 9, 2)])
+def test_coupled_shards_in_processes_give_the_same_bits_as_in_threads(rng, monkeypatch, dtype,
+                                                                      name, batch, shards):
+    """BatchNorm2d's batch statistics, their gradients, the running statistics and the dropout
+    masks: the worker processes' collectives answer exactly what the threads' do."""
+    steps = [sparse_images(rng, batch, dtype) for _ in range(2)]  # fresh statistics and masks
+    results = {}
+    for workers in ("threads", "processes"):
+        model = coupled_model(name, dtype)
+        model[0].needs_input_grad = True
+        runner = DataParallel(model, shards, workers=workers)
+        if workers == "processes":
+            monkeypatch.setattr(parallel, "BatchGroup", no_thread_collectives)
+        results[workers] = []
+        for x, y in steps:
+            loss, grad_input, grads = forward_backward(runner, model, x, y)
+            assert runner._coupled and len(runner._sharded_batch) == shards
+            results[workers] += [loss, grad_input, *grads]
+        results[workers] += [buffer.copy() for _, buffer in model.named_buffers()]
+        if workers == "processes":
+            pids = {worker._process.pid for worker in runner._processes.workers}
+            assert len(pids) == shards - 1 and os.getpid() not in pids
+        runner.close()
+    assert len(results["processes"]) == len(results["threads"])
+    for got, want in zip(results["processes"], results["threads"], strict=True):
+        assert np.asarray(got).dtype == np.asarray(want).dtype
+        np.testing.assert_array_equal(got, want)
+
+
+def run_briefly(step):
+    """``step()`` in a thread that must end within 30 s (a hang fails the test): its error."""
+    outcome = {}
+
+    def guarded():
+        try:
+            step()
+        except BaseException as error:
+            outcome["error"] = error
+
+    caller = threading.Thread(target=guarded, daemon=True)
+    caller.start()
+    caller.join(timeout=30)
+    assert not caller.is_alive(), "a shard waits forever for a collective"
+    return outcome.get("error")
+
+
+class FailsOnShardSize(nn.Module):
+    """The identity, but raises in ``when`` ("forward"/"backward") on a shard of ``size`` samples
+    run in ``where``: "parent" (rank 0, the hub) or "worker" (the processes)."""
+
+    def __init__(self, size, when, where):
+        super().__init__()
+        self.size, self.when, self.where = size, when, where
+        self.parent_pid = os.getpid()
+
+    def _check(self, x, when):
+        in_parent = os.getpid() == self.parent_pid
+        if when == self.when and len(x) == self.size and in_parent == (self.where == "parent"):
+            raise FloatingPointError(f"this shard fails in {when}")
+        return x
+
+    def forward(self, x):
+        return self._check(x, "forward")
+
+    def backward(self, grad_output):
+        return self._check(grad_output, "backward")
+
+
+@pytest.mark.parametrize("when", ["forward", "backward"])
+@pytest.mark.parametrize("size, where", [
+    (2, "worker"),  # rank 2, while rank 1 waits for the answer to its question
+    (3, "worker"),  # rank 1, while rank 2 waits
+    (3, "parent"),  # rank 0, the hub: both workers wait for answers that never come
+])
+def test_a_failing_shard_in_a_coupled_process_run_raises_its_error_and_the_runner_recovers(
+        rng, when, size, where):
+    # Every shard passes the first BatchNorm's collectives; the others wait at the next.
+    model = nn.Sequential(nn.BatchNorm2d(2, dtype=np.float64), nn.Dropout(0.5),
+                          FailsOnShardSize(size, when, where), nn.BatchNorm2d(2, dtype=np.float64))
+    runner = DataParallel(model, num_shards=3, workers="processes")
+    x = rng.standard_normal((8, 2, 3, 3))  # shards of 3, 3 and 2
+    error = run_briefly(lambda: runner.backward(runner(x)))
+    assert isinstance(error, FloatingPointError) and f"fails in {when}" in str(error)
+    assert runner._processes is None  # closed: the workers waiting in a collective are gone
+    assert all(layer.batch_shard is None for replica in runner._replicas
+               for layer in replica.modules() if isinstance(layer, BATCH_AWARE))
+
+    for net in (model, *runner._replicas):
+        net[2].size = None
+    assert run_briefly(lambda: runner.backward(runner(x))) is None
+    assert runner._sharded_batch == [3, 3, 2] and len(runner._processes.workers) == 2
+    runner.close()
+
+
+class AsksForASum(nn.Dropout):
+    """A Dropout whose shards in worker processes also ask for a sum, ``before`` or after their
+    mask: a layer whose shards call different collectives."""
+
+    def __init__(self, before):
+        super().__init__(0.5)
+        self.before = before
+        self.parent_pid = os.getpid()
+
+    def _uniform(self, x):
+        in_worker = os.getpid() != self.parent_pid
+        if in_worker and self.before:
+            self.batch_shard.combine_sum(np.zeros(1))
+        drawn = super()._uniform(x)
+        if in_worker and not self.before:
+            self.batch_shard.combine_sum(np.zeros(1))
+        return drawn
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_shards_calling_different_collectives_across_processes_fail(rng, before):
+    runner = DataParallel(nn.Sequential(nn.BatchNorm2d(2, dtype=np.float64), AsksForASum(before)),
+                          num_shards=2, workers="processes")
+    error = run_briefly(lambda: runner(rng.standard_normal((4, 2, 3, 3))))
+    assert isinstance(error, RuntimeError) and "different collectives" in str(error)
+    assert runner._processes is None

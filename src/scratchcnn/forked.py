@@ -7,7 +7,9 @@ worker has its own interpreter; it starts as a copy of this process, so nothing 
 
 - arrays made by ``SharedArrays`` before the fork are the same memory in both processes;
 - requests and replies are a JSON header plus arrays sent as raw bytes (``send_message``);
-- a worker's exception is raised again in the caller, a dead worker is reported as such.
+- a worker's exception is raised again in the caller, a dead worker is reported as such;
+- while it answers a request, a worker may ask the caller something (``ask_parent``): the caller
+  reads the question with ``reply()`` and answers it with ``request()``.
 
 Linux only (``processes_available``): macOS's system libraries are not safe to use after a
 fork, and Windows cannot fork. Callers fall back to threads elsewhere.
@@ -131,14 +133,16 @@ class ForkedWorker:
         self._finalizer = weakref.finalize(self, _stop, self._process, self._conn)
 
     def request(self, message: Message, arrays: Sequence[np.ndarray] = ()) -> None:
-        """Send a request; ``reply()`` waits for its answer (do other work in between)."""
+        """Send a request, or the answer to the worker's ``ask_parent``; ``reply()`` waits for
+        the worker's next message (do other work in between)."""
         try:
             send_message(self._conn, message, arrays)
         except OSError:
             self._died()
 
     def reply(self) -> tuple[Message, list[np.ndarray]]:
-        """The answer to the last request; the worker's exception is raised here if it failed."""
+        """The answer to the last request (or a question the worker asks on the way with
+        ``ask_parent``); the worker's exception is raised here if it failed."""
         try:
             message, arrays = recv_message(self._conn)
         except (EOFError, OSError):
@@ -178,25 +182,54 @@ def _rebuilt_error(name: str, message: str) -> Exception:
     return RuntimeError(f"{name} in a scratchcnn worker process: {message}")
 
 
+# In a worker: its end of the pipe to the caller and the caller's pid (set by ``_serve``).
+_parent: tuple[Any, int] | None = None
+
+
+def _next_message(conn: Any, parent_pid: int) -> tuple[Message, list[np.ndarray]] | None:
+    """The caller's next message, or None once the caller is gone."""
+    # Other workers forked later hold copies of this pipe's parent end too, so a killed
+    # parent may never show as end-of-file: check it is still there once a second.
+    while not conn.poll(1.0):
+        if os.getppid() != parent_pid:
+            return None
+    try:
+        return recv_message(conn)
+    except EOFError:
+        return None
+
+
+def ask_parent(message: Message,
+               arrays: Sequence[np.ndarray] = ()) -> tuple[Message, list[np.ndarray]]:
+    """In a worker, while its handler answers a request: send ``message`` and ``arrays`` to the
+    caller and wait for its answer. The worker exits here if the caller closes it meanwhile (the
+    caller gave up on the request, e.g. after an error of its own) or goes away."""
+    if _parent is None:
+        raise RuntimeError("ask_parent is for the handler of a forked worker")
+    conn, parent_pid = _parent
+    send_message(conn, message, arrays)
+    answer = _next_message(conn, parent_pid)
+    if answer is None or answer[0].get("op") == "exit":
+        raise SystemExit(0)  # not an Exception: _serve does not report it, the process ends
+    return answer
+
+
 def _serve(make_handler: Callable[[], Handler], conn: Any, parent_end: Any,
            parent_pid: int) -> None:
     """The worker's loop: answer requests until told to exit or the parent goes away."""
+    global _parent
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     parent_end.close()  # the fork's copy of the parent's end would hide the parent's exit
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1, user_api="blas")
+    _parent = conn, parent_pid
     handler = make_handler()
     while True:
-        # Other workers forked later hold copies of this pipe's parent end too, so a killed
-        # parent may never show as end-of-file: check it is still there once a second.
-        while not conn.poll(1.0):
-            if os.getppid() != parent_pid:
-                return
-        try:
-            message, arrays = recv_message(conn)
-        except EOFError:
+        received = _next_message(conn, parent_pid)
+        if received is None:
             return
+        message, arrays = received
         if message.get("op") == "exit":
             return
         try:

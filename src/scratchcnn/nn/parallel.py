@@ -6,7 +6,7 @@ pooling that a multi-threaded BLAS leaves on one core. This is the engine's only
 layers themselves stay single-threaded textbook code. With ``workers="processes"`` the shards
 beyond the first run in forked worker processes instead (see nn/shard_process.py), which do not
 share a GIL. BatchNorm2d and Dropout, whose results depend on the whole batch, exchange what they
-need across shards run in threads through ``nn.collective``.
+need across shards through ``nn.collective`` (threads) or ``nn.process_collective`` (processes).
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ import numpy as np
 
 from scratchcnn.forked import processes_available
 from scratchcnn.nn.batchnorm import BatchNorm2d
-from scratchcnn.nn.collective import BatchGroup, BatchShard
+from scratchcnn.nn.collective import BatchGroup, BatchShard, different_collectives
 from scratchcnn.nn.dropout import Dropout
 from scratchcnn.nn.module import Module, is_grad_enabled
+from scratchcnn.nn.process_collective import HubShard
 from scratchcnn.nn.replica import (
+    give_batch_shard,
     module_flags,
     replicate,
     set_module_flags,
@@ -37,9 +39,6 @@ from scratchcnn.nn.shard_process import ShardProcessPool
 _executor: ThreadPoolExecutor | None = None
 _executor_workers = 0
 _blas_controller: Any = None
-
-# Layers that take a BatchShard (nn.collective) while they run on a shard of a batch.
-_BATCH_AWARE = (BatchNorm2d, Dropout)
 
 
 def _shared_executor(workers: int = 1) -> ThreadPoolExecutor:
@@ -86,9 +85,7 @@ def _couples_samples(module: Module) -> bool:
 def _give_shards(replicas: Sequence[Module], shards: Sequence[BatchShard | None]) -> None:
     """Replica k's BatchNorm2d and Dropout layers see ``shards[k]`` (None: their own input)."""
     for replica, shard in zip(replicas, shards, strict=True):
-        for layer in replica.modules():
-            if isinstance(layer, _BATCH_AWARE):
-                object.__setattr__(layer, "batch_shard", shard)
+        give_batch_shard(replica, shard)
 
 
 def _root_cause(errors: list[BaseException]) -> BaseException:
@@ -128,9 +125,11 @@ class DataParallel(Module):
     generator, which every shard then slices. Each shard's gamma and beta gradients stay its
     partial sums, which the summation above adds up once. The results are the unsharded ones (up
     to summation order), whatever the number of shards. Shards of such a model wait for each
-    other, so there are at most ``num_shards``, one per thread (``max_shard_size`` is ignored); if
-    one raises, the others are released and its error is raised. Worker processes have no
-    collectives, so such a model runs its shards in threads whatever ``workers`` says.
+    other, so there are at most ``num_shards``, one per thread or process (``max_shard_size`` is
+    ignored); if one raises, the others are released and its error is raised. With
+    ``workers="processes"`` they run in the worker processes too, meeting through their pipes
+    (``nn.process_collective``) with the same bits as threads, which would lose 15-20% of a step
+    to GIL hand-overs.
 
     Falls back to plain ``module`` calls (one shard) when the batch has fewer than two samples
     and when threadpoolctl is missing (BLAS threads could not be limited to one per shard).
@@ -175,7 +174,8 @@ class DataParallel(Module):
 
     def _shard_sizes(self, n: int, coupled: bool) -> list[int]:
         """Sizes of the shards a batch of ``n`` splits into: one entry means no sharding.
-        ``coupled`` shards meet at barriers, so each needs its own thread: num_shards at most."""
+        ``coupled`` shards wait for each other in collectives, so each needs its own thread or
+        process: num_shards at most."""
         shards = self.num_shards
         if self.max_shard_size is not None and not coupled:
             shards = max(shards, -(-n // self.max_shard_size))
@@ -219,16 +219,17 @@ class DataParallel(Module):
              coupled: bool) -> tuple[list[Any], list[Any]]:
         """Run ``op`` ("forward" or "backward") on every shard: shard k on replica k, the first
         group on this thread and the others in the pool or the worker processes. ``coupled``:
-        the replicas' BatchNorm2d/Dropout layers share a BatchGroup for the call, one shard per
-        thread (see ``_shard_sizes``). Returns the per-shard results and, for backward, each
-        group's summed parameter gradients."""
+        the replicas' BatchNorm2d/Dropout layers meet in collectives for the call, one shard per
+        thread or process (see ``_shard_sizes``). Returns the per-shard results and, for
+        backward, each group's summed parameter gradients."""
         groups = self._groups(parts)
-        replicas = self._replicas[:len(parts)]
-        batch = BatchGroup([len(part) for part in parts]) if coupled else None
-        if batch is not None and len(groups) != len(parts):
-            # Shards dealt round-robin would wait at a barrier for one queued behind them.
+        if coupled and len(groups) != len(parts):
+            # Shards dealt round-robin would wait in a collective for one queued behind them.
             raise RuntimeError(f"{self.describe()}: {len(parts)} coupled shards for "
-                               f"{len(groups)} threads")
+                               f"{len(groups)} workers")
+        in_processes = self.workers == "processes" and len(groups) > 1
+        replicas = self._replicas[:len(parts)]
+        batch = BatchGroup([len(part) for part in parts]) if coupled and not in_processes else None
 
         def run_group(group: list[int]) -> tuple[list[Any], list[Any]]:
             try:
@@ -243,8 +244,8 @@ class DataParallel(Module):
 
         limit = _single_threaded_blas() if len(groups) > 1 else contextlib.nullcontext()
         with limit:
-            if self.workers == "processes" and len(groups) > 1 and batch is None:
-                group_results = self._run_in_processes(op, groups, parts, run_group)
+            if in_processes:
+                group_results = self._run_in_processes(op, groups, parts, run_group, coupled)
             else:
                 group_results = self._run_in_threads(groups, run_group, replicas, batch)
         results: list[Any] = [None] * len(parts)
@@ -282,8 +283,10 @@ class DataParallel(Module):
 
     def _run_in_processes(self, op: str, groups: list[list[int]], parts: Sequence[np.ndarray],
                           run_group: Callable[[list[int]], tuple[list[Any], list[Any]]],
-                          ) -> list[tuple[list[Any], list[Any]]]:
-        """The first group here, the others sent to one worker process each meanwhile."""
+                          coupled: bool) -> list[tuple[list[Any], list[Any]]]:
+        """The first group here, the others sent to one worker process each meanwhile. Coupled
+        (one shard per group): replica 0 is the hub of the workers' collectives, and each
+        request says where its shard lies in the batch."""
         if op == "forward":
             if self._processes is None or self._processes.count != len(groups) - 1:
                 self.close()
@@ -293,12 +296,21 @@ class DataParallel(Module):
         else:
             assert self._processes is not None
             workers, fields = self._processes.workers, {}
+        starts = np.cumsum([0] + [len(part) for part in parts]).tolist()
+        hub = HubShard(workers, slice(0, starts[1]), starts[-1]) if coupled else None
         try:
-            for worker, group in zip(workers, groups[1:], strict=True):
-                worker.request({"op": op, **fields}, [parts[k] for k in group])
-            group_results = [run_group(groups[0])]
+            for rank, (worker, group) in enumerate(zip(workers, groups[1:], strict=True), 1):
+                place = [rank, starts[rank], starts[rank + 1], starts[-1]] if coupled else None
+                worker.request({"op": op, **fields, "shard": place}, [parts[k] for k in group])
+            _give_shards(self._replicas[:1], [hub])
+            try:
+                group_results = [run_group(groups[0])]
+            finally:
+                _give_shards(self._replicas[:1], [None])
             for worker in workers:
                 message, arrays = worker.reply()
+                if "collective" in message:  # a worker asks for more collectives than rank 0
+                    raise different_collectives()
                 if op == "forward":
                     group_results.append((arrays, []))
                     continue
@@ -308,7 +320,9 @@ class DataParallel(Module):
                 group_results.append((grads, [array if has else None for array, has
                                               in zip(shared, message["has_grad"], strict=True)]))
         except BaseException:
-            self.close()  # a worker may be mid-request: start afresh on the next call
+            # A worker may be mid-request, or waiting for a collective's answer: close them all
+            # (they exit where they wait) and start afresh on the next call.
+            self.close()
             raise
         return group_results
 

@@ -9,7 +9,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from scratchcnn.nn.batchnorm import BatchNorm2d
+from scratchcnn.nn.collective import BatchShard
+from scratchcnn.nn.dropout import Dropout
 from scratchcnn.nn.module import Module, Parameter
+
+# Layers that take a BatchShard (nn.collective) while they run on a shard of a batch.
+BATCH_AWARE = (BatchNorm2d, Dropout)
 
 
 def replicate(module: Module) -> Module:
@@ -49,6 +55,13 @@ def set_module_flags(modules: Sequence[Module], flags: Sequence[Sequence[bool]])
     for replica_module, (training, needs_input_grad) in zip(modules, flags, strict=True):
         object.__setattr__(replica_module, "training", training)
         object.__setattr__(replica_module, "needs_input_grad", needs_input_grad)
+
+
+def give_batch_shard(replica: Module, shard: BatchShard | None) -> None:
+    """``replica``'s BatchNorm2d and Dropout layers see ``shard`` (None: their own input)."""
+    for layer in replica.modules():
+        if isinstance(layer, BATCH_AWARE):
+            object.__setattr__(layer, "batch_shard", shard)
 
 
 def sum_gradients(replicas: Sequence[Module],

@@ -10,18 +10,25 @@ pickling. Every call then brings it up to date:
 - the modules' ``training`` / ``needs_input_grad`` flags and the grad mode travel with each
   request;
 - shards and results travel through a pipe as raw bytes behind a small JSON header;
-- a worker sums its shards' parameter gradients, in shard order, into shared memory of its own.
+- a worker sums its shards' parameter gradients, in shard order, into shared memory of its own;
+- a coupled model's shard (BatchNorm2d, Dropout: see ``_couples_samples`` in nn/parallel.py)
+  meets the caller's in collectives through the pipe (``nn.process_collective``); the request
+  says which shard of the batch it is, and the caller updates the running statistics.
 
 A worker that finds the module changed shape (``signature`` differs) is replaced by a new fork.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 
 from scratchcnn.forked import ForkedWorker, Handler, Message, SharedArrays, layout_of
 from scratchcnn.nn.module import Module, set_grad_enabled
-from scratchcnn.nn.replica import replicate, set_module_flags, sum_gradients
+from scratchcnn.nn.process_collective import WorkerShard
+from scratchcnn.nn.replica import give_batch_shard, replicate, set_module_flags, sum_gradients
 
 
 def _states(module: Module) -> list[np.ndarray]:
@@ -40,10 +47,27 @@ class ShardProcess(ForkedWorker):
         super().__init__(lambda: _shard_handler(module, states, gradients), "scratchcnn-shard")
 
 
+@contextlib.contextmanager
+def _batch_shard(replicas: list[Module], place: list[int] | None) -> Iterator[None]:
+    """With ``place``, ``[rank, start, stop, batch_size]`` of a coupled request's one shard: the
+    replica's BatchNorm2d and Dropout layers meet the caller's shards for the call."""
+    if place is None:
+        yield
+        return
+    rank, start, stop, batch_size = place
+    (replica,) = replicas  # coupled shards are one per process
+    give_batch_shard(replica, WorkerShard(rank, slice(start, stop), batch_size))
+    try:
+        yield
+    finally:
+        give_batch_shard(replica, None)
+
+
 def _shard_handler(module: Module, states: SharedArrays, gradients: SharedArrays) -> Handler:
     """In the worker: bind the module's copy to the shared values; answer forward requests
     (``flags``, ``grad_enabled``, one array per shard) with the outputs, and backward requests
-    with the input gradients, the parameter gradients' sum left in ``gradients``."""
+    with the input gradients, the parameter gradients' sum left in ``gradients``. A request's
+    ``shard`` (coupled models) places its one shard in the batch, see ``_batch_shard``."""
     params = list(module.parameters())
     for param, shared in zip(params, states.arrays[:len(params)], strict=True):
         param.data = shared
@@ -60,11 +84,13 @@ def _shard_handler(module: Module, states: SharedArrays, gradients: SharedArrays
             for replica in replicas[:len(parts)]:
                 set_module_flags(list(replica.modules()), message["flags"])
             # Explicitly: the fork may have happened inside the caller's no_grad().
-            with set_grad_enabled(message["grad_enabled"]):
+            with (set_grad_enabled(message["grad_enabled"]),
+                  _batch_shard(replicas[:len(parts)], message.get("shard"))):
                 return {}, [replica(part) for replica, part in zip(replicas, parts, strict=False)]
         shard_replicas = replicas[:len(parts)]
-        input_grads = [replica.backward(part)
-                       for replica, part in zip(shard_replicas, parts, strict=True)]
+        with _batch_shard(shard_replicas, message.get("shard")):
+            input_grads = [replica.backward(part)
+                           for replica, part in zip(shard_replicas, parts, strict=True)]
         has_grad = [grad is not None for grad in sum_gradients(shard_replicas, gradients.arrays)]
         return ({"has_grad": has_grad, "input_grad": [grad is not None for grad in input_grads]},
                 [grad for grad in input_grads if grad is not None])
