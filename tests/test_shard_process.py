@@ -60,6 +60,28 @@ def test_worker_follows_flags_grad_mode_and_structure(rng):
     runner.close()
 
 
+
+def test_parameters_in_shared_memory_reach_the_worker_without_copies(rng):
+    """Parameters already in shared memory (the harness's flat vector) are the worker's own
+    arrays too: in-place updates reach it with nothing copied; rebinding one forks afresh."""
+    model = build_model("tiny-cnn", dtype=np.float64, rng=rng)
+    nn.flatten_parameters(model.parameters())
+    runner = DataParallel(model, 2, workers="processes")
+    x, _ = sparse_images(rng, 8, np.float64)
+    np.testing.assert_allclose(runner(x), model(x), rtol=1e-13)
+    pool = runner._processes
+    assert pool._staged.arrays == []  # tiny-cnn has no buffers: nothing to copy each call
+    first_workers = list(pool.workers)
+
+    model[0].weight.data *= 2.0  # in place, as an optimizer step writes
+    np.testing.assert_allclose(runner(x), model(x), rtol=1e-13)
+    assert pool.workers == first_workers
+
+    model[0].weight.data = model[0].weight.data * 3.0  # rebound to a private array
+    np.testing.assert_allclose(runner(x), model(x), rtol=1e-13)
+    assert pool.workers != first_workers and len(pool._staged.arrays) == 1
+    runner.close()
+
 class FailsOnNegative(nn.Module):
     """Raises in forward when its shard holds a negative number: only the worker's will."""
 

@@ -182,7 +182,8 @@ class DataParallel(Module):
         shards = min(shards, n // self.min_shard_size)
         if shards < 2 or not threadpoolctl_available():
             return [n]
-        return [len(part) for part in np.array_split(np.empty(n, dtype=np.int8), shards)]
+        size, larger = divmod(n, shards)  # np.array_split's sizes: the first ones one larger
+        return [size + 1] * larger + [size] * (shards - larger)
 
     def _synced_replicas(self, count: int, current: str) -> list[Module]:
         """``count`` replicas whose parameters and buffers point at the module's current arrays

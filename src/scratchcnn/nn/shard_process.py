@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from scratchcnn.forked import ForkedWorker, Handler, Message, SharedArrays, layout_of
+from scratchcnn.forked import ForkedWorker, Handler, Message, SharedArrays, is_shared, layout_of
 from scratchcnn.nn.module import Module, set_grad_enabled
 from scratchcnn.nn.process_collective import WorkerShard
 from scratchcnn.nn.replica import give_batch_shard, replicate, set_module_flags, sum_gradients
@@ -38,13 +38,16 @@ def _states(module: Module) -> list[np.ndarray]:
 
 
 class ShardProcess(ForkedWorker):
-    """One forked worker holding a copy of ``module``; ``states`` is the shared memory the
-    caller copies the module's parameter and buffer values into before each forward request."""
+    """One forked worker holding a copy of ``module``. ``direct[i]`` says whether the module's
+    i-th state (``_states``) is in shared memory already, so that the worker's inherited copy of
+    it sees every later in-place write (the harness's flat parameter vector); ``staged`` is the
+    shared memory the caller copies the other states' values into before each forward."""
 
-    def __init__(self, module: Module, states: SharedArrays) -> None:
+    def __init__(self, module: Module, staged: SharedArrays, direct: list[bool]) -> None:
         self.gradients = SharedArrays(layout_of([param.data for param in module.parameters()]))
         gradients = self.gradients
-        super().__init__(lambda: _shard_handler(module, states, gradients), "scratchcnn-shard")
+        super().__init__(lambda: _shard_handler(module, staged, direct, gradients),
+                         "scratchcnn-shard")
 
 
 @contextlib.contextmanager
@@ -63,18 +66,23 @@ def _batch_shard(replicas: list[Module], place: list[int] | None) -> Iterator[No
         give_batch_shard(replica, None)
 
 
-def _shard_handler(module: Module, states: SharedArrays, gradients: SharedArrays) -> Handler:
-    """In the worker: bind the module's copy to the shared values; answer forward requests
+def _shard_handler(module: Module, staged: SharedArrays, direct: list[bool],
+                   gradients: SharedArrays) -> Handler:
+    """In the worker: bind the module's copy to the staged values (``direct`` ones are already
+    shared); answer forward requests
     (``flags``, ``grad_enabled``, one array per shard) with the outputs, and backward requests
     with the input gradients, the parameter gradients' sum left in ``gradients``. A request's
     ``shard`` (coupled models) places its one shard in the batch, see ``_batch_shard``."""
     params = list(module.parameters())
-    for param, shared in zip(params, states.arrays[:len(params)], strict=True):
-        param.data = shared
     owners = [(owner, name) for owner in module.modules()
               for name, buffer in owner._buffers.items() if buffer is not None]
-    for (owner, name), shared in zip(owners, states.arrays[len(params):], strict=True):
-        owner.register_buffer(name, shared)
+    staged_arrays = iter(staged.arrays)
+    for param, is_direct in zip(params, direct[:len(params)], strict=True):
+        if not is_direct:
+            param.data = next(staged_arrays)
+    for (owner, name), is_direct in zip(owners, direct[len(params):], strict=True):
+        if not is_direct:
+            owner.register_buffer(name, next(staged_arrays))
     replicas: list[Module] = []
 
     def handle(message: Message, parts: list[np.ndarray]) -> tuple[Message, list[np.ndarray]]:
@@ -99,26 +107,39 @@ def _shard_handler(module: Module, states: SharedArrays, gradients: SharedArrays
 
 
 class ShardProcessPool:
-    """``count`` workers for ``module``, restarted whenever the module's ``signature`` changes."""
+    """``count`` workers for ``module``, restarted whenever the module's ``signature`` changes or
+    a state that was shared with them directly is no longer the module's array."""
 
     def __init__(self, count: int) -> None:
         self.count = count
         self._signature: str | None = None
-        self._states: SharedArrays | None = None
+        self._direct: list[np.ndarray | None] = []  # per state: the array shared at the fork
+        self._staged: SharedArrays | None = None
         self.workers: list[ShardProcess] = []
 
     def sync(self, module: Module, current: str) -> list[ShardProcess]:
-        """Workers mirroring ``module`` as it is now: its values copied into shared memory,
-        forked anew if its ``signature``, ``current``, changed since they were."""
+        """Workers mirroring ``module`` as it is now: the values not already in shared memory
+        copied into it (for the harness's simple-cnn, only BatchNorm's buffers, if any: the
+        parameters live in the optimizer's shared flat vector), forked anew if the module's
+        ``signature``, ``current``, changed since they were."""
         values = _states(module)
-        if current != self._signature or len(self.workers) != self.count:
+        rebound = any(shared is not None and shared is not value
+                      for shared, value in zip(self._direct, values, strict=False))
+        if current != self._signature or len(self.workers) != self.count or rebound:
             self.close()
-            self._states = SharedArrays(layout_of(values))
-            self.workers = [ShardProcess(module, self._states) for _ in range(self.count)]
+            self._direct = [value if is_shared(value) else None for value in values]
+            self._staged = SharedArrays(layout_of(
+                [value for value, shared in zip(values, self._direct, strict=True)
+                 if shared is None]))
+            direct = [shared is not None for shared in self._direct]
+            self.workers = [ShardProcess(module, self._staged, direct)
+                            for _ in range(self.count)]
             self._signature = current
-        assert self._states is not None
-        for shared, value in zip(self._states.arrays, values, strict=True):
-            np.copyto(shared, value)
+        assert self._staged is not None
+        staged = iter(self._staged.arrays)
+        for value, shared in zip(values, self._direct, strict=True):
+            if shared is None:
+                np.copyto(next(staged), value)
         return self.workers
 
     def close(self) -> None:
@@ -126,3 +147,4 @@ class ShardProcessPool:
             worker.close()
         self.workers = []
         self._signature = None
+        self._direct = []
