@@ -303,11 +303,14 @@ class DataParallel(Module):
             for rank, (worker, group) in enumerate(zip(workers, groups[1:], strict=True), 1):
                 place = [rank, starts[rank], starts[rank + 1], starts[-1]] if coupled else None
                 worker.request({"op": op, **fields, "shard": place}, [parts[k] for k in group])
-            _give_shards(self._replicas[:1], [hub])
-            try:
+            if hub is None:
                 group_results = [run_group(groups[0])]
-            finally:
-                _give_shards(self._replicas[:1], [None])
+            else:
+                _give_shards(self._replicas[:1], [hub])
+                try:
+                    group_results = [run_group(groups[0])]
+                finally:
+                    _give_shards(self._replicas[:1], [None])
             for worker in workers:
                 message, arrays = worker.reply()
                 if "collective" in message:  # a worker asks for more collectives than rank 0
