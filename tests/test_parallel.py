@@ -285,19 +285,8 @@ def test_a_failing_shard_releases_the_others_and_its_error_propagates(rng, rank,
     x = rng.standard_normal((6, 2, 3, 3))
     runner.backward(runner(x))  # makes the replicas
     runner._replicas[rank][2].fail_in = fail_in
-    outcome = {}
-
-    def step():
-        try:
-            runner.backward(runner(x))
-        except BaseException as error:
-            outcome["error"] = error
-
-    caller = threading.Thread(target=step, daemon=True)
-    caller.start()
-    caller.join(timeout=60)
-    assert not caller.is_alive(), "the other shards hang at a barrier"
-    assert isinstance(outcome.get("error"), FloatingPointError)  # not BrokenBarrierError
+    error = run_briefly(lambda: runner.backward(runner(x)))
+    assert isinstance(error, FloatingPointError)  # not BrokenBarrierError
     assert all(layer.batch_shard is None for replica in runner._replicas
                for layer in replica.modules() if isinstance(layer, BATCH_AWARE))
     # Nothing is left behind: the next step runs normally.
@@ -421,3 +410,20 @@ def test_min_shard_size_keeps_small_batches_whole(rng):
     assert runner._sharded_batch is None
     runner(sparse_images(rng, 32, np.float32)[0])
     assert runner._sharded_batch == [16, 16]
+
+
+def run_briefly(step):
+    """``step()`` in a thread that must end within 60 s (a hang fails the test): its error."""
+    outcome = {}
+
+    def guarded():
+        try:
+            step()
+        except BaseException as error:
+            outcome["error"] = error
+
+    caller = threading.Thread(target=guarded, daemon=True)
+    caller.start()
+    caller.join(timeout=60)
+    assert not caller.is_alive(), "a shard waits forever for a collective or at a barrier"
+    return outcome.get("error")

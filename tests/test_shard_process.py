@@ -5,7 +5,6 @@ dead workers replaced, stopped on close."""
 
 import os
 import signal
-import threading
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from scratchcnn.models import build_model
 from scratchcnn.nn import parallel
 from scratchcnn.nn.parallel import DataParallel
 from scratchcnn.nn.replica import BATCH_AWARE
-from test_parallel import forward_backward, sparse_images
+from test_parallel import forward_backward, run_briefly, sparse_images
 
 pytestmark = pytest.mark.skipif(not processes_available(), reason="worker processes need Linux")
 
@@ -58,7 +57,6 @@ def test_worker_follows_flags_grad_mode_and_structure(rng):
     with pytest.raises(RuntimeError, match="forward"):  # as unsharded: no caches to use
         runner.backward(np.ones((8, 10)))
     runner.close()
-
 
 
 def test_parameters_in_shared_memory_reach_the_worker_without_copies(rng):
@@ -194,23 +192,6 @@ def test_coupled_shards_in_processes_give_the_same_bits_as_in_threads(rng, monke
     for got, want in zip(results["processes"], results["threads"], strict=True):
         assert np.asarray(got).dtype == np.asarray(want).dtype
         np.testing.assert_array_equal(got, want)
-
-
-def run_briefly(step):
-    """``step()`` in a thread that must end within 30 s (a hang fails the test): its error."""
-    outcome = {}
-
-    def guarded():
-        try:
-            step()
-        except BaseException as error:
-            outcome["error"] = error
-
-    caller = threading.Thread(target=guarded, daemon=True)
-    caller.start()
-    caller.join(timeout=30)
-    assert not caller.is_alive(), "a shard waits forever for a collective"
-    return outcome.get("error")
 
 
 class FailsOnShardSize(nn.Module):
