@@ -145,7 +145,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "# scratchcnn bench: NumPy vs PyTorch", "",
         f"- CPU: {env['cpu']}; threads: {env['threads']} (of {env['available_cores']} cores); "
         f"BLAS: {blas.get('library')} {blas.get('version') or ''}".rstrip(),
-        f"- Python {env['python']}, NumPy {env['numpy']}, PyTorch {env['torch']}",
+        f"- Python {env['python']}, NumPy {env['numpy']}, PyTorch {env['torch']}; memory "
+        f"allocator: {env.get('allocator', 'not recorded')}",
         f"- dtype {config['dtype']}; data: {report['dataset']['name']}; {config['rounds']} "
         f"alternating rounds, {config['steps']} steps per round after "
         f"{config['warmup_steps']} warm-up steps; Adam lr {config['lr']}",

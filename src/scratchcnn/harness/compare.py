@@ -346,7 +346,8 @@ def memory_probe(payload: dict[str, Any], window) -> dict[str, Any]:
     """Runs in a fresh process (see ``measure.measure_in_subprocess``): build the model, then
     inside the measurement window train for a few steps and evaluate a slice of the test set."""
     framework = payload["framework"]
-    apply_threads(payload["threads"], torch=framework == "torch")
+    # The default allocator, as in bench.memory_probe.
+    apply_threads(payload["threads"], torch=framework == "torch", keep_memory=False)
     with np.load(payload["data"], allow_pickle=False) as data:
         arrays = {key: data[key] for key in data.files}
     dtype = np.dtype(payload["dtype"])

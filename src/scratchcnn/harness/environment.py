@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from scratchcnn.harness.allocator import allocator_setting
 from scratchcnn.harness.threads import available_cores
 
 
@@ -72,5 +73,6 @@ def describe_environment(threads: int | None = None) -> dict[str, Any]:
         "available_cores": available_cores(),
         "threads": threads if threads is not None else available_cores(),
         "torch_threads": torch_threads,
+        "allocator": allocator_setting(),
         "platform": platform.platform(),
     }

@@ -1,10 +1,13 @@
 """Thread counts applied identically to both frameworks: NumPy's BLAS (through threadpoolctl) and
-PyTorch's intra-op pool (``torch.set_num_threads``)."""
+PyTorch's intra-op pool (``torch.set_num_threads``); with them, the same allocator setting
+(``allocator.keep_freed_memory``)."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
+
+from scratchcnn.harness.allocator import keep_freed_memory
 
 # threadpoolctl limits stay in force while their controller object is alive.
 _active_limits: list[Any] = []
@@ -25,9 +28,12 @@ def configured_threads() -> int:
     return available_cores() if _configured_threads is None else _configured_threads
 
 
-def apply_threads(threads: int | None, *, torch: bool = True) -> int:
+def apply_threads(threads: int | None, *, torch: bool = True, keep_memory: bool = True) -> int:
     """Limit BLAS (and PyTorch when ``torch`` is True) to ``threads`` threads; None means all
-    available cores. Returns the number applied."""
+    available cores. Returns the number applied. With ``keep_memory``, the allocator keeps the
+    memory it frees (see allocator.py): for timing; memory probes measure the default."""
+    if keep_memory:
+        keep_freed_memory()
     if threads is None:
         threads = available_cores()
     if threads < 1:

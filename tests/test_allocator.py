@@ -1,0 +1,40 @@
+"""The harness's allocator setting (harness/allocator.py) does what it is for."""
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+
+def test_keep_freed_memory_stops_page_faults_on_reallocation():
+    """In a fresh process, allocating and freeing blocks of a few MB page-faults their memory in
+    again and again; after keep_freed_memory() (glibc only) it is reused without faults."""
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator setting is glibc's")
+    script = """
+import sys
+import numpy as np
+from scratchcnn.harness.allocator import allocator_setting, keep_freed_memory
+
+def faults_while_reallocating():
+    before = int(open("/proc/self/stat").read().split(")")[1].split()[7])
+    for size in [4, 9, 2, 16, 6] * 6:  # MB, mixed so glibc's own threshold never settles
+        block = np.empty(size * 2**18, dtype=np.float32)
+        block.fill(1.0)
+        del block
+    return int(open("/proc/self/stat").read().split(")")[1].split()[7]) - before
+
+default = faults_while_reallocating()
+setting = keep_freed_memory()
+faults_while_reallocating()  # the heap grows to the largest block once
+print(default, faults_while_reallocating(), allocator_setting() == setting, setting)
+"""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, check=True)
+    default, kept, reported, setting = result.stdout.split(maxsplit=3)
+    assert int(default) > 1000, result.stdout  # thousands of pages, faulted in again and again
+    assert int(kept) < int(default) / 20
+    assert reported == "True" and setting.startswith("glibc, blocks up to 32 MiB")
