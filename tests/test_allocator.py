@@ -38,3 +38,22 @@ print(default, faults_while_reallocating(), allocator_setting() == setting, sett
     assert int(default) > 1000, result.stdout  # thousands of pages, faulted in again and again
     assert int(kept) < int(default) / 20
     assert reported == "True" and setting.startswith("glibc, blocks up to 32 MiB")
+
+
+@pytest.mark.parametrize("variable, applied", [(None, False), ("1", True), ("0", False)])
+def test_apply_threads_keeps_freed_memory_only_when_asked(variable, applied):
+    """Opt-in through SCRATCHCNN_KEEP_FREED_MEMORY=1: by default both frameworks run with the
+    C library's allocator as shipped."""
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator setting is glibc's")
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("MALLOC_") and key != "SCRATCHCNN_KEEP_FREED_MEMORY"}
+    if variable is not None:
+        env["SCRATCHCNN_KEEP_FREED_MEMORY"] = variable
+    script = ("from scratchcnn.harness.threads import apply_threads\n"
+              "from scratchcnn.harness.allocator import allocator_setting\n"
+              "apply_threads(1, torch=False)\n"
+              "print(allocator_setting())\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, check=True)
+    assert result.stdout.startswith("glibc, blocks up to") == applied, result.stdout

@@ -18,6 +18,9 @@ gives median (min-max) per side and the ratio NumPy/PyTorch (below 1: NumPy is f
 
 Writes DIR/bench.json (every per-round number, environment) and DIR/bench.md, and prints the
 Markdown. Threads: --threads, else $SCRATCHCNN_NUM_THREADS, else all available cores.
+SCRATCHCNN_KEEP_FREED_MEMORY=1 runs both frameworks with glibc's malloc keeping the memory it
+frees (fewer page faults; it speeds PyTorch's inference most); the default is the allocator as
+shipped.
 
 Expected run time with the defaults (simple-cnn) on a 2-core machine: about 3-5 minutes.
 --model all takes roughly 20-30 minutes (bn-cnn costs ~8x simple-cnn). For a quick look:

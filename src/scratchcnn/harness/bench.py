@@ -241,8 +241,8 @@ def memory_probe(payload: dict[str, Any], window) -> dict[str, Any]:
     """Runs in a fresh process (``measure.measure_in_subprocess``): build one side's model, then
     inside the window either train for a few steps or run inference on the saved images."""
     side = payload["side"]
-    # The C library's default allocator: keeping freed memory raises the peak of whichever
-    # side fragments more (PyTorch's inference by ~60%), which is not what is measured here.
+    # The C library's default allocator, always: keeping freed memory (allocator.py) raises
+    # the peak of whichever side fragments more (PyTorch's inference by ~60%).
     apply_threads(payload["threads"], torch=side == "torch", keep_memory=False)
     with np.load(payload["data"], allow_pickle=False) as data:
         images, labels = data["images"], data["labels"]

@@ -28,10 +28,14 @@ def configured_threads() -> int:
     return available_cores() if _configured_threads is None else _configured_threads
 
 
-def apply_threads(threads: int | None, *, torch: bool = True, keep_memory: bool = True) -> int:
+def apply_threads(threads: int | None, *, torch: bool = True,
+                  keep_memory: bool | None = None) -> int:
     """Limit BLAS (and PyTorch when ``torch`` is True) to ``threads`` threads; None means all
-    available cores. Returns the number applied. With ``keep_memory``, the allocator keeps the
-    memory it frees (see allocator.py): for timing; memory probes measure the default."""
+    available cores. Returns the number applied. With ``keep_memory`` (None: when the
+    environment sets ``SCRATCHCNN_KEEP_FREED_MEMORY=1``), the allocator also keeps the memory it
+    frees, for both frameworks (see allocator.py); by default each runs as its users run it."""
+    if keep_memory is None:
+        keep_memory = os.environ.get("SCRATCHCNN_KEEP_FREED_MEMORY", "").strip() == "1"
     if keep_memory:
         keep_freed_memory()
     if threads is None:
