@@ -497,8 +497,12 @@ def test_forward_backward_checks_its_target_and_leaves_no_backward(rng):
     model = build_model("tiny-cnn", dtype=np.float64, rng=rng)
     runner = DataParallel(model, 2)
     criterion = nn.CrossEntropyLoss()
-    with pytest.raises(ValueError, match="target has shape"):
+    with pytest.raises(ValueError, match=r"shape \(31,\); expected integer class indices"):
         runner.forward_backward(images, labels[:-1], criterion)
+    with pytest.raises(ValueError, match="float64 array"):
+        runner.forward_backward(images, labels.astype(np.float64), criterion)
+    with nn.no_grad(), pytest.raises(RuntimeError, match="outside no_grad"):
+        runner.forward_backward(images, labels, criterion)
     with pytest.raises(ValueError, match="reduction='none'"):
         runner.forward_backward(images, labels, nn.CrossEntropyLoss(reduction="none"))
     runner.forward_backward(images, labels, criterion)

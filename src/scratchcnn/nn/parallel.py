@@ -404,9 +404,13 @@ class DataParallel(Module):
             self.backward(criterion.backward())
             return loss
         target = np.asarray(target)
-        if target.shape != (n,):
-            raise ValueError(f"{self.describe()}: target has shape {target.shape}; expected "
-                             f"({n},), one class index per sample of the batch")
+        if target.shape != (n,) or not np.issubdtype(target.dtype, np.integer):
+            raise ValueError(f"{self.describe()}: target is a {target.dtype} array of shape "
+                             f"{target.shape}; expected integer class indices of shape ({n},), "
+                             "one per sample of the batch")
+        if not is_grad_enabled():
+            raise RuntimeError(f"{self.describe()}: forward_backward computes gradients; call it "
+                               "outside no_grad()")
         # The whole batch's divisor, as the criterion computes it (its ignored targets count 0).
         divisor = (float(np.count_nonzero(target != criterion.ignore_index))
                    if criterion.reduction == "mean" else 1.0)
