@@ -6,16 +6,19 @@ in two processes, and one shard alone takes 5.5 ms: the threads lose ~20% to GIL
 
 How: a worker is forked (``scratchcnn.forked``), so it starts with a copy of the module, with no
 pickling. Every call then brings it up to date:
-- parameter and buffer values are copied into memory the worker shares (``SharedArrays``);
+- parameters already in shared memory (the harness's flat vector) are the worker's own arrays
+  too; other parameter and buffer values are copied into memory it shares (``SharedArrays``);
 - the modules' ``training`` / ``needs_input_grad`` flags and the grad mode travel with each
   request;
-- shards and results travel through a pipe as raw bytes behind a small JSON header;
+- shards and results travel through a pipe as raw bytes behind a small JSON header; a
+  "train" request (``DataParallel.forward_backward``) runs forward, loss and backward at once;
 - a worker sums its shards' parameter gradients, in shard order, into shared memory of its own;
 - a coupled model's shard (BatchNorm2d, Dropout: see ``_couples_samples`` in nn/parallel.py)
   meets the caller's in collectives through the pipe (``nn.process_collective``); the request
   says which shard of the batch it is, and the caller updates the running statistics.
 
-A worker that finds the module changed shape (``signature`` differs) is replaced by a new fork.
+A worker is replaced by a new fork when the module changes shape (``signature`` differs) or a
+parameter it shared directly is rebound.
 """
 
 from __future__ import annotations
