@@ -175,6 +175,13 @@ class DataParallel(Module):
             self._processes.close()
             self._processes = None
 
+    def _plan(self, x: Any) -> tuple[int, bool, list[int]]:
+        """For a batch ``x``: its size, whether the module couples its samples now (see
+        ``_couples_samples``), and the shard sizes it splits into (one entry: unsharded)."""
+        n = len(x) if isinstance(x, np.ndarray) and x.ndim else 0
+        coupled = any(_couples_samples(module) for module in self.module.modules())
+        return n, coupled, self._shard_sizes(n, coupled)
+
     def _shard_sizes(self, n: int, coupled: bool) -> list[int]:
         """Sizes of the shards a batch of ``n`` splits into: one entry means no sharding.
         ``coupled`` shards wait for each other in collectives, so each needs its own thread or
@@ -350,9 +357,7 @@ class DataParallel(Module):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """(N, ...) -> the wrapped module's output for the whole batch."""
-        n = len(x) if isinstance(x, np.ndarray) and x.ndim else 0
-        coupled = any(_couples_samples(module) for module in self.module.modules())
-        sizes = self._shard_sizes(n, coupled)
+        _, coupled, sizes = self._plan(x)
         self._sharded_batch, self._backward_done = None, False
         if len(sizes) == 1:
             return self.module(x)
@@ -395,11 +400,9 @@ class DataParallel(Module):
         if getattr(criterion, "reduction", "mean") == "none":
             raise ValueError(f"{self.describe()}: forward_backward needs a criterion that reduces "
                              "the batch to one loss; got reduction='none' (use 'mean' or 'sum')")
-        fused = isinstance(criterion, CrossEntropyLoss) and criterion.weight is None
-        n = len(x) if isinstance(x, np.ndarray) and x.ndim else 0
-        coupled = any(_couples_samples(module) for module in self.module.modules())
-        sizes = self._shard_sizes(n, coupled) if fused else [n]
-        if len(sizes) == 1:
+        n, coupled, sizes = self._plan(x)
+        if len(sizes) == 1 or not (isinstance(criterion, CrossEntropyLoss)
+                                   and criterion.weight is None):
             loss = criterion(self(x), target)
             self.backward(criterion.backward())
             return loss
