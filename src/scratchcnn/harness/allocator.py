@@ -12,9 +12,9 @@ price: memory freed stays with the process.
 It is opt-in: ``SCRATCHCNN_KEEP_FREED_MEMORY=1`` makes ``apply_threads`` apply it, for NumPy and
 PyTorch alike (the memory probes keep the default, since keeping freed memory raises the peak of
 whichever side fragments more). By default both frameworks run as their users run them. The
-setting helps PyTorch more than NumPy: its inference of 10,000 simple-cnn images took 0.54 s
-instead of 0.69 s, scratch-notebook-cnn's 0.09 s instead of 0.33 s. A user's own ``MALLOC_*``
-settings are left alone.
+setting helps PyTorch more than NumPy: in paired bench runs its inference of 10,000 simple-cnn
+images took 0.52 s instead of 0.86 s, scratch-notebook-cnn's 0.09 s instead of 0.26 s, NumPy's
+unchanged. A user's own ``MALLOC_*`` settings are left alone.
 """
 
 from __future__ import annotations
