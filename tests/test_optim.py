@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gradcheck import assert_close
+from scratchcnn import nn
 from scratchcnn.nn.module import Parameter, flatten_parameters
 from scratchcnn.optim import SGD, Adam, AdamW, Optimizer
 
@@ -499,6 +500,43 @@ def test_flatten_parameters_lays_them_end_to_end_keeping_values(rng):
         np.testing.assert_array_equal(p.data, values)
     with pytest.raises(ValueError, match="one dtype"):
         flatten_parameters([Parameter(np.zeros(2)), Parameter(np.zeros(2, np.float32))])
+
+
+def test_flattened_gradients_land_in_the_optimizers_flat_vector(rng):
+    """flatten_parameters gives the gradients a flat vector too (``grad_buffer``): backward
+    writes there, the optimizer adopts it as its flat gradient and copies nothing, and the
+    updates are the bits of parameters that never had buffers."""
+    x, labels = rng.standard_normal((6, 5), dtype=np.float32), rng.integers(0, 3, 6)
+    runs = []
+    for flatten in (True, False):
+        model = nn.Sequential(nn.Linear(5, 4, rng=np.random.default_rng(1)), nn.ReLU(),
+                              nn.Linear(4, 3, rng=np.random.default_rng(2)))
+        params = list(model.parameters())
+        if flatten:
+            flatten_parameters(params)
+        opt = Adam(params, lr=0.01)
+        criterion = nn.CrossEntropyLoss()
+        for _ in range(3):
+            opt.zero_grad()
+            criterion(model(x), labels)
+            model.backward(criterion.backward())
+            if flatten:
+                assert all(p.grad is p.grad_buffer for p in params)
+            opt.step()
+        runs.append((params, opt))
+    (flat_params, flat_opt), (plain_params, _) = runs
+    group = flat_opt._flat_groups[0]
+    assert all(np.shares_memory(p.grad, group.grad) for p in flat_params)
+    for p, q in zip(flat_params, plain_params, strict=True):
+        np.testing.assert_array_equal(p.data, q.data)
+
+    # A buffer that no longer matches (the model cast to another dtype) is not used.
+    model = nn.Linear(3, 2, rng=rng)
+    flatten_parameters(model.parameters())
+    model.double()
+    assert model.weight.grad_buffer is None
+    model.weight.accumulate_grad(np.ones((2, 3)))
+    assert model.weight.grad.dtype == np.float64
 
 
 def test_threaded_and_forked_flat_updates_are_bit_identical_to_one_thread(rng):

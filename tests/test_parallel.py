@@ -76,6 +76,27 @@ def test_gradients_accumulate_and_replicas_follow_new_weights(rng, workers):
     assert_close(out, other(images), 1e-5, "after float()")
 
 
+@WORKERS
+def test_flattened_gradients_are_summed_in_place_and_still_accumulate(rng, workers):
+    """With flatten_parameters' gradient buffers, the shards' sum is written into them (no
+    extra copy for the optimizer); a second backward without zero_grad still adds up."""
+    model = build_model("tiny-cnn", dtype=np.float64, rng=rng)
+    nn.flatten_parameters(model.parameters())
+    images, labels = sparse_images(rng, 8)
+    more_images, more_labels = sparse_images(rng, 8)
+    _, _, whole = forward_backward(model, model, images, labels)
+    _, _, more = forward_backward(model, model, more_images, more_labels)
+    runner = DataParallel(model, num_shards=2, workers=workers)
+    _, _, sharded = forward_backward(runner, model, images, labels)
+    for param, got, want in zip(model.parameters(), sharded, whole, strict=True):
+        assert param.grad is param.grad_buffer
+        assert_close(got, want, 1e-13)
+    runner.forward_backward(more_images, more_labels, nn.CrossEntropyLoss())
+    for param, first, second in zip(model.parameters(), whole, more, strict=True):
+        assert_close(param.grad, first + second, 1e-13)
+    runner.close()
+
+
 def small_bn_model(rng, **bn_options):
     """Conv -> BatchNorm -> ReLU -> Dropout -> Linear on (N, 2, 5, 5) inputs, float64."""
     return nn.Sequential(

@@ -68,9 +68,15 @@ def as_float_dtype(dtype: Any) -> np.dtype:
 
 
 class Parameter:
-    """A trainable array: ``.data`` is its value, ``.grad`` the accumulated gradient or None."""
+    """A trainable array: ``.data`` is its value, ``.grad`` the accumulated gradient or None.
 
-    __slots__ = ("data", "grad")
+    ``grad_buffer`` (optional, not a torch attribute): an array of the parameter's shape and dtype
+    that a first gradient is copied into instead of a new array, so it lands where its reader
+    expects it (``flatten_parameters``'s flat gradient vector, a worker process's shared memory)
+    and the step saves a copy. ``.grad`` is then that array each step, as with PyTorch DDP's
+    ``gradient_as_bucket_view``: copy a ``.grad`` you want to keep past the next backward."""
+
+    __slots__ = ("data", "grad", "grad_buffer")
 
     def __init__(self, data: np.ndarray) -> None:
         # Not np.ascontiguousarray: it turns a 0-d array into shape (1,).
@@ -79,6 +85,7 @@ class Parameter:
             raise TypeError(f"Parameter data must be float32 or float64, got {data.dtype}")
         self.data: np.ndarray = data
         self.grad: np.ndarray | None = None
+        self.grad_buffer: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -93,7 +100,8 @@ class Parameter:
         return self.data.size
 
     def accumulate_grad(self, grad: np.ndarray) -> None:
-        """Add ``grad`` into ``.grad`` (autograd semantics); the array is copied, never aliased."""
+        """Add ``grad`` into ``.grad`` (autograd semantics); the array is copied, never aliased:
+        the first one into ``grad_buffer`` when that is set and matches, else into a new array."""
         if grad.shape != self.data.shape or grad.dtype != self.data.dtype:
             # A mismatch here is a bug in a layer's backward, not a user error.
             raise RuntimeError(
@@ -101,7 +109,12 @@ class Parameter:
                 f"of shape {self.data.shape} and dtype {self.data.dtype}"
             )
         if self.grad is None:
-            self.grad = np.array(grad, copy=True, order="C")
+            buffer = self.grad_buffer
+            if buffer is not None and buffer.shape == grad.shape and buffer.dtype == grad.dtype:
+                np.copyto(buffer, grad)
+                self.grad = buffer
+            else:
+                self.grad = np.array(grad, copy=True, order="C")
         else:
             self.grad += grad
 
@@ -117,6 +130,9 @@ def flatten_parameters(params: Iterable[Parameter]) -> np.ndarray:
     ``scratchcnn.optim.optimizer``). Arrays taken from ``.data`` before the call no longer alias
     the parameters: call it right after building a model, before creating its optimizer. The
     training harness does this; nothing else in the library rebinds ``.data``.
+
+    The gradients get a second such vector: each ``param.grad_buffer`` is its view, so backward
+    writes the gradients where the optimizer reads them as one vector, with no gathering copy.
     """
     unique: dict[int, Parameter] = {}
     for param in params:
@@ -131,12 +147,15 @@ def flatten_parameters(params: Iterable[Parameter]) -> np.ndarray:
         )
     # In shared memory where workers can be forked: an optimizer's worker process may then
     # update part of it in place (see scratchcnn.optim.optimizer).
-    vector = shared_empty((sum(param.size for param in ordered),), dtypes.pop())
+    dtype = dtypes.pop()
+    total = sum(param.size for param in ordered)
+    vector, grad_vector = shared_empty((total,), dtype), shared_empty((total,), dtype)
     np.concatenate([param.data.ravel() for param in ordered], out=vector)
     start = 0
     for param in ordered:
         stop = start + param.size
         param.data = vector[start:stop].reshape(param.shape)
+        param.grad_buffer = grad_vector[start:stop].reshape(param.shape)
         start = stop
     return vector
 
@@ -263,6 +282,8 @@ class Module:
         """Cast parameters, gradients and floating buffers to ``dtype`` in place; returns self."""
         dtype = as_float_dtype(dtype)
         for param in self.parameters():
+            if param.data.dtype != dtype:
+                param.grad_buffer = None  # laid out for the old dtype
             param.data = param.data.astype(dtype, copy=False)
             if param.grad is not None:
                 param.grad = param.grad.astype(dtype, copy=False)

@@ -208,9 +208,13 @@ class DataParallel(Module):
         params = list(self.module.parameters())
         modules = list(self.module.modules())
         flags = module_flags(self.module)
-        for replica in replicas:
+        for index, replica in enumerate(replicas):
             for shell, param in zip(replica.parameters(), params, strict=True):
                 shell.data = param.data
+                # Replica 0's gradient, the first one summed, lands in the parameter's buffer,
+                # unless .grad already holds one to add to (see _add_gradients).
+                shell.grad_buffer = param.grad_buffer if index == 0 and param.grad is None \
+                    else None
             clones = list(replica.modules())
             for clone, module in zip(clones, modules, strict=True):
                 # The module's own buffer arrays, even if rebound since with an unchanged
@@ -436,7 +440,9 @@ class DataParallel(Module):
             if not present:
                 continue
             # Worker processes' sums live in shared memory they overwrite: never keep those.
-            total = present[0] if present[0].flags.owndata else present[0].copy()
+            first = present[0]
+            kept = first.flags.owndata or first is param.grad_buffer
+            total = first if kept else first.copy()
             for grad in present[1:]:
                 total += grad
             if param.grad is None:

@@ -83,7 +83,7 @@ def sum_gradients(replicas: Sequence[Module],
             sums.append(None)
             continue
         total = grads[0]
-        if out is not None:
+        if out is not None and total is not out[index]:  # it may be its grad_buffer already
             total = out[index]
             np.copyto(total, grads[0])
         for grad in grads[1:]:

@@ -110,6 +110,9 @@ def _shard_handler(module: Module, staged: SharedArrays, direct: list[bool],
         parts, targets = (arrays, []) if op == "forward" else (arrays[::2], arrays[1::2])
         while len(replicas) < len(parts):
             replicas.append(replicate(module))
+            if len(replicas) == 1:  # the first shard's gradients land where the caller reads
+                for shell, shared in zip(replicas[0].parameters(), gradients.arrays, strict=True):
+                    shell.grad_buffer = shared
         shard_replicas = replicas[:len(parts)]
         for replica in shard_replicas:
             set_module_flags(list(replica.modules()), message["flags"])
