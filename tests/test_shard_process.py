@@ -148,6 +148,50 @@ def test_arrays_cross_a_pipe_with_values_and_memory_order(array):
     assert np.argsort(got.strides).tolist() == np.argsort(array.strides).tolist()
 
 
+def _echo_handler():
+    """A worker that returns its request's arrays (through the pipe) and whether each one was a
+    view of shared memory (the inbox) rather than an array read from the pipe."""
+    from scratchcnn.forked import is_shared
+
+    def handle(message, arrays):
+        return {"shared": [is_shared(array) for array in arrays]}, arrays
+
+    return handle
+
+
+def test_request_arrays_travel_through_the_inbox_when_they_fit():
+    from scratchcnn.forked import ForkedWorker
+
+    arrays = [np.arange(24, dtype=np.float32).reshape(2, 3, 4).transpose(0, 2, 1),
+              np.arange(5, dtype=np.int64), np.zeros((0, 3)), np.array(2.5)]
+    worker = ForkedWorker(_echo_handler, "scratchcnn-test", inbox_bytes=4096)
+    try:
+        for through_inbox, big in ((True, False), (False, False), (True, True)):
+            sent = arrays + ([np.ones(2048)] if big else [])  # 16 KB: more than the inbox
+            worker.request({}, sent, through_inbox=through_inbox)
+            message, got = worker.reply()
+            assert message["shared"] == [through_inbox and not big] * len(sent)
+            for want, have in zip(sent, got, strict=True):
+                np.testing.assert_array_equal(have, want)
+                assert have.dtype == want.dtype
+                assert np.argsort(have.strides).tolist() == np.argsort(want.strides).tolist()
+    finally:
+        worker.close()
+
+
+def test_inputs_a_worker_keeps_for_backward_survive_the_backward_request(rng):
+    """Flatten -> Linear keeps views of its input for backward: that input came through the
+    worker's inbox, so the backward request's gradients must not, or they would overwrite it."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3, dtype=np.float64, rng=rng))
+    x, labels = rng.standard_normal((8, 3, 2, 2)), rng.integers(0, 3, 8)
+    _, _, whole = forward_backward(model, model, x, labels)
+    runner = DataParallel(model, 2, workers="processes")
+    _, _, sharded = forward_backward(runner, model, x, labels)
+    runner.close()
+    for got, want in zip(sharded, whole, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
 def coupled_model(name, dtype):
     """bn-cnn, or a small Conv -> BatchNorm -> ReLU -> Dropout -> Linear; Dropout generators seeded
     alike, so two calls of this give the same masks."""

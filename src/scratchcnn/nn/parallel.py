@@ -328,7 +328,10 @@ class DataParallel(Module):
                 # A train request interleaves each shard's input and target.
                 arrays = [array for k in group
                           for array in ((parts[k], targets[k]) if op == "train" else (parts[k],))]
-                worker.request({"op": op, **fields, "shard": place}, arrays)
+                # Shards through shared memory. Not a backward's gradients: they would
+                # overwrite the inputs its forward's layers may have kept views of.
+                worker.request({"op": op, **fields, "shard": place}, arrays,
+                               through_inbox=op != "backward")
             if hub is None:
                 group_results = [run_group(groups[0])]
             else:

@@ -39,6 +39,10 @@ from scratchcnn.nn.replica import (
     sum_gradients,
 )
 
+# Room for the shards a request brings through shared memory rather than the pipe (see
+# DataParallel._run_in_processes): a few hundred MNIST images; larger requests use the pipe.
+INBOX_BYTES = 8 * 2**20
+
 
 def _states(module: Module) -> list[np.ndarray]:
     """The module's parameter values then its buffers: what a worker's copy must mirror."""
@@ -56,7 +60,7 @@ class ShardProcess(ForkedWorker):
         self.gradients = SharedArrays(layout_of([param.data for param in module.parameters()]))
         gradients = self.gradients
         super().__init__(lambda: _shard_handler(module, staged, direct, gradients),
-                         "scratchcnn-shard")
+                         "scratchcnn-shard", inbox_bytes=INBOX_BYTES)
 
 
 @contextlib.contextmanager
