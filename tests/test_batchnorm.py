@@ -336,3 +336,4 @@ def test_channels_last_inputs_take_the_folded_path(rng, monkeypatch):
     calls.clear()
     layer.backward(layer(np.ascontiguousarray(x)) * 0 + 1)
     assert calls == []
+

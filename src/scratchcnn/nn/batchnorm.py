@@ -40,21 +40,21 @@ def _scratch(*arrays: np.ndarray) -> np.ndarray | None:
     return F.to_nchw(np.empty(F.to_nhwc(arrays[0]).shape, arrays[0].dtype))
 
 
-def _apply(ufunc: np.ufunc, a: np.ndarray, vector: np.ndarray,
-           out: np.ndarray | None = None) -> np.ndarray:
-    """``ufunc(a, vector[c])`` on every channel c of (N, C, H, W) ``a``, returned. ``out``: ``a``
-    (in place), or a spare channels-last buffer to write into, or None (a new array).
-    Channels-last arrays of one dtype go through ``F.apply_to_rows``: the same operations, but
-    NumPy's inner loop then runs over ~8192 values, not C (up to 2x faster)."""
+def _apply(ufunc: np.ufunc, a: np.ndarray, vector: np.ndarray, out: np.ndarray | None = None,
+           *, spare: np.ndarray | None = None) -> np.ndarray:
+    """``ufunc(a, vector[c])`` on every channel c of (N, C, H, W) ``a``, into ``out`` (e.g. ``a``:
+    in place), else into a new array, which may be ``spare`` (a channels-last buffer free for
+    reuse). Channels-last arrays of one dtype go through ``F.apply_to_rows``: the same
+    operations, but NumPy's inner loop then runs over ~8192 values, not C (up to 2x faster)."""
     rows = _rows(a)
-    if rows is not None and a.dtype == vector.dtype and (out is None or out.dtype == a.dtype):
-        out = _scratch(a) if out is None else out
-        out_rows = _rows(out)
-        if out_rows is not None:
-            F.apply_to_rows(ufunc, rows, vector, out_rows)
-            return out
-    # Anything else, exactly as NumPy's broadcasting does it (same result dtype and layout).
-    return ufunc(a, _per_channel(vector), out=a if out is a else None)
+    if rows is not None and a.dtype == vector.dtype:
+        target = out if out is not None else spare if spare is not None else _scratch(a)
+        target_rows = _rows(target)
+        if target_rows is not None and target.dtype == a.dtype:
+            F.apply_to_rows(ufunc, rows, vector, target_rows)
+            return target
+    # Anything else exactly as NumPy broadcasts it (the same result dtype and layout as before).
+    return ufunc(a, _per_channel(vector), out=out)
 
 
 def _mean_over_batch(v: np.ndarray, count: int, shard: BatchShard | None) -> np.ndarray:
@@ -85,7 +85,10 @@ class BatchNorm2d(Module):
         running statistics (constants): dx = gamma / sqrt(var + eps) * dy
 
     Reductions are NumPy reductions over axes (0, 2, 3) and elementwise operations keep the input's
-    memory layout, so channels-last inputs are handled without copies or loops.
+    memory layout, so channels-last inputs are handled without copies or loops. On channels-last
+    arrays the per-channel operations run over folded rows into reused buffers (``_apply``,
+    ``_scratch``): the same operations in the same order on arrays of the same layout as plain
+    broadcasting, hence the same bits (tests/test_batchnorm.py checks against a frozen copy).
 
     Sharded (``DataParallel`` sets ``batch_shard`` while it runs this layer on a part of a batch,
     see ``nn.collective``): the sums over N, H, W above are the whole batch's, added up across the
@@ -176,10 +179,10 @@ class BatchNorm2d(Module):
             inv_std = 1.0 / np.sqrt(self.running_var + self.eps)
             # Nothing cached (no_grad): x_hat may be computed in the output's buffer.
             x_hat = _apply(np.subtract, x, self.running_mean,
-                           out=None if is_grad_enabled() else scratch)
+                           spare=None if is_grad_enabled() else scratch)
             _apply(np.multiply, x_hat, inv_std, out=x_hat)
         if self.affine:
-            out = _apply(np.multiply, x_hat, self.weight.data, out=scratch)
+            out = _apply(np.multiply, x_hat, self.weight.data, spare=scratch)
             if self.bias is not None:
                 _apply(np.add, out, self.bias.data, out=out)
         else:
@@ -216,12 +219,12 @@ class BatchNorm2d(Module):
                 sum_dy, sum_dy_x_hat = shard.combine_sum(np.stack([grad_bias, grad_weight]))
             n = len(x_hat) if shard is None else shard.batch_size
             count = n * x_hat.shape[2] * x_hat.shape[3]
-            grad_input = _apply(np.multiply, x_hat, sum_dy_x_hat / count, out=scratch)
+            grad_input = _apply(np.multiply, x_hat, sum_dy_x_hat / count, spare=scratch)
             np.subtract(grad, grad_input, out=grad_input)
             _apply(np.subtract, grad_input, sum_dy / count, out=grad_input)
             _apply(np.multiply, grad_input, scale, out=grad_input)
         else:
-            grad_input = _apply(np.multiply, grad, scale, out=scratch)
+            grad_input = _apply(np.multiply, grad, scale, spare=scratch)
         if self.affine:
             self.weight.accumulate_grad(grad_weight)
         if self.bias is not None:
