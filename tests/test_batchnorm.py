@@ -6,6 +6,8 @@ import pytest
 
 from gradcheck import assert_close, check_module_gradients
 from scratchcnn.nn import BatchNorm2d, no_grad
+from scratchcnn.nn import functional as F
+from scratchcnn.nn.collective import BatchShard
 
 
 def channels_last(x: np.ndarray) -> np.ndarray:
@@ -155,3 +157,183 @@ def test_no_grad_keeps_no_cache(rng):
     assert int(layer.num_batches_tracked) == 1  # statistics still update, as in torch
     with pytest.raises(RuntimeError, match="call forward first"):
         layer.backward(np.zeros((3, 2, 2, 2)))
+
+
+# --- Bit-identity with the reference algorithm --------------------------------------------------
+# The fast paths fold rows and reuse buffers; they must not change a single bit. The reference is
+# the layer's arithmetic as it was written before them (plain NumPy broadcasting, one fresh array
+# per operation): same operations, same order, same reductions.
+
+class FixedShard(BatchShard):
+    """Rank 0 of a batch of ``batch_size`` whose other shards contribute ``others`` (a fixed
+    function of the partial sum), so a sharded call is reproducible without threads."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__(0, slice(0, 1), batch_size)
+
+    def combine_sum(self, partial: np.ndarray) -> np.ndarray:
+        return partial + partial * np.asarray(0.75, partial.dtype)
+
+    def draw_once(self, draw):
+        return draw()
+
+
+def reference_forward(layer, x, shard=None, grad_enabled=True):
+    """BatchNorm2d.forward's arithmetic, frozen; updates ``layer``'s running statistics."""
+    axes = (0, 2, 3)
+
+    def mean_over_batch(v, count):
+        return v.mean(axis=axes) if shard is None else shard.combine_sum(v.sum(axis=axes)) / count
+
+    use_batch_stats = layer.training or layer.running_mean is None
+    if use_batch_stats:
+        count = (len(x) if shard is None else shard.batch_size) * x.shape[2] * x.shape[3]
+        mean = mean_over_batch(x, count)
+        x_hat = x - mean.reshape(-1, 1, 1)
+        var = mean_over_batch(np.square(x_hat), count)
+        inv_std = 1.0 / np.sqrt(var + layer.eps)
+        x_hat *= inv_std.reshape(-1, 1, 1)
+        if layer.training and layer.running_mean is not None and (shard is None or shard.rank == 0):
+            layer.num_batches_tracked += 1
+            factor = (1.0 / float(layer.num_batches_tracked) if layer.momentum is None
+                      else layer.momentum)
+            unbiased_var = var * (count / (count - 1))
+            layer.running_mean *= 1.0 - factor
+            layer.running_mean += factor * mean
+            layer.running_var *= 1.0 - factor
+            layer.running_var += factor * unbiased_var
+    else:
+        inv_std = 1.0 / np.sqrt(layer.running_var + layer.eps)
+        x_hat = (x - layer.running_mean.reshape(-1, 1, 1)) * inv_std.reshape(-1, 1, 1)
+    if layer.affine:
+        out = x_hat * layer.weight.data.reshape(-1, 1, 1)
+        if layer.bias is not None:
+            out += layer.bias.data.reshape(-1, 1, 1)
+    else:
+        out = x_hat.copy() if grad_enabled else x_hat
+    return out, (x_hat, inv_std, use_batch_stats)
+
+
+def reference_backward(layer, grad, cache, shard=None):
+    """BatchNorm2d.backward's arithmetic, frozen: (grad_input, grad_weight, grad_bias)."""
+    x_hat, inv_std, used_batch_stats = cache
+    axes = (0, 2, 3)
+    grad_bias = grad.sum(axis=axes)
+    grad_weight = np.sum(grad * x_hat, axis=axes)
+    scale = inv_std if not layer.affine else inv_std * layer.weight.data
+    if used_batch_stats:
+        sum_dy, sum_dy_x_hat = grad_bias, grad_weight
+        if shard is not None:
+            sum_dy, sum_dy_x_hat = shard.combine_sum(np.stack([grad_bias, grad_weight]))
+        n = len(x_hat) if shard is None else shard.batch_size
+        count = n * x_hat.shape[2] * x_hat.shape[3]
+        grad_input = x_hat * (sum_dy_x_hat / count).reshape(-1, 1, 1)
+        np.subtract(grad, grad_input, out=grad_input)
+        grad_input -= (sum_dy / count).reshape(-1, 1, 1)
+        grad_input *= scale.reshape(-1, 1, 1)
+    else:
+        grad_input = grad * scale.reshape(-1, 1, 1)
+    return grad_input, grad_weight, grad_bias
+
+
+def memory_layout(a):
+    """The strides of the axes longer than 1 (a length-1 axis's stride is never used)."""
+    return [stride for stride, size in zip(a.strides, a.shape, strict=True) if size > 1]
+
+
+def assert_bits_equal(ours, reference, what):
+    """The same dtype, values to the bit, and memory layout (strides decide how the next layer's
+    reductions sum, so a changed layout would change later bits)."""
+    assert ours.dtype == reference.dtype, what
+    assert ours.tobytes() == reference.tobytes(), f"{what}: {np.max(np.abs(ours - reference))}"
+    assert memory_layout(ours) == memory_layout(reference), what
+
+
+LAYOUTS = {
+    "channels_last": channels_last,
+    "nchw": np.ascontiguousarray,
+    "strided": lambda x: np.repeat(x, 2, axis=3)[..., ::2],  # neither layout: the general path
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(4, 32, 7, 7), (3, 5, 3, 1), (2, 64, 5, 3), (6, 1, 4, 4),
+                                   (5, 7, 1, 1), (2, 3, 9, 11)])
+@pytest.mark.parametrize("options", [{}, dict(affine=False), dict(bias=False),
+                                     dict(track_running_stats=False), dict(momentum=None)])
+def test_fast_paths_are_bit_identical_to_the_reference(rng, dtype, shape, options):
+    c = shape[1]
+    layer = BatchNorm2d(c, dtype=dtype, **options)
+    if layer.affine:
+        layer.weight.data[...] = rng.uniform(0.5, 1.5, c)
+    if layer.bias is not None:
+        layer.bias.data[...] = rng.standard_normal(c)
+    twin = BatchNorm2d(c, dtype=dtype, **options)
+    twin.load_state_dict(layer.state_dict())
+    steps = [("train", layout) for layout in LAYOUTS] + [("eval", layout) for layout in LAYOUTS]
+    for mode, layout in steps:
+        layer.train(mode == "train")
+        twin.train(mode == "train")
+        x = LAYOUTS[layout](rng.standard_normal(shape).astype(dtype) * 3 + 1)
+        grad = LAYOUTS[layout](rng.standard_normal(shape).astype(dtype))
+        out = layer(x)
+        expected, cache = reference_forward(twin, x)
+        assert_bits_equal(out, expected, f"{mode} {layout} output")
+        grad_input = layer.backward(grad)
+        expected_grads = reference_backward(twin, grad, cache)
+        assert_bits_equal(grad_input, expected_grads[0], f"{mode} {layout} grad_input")
+        params = (layer.weight, layer.bias)
+        for param, expected_grad in zip(params, expected_grads[1:], strict=True):
+            if param is not None:
+                assert_bits_equal(param.grad, expected_grad, f"{mode} {layout} param grad")
+                param.grad = None
+        with no_grad():  # inference computes in fewer buffers: the same bits still
+            out = layer(x)
+        assert_bits_equal(out, reference_forward(twin, x, grad_enabled=False)[0],
+                          f"{mode} {layout} output without grad")
+        for key, value in twin.state_dict().items():
+            assert np.array_equal(layer.state_dict()[key], value), f"{mode} {layout} {key}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("grad_layout", list(LAYOUTS))
+def test_sharded_and_mixed_layouts_are_bit_identical_to_the_reference(rng, dtype, grad_layout):
+    """A shard's whole-batch sums, and an upstream gradient laid out unlike the input."""
+    shape = (4, 16, 6, 5)
+    layer = BatchNorm2d(16, dtype=dtype)
+    layer.weight.data[...] = rng.uniform(0.5, 1.5, 16)
+    layer.bias.data[...] = rng.standard_normal(16)
+    twin = BatchNorm2d(16, dtype=dtype)
+    twin.load_state_dict(layer.state_dict())
+    for shard in (None, FixedShard(batch_size=9)):
+        layer.batch_shard = shard
+        x = channels_last(rng.standard_normal(shape).astype(dtype) + 2)
+        grad = LAYOUTS[grad_layout](rng.standard_normal(shape).astype(dtype))
+        out = layer(x)
+        expected, cache = reference_forward(twin, x, shard)
+        assert_bits_equal(out, expected, "output")
+        expected_grads = reference_backward(twin, grad, cache, shard)
+        assert_bits_equal(layer.backward(grad), expected_grads[0], "grad_input")
+        assert_bits_equal(layer.weight.grad, expected_grads[1], "weight grad")
+        assert_bits_equal(layer.bias.grad, expected_grads[2], "bias grad")
+        layer.zero_grad()
+        for key, value in twin.state_dict().items():
+            assert np.array_equal(layer.state_dict()[key], value), key
+
+
+def test_channels_last_inputs_take_the_folded_path(rng, monkeypatch):
+    """The bit-identity tests above only mean something if the fast path runs."""
+    calls = []
+    apply_to_rows = F.apply_to_rows
+    monkeypatch.setattr(F, "apply_to_rows",
+                        lambda *args: calls.append(args[0]) or apply_to_rows(*args))
+    layer = BatchNorm2d(8)
+    x = channels_last(rng.standard_normal((4, 8, 5, 5)).astype(np.float32))
+    layer.backward(layer(x) * 0 + x)
+    # forward: centre, scale, gamma, beta; backward: the x_hat term, the dy term, the scale
+    assert calls == [np.subtract, np.multiply, np.multiply, np.add,
+                     np.multiply, np.subtract, np.multiply]
+    calls.clear()
+    layer.backward(layer(np.ascontiguousarray(x)) * 0 + 1)
+    assert calls == []
+

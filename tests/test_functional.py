@@ -25,6 +25,24 @@ def test_add_to_rows_adds_the_vector_to_every_row_in_place(rng, shape):
     F.add_to_rows(matrix, vector)
     np.testing.assert_array_equal(matrix, expected)  # the same additions: the same bits
 
+
+@pytest.mark.parametrize("ufunc", [np.subtract, np.multiply])
+@pytest.mark.parametrize("shape", [(50176, 8), (97, 3), (1, 5), (6272, 32), (0, 4)])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_apply_to_rows_is_the_broadcast_ufunc_bit_for_bit(rng, ufunc, shape, in_place):
+    matrix = rng.standard_normal(shape)
+    vector = rng.standard_normal(shape[1])
+    expected = ufunc(matrix, vector)
+    out = matrix if in_place else np.full(shape, np.nan)
+    F.apply_to_rows(ufunc, matrix, vector, out)
+    assert out.tobytes() == expected.tobytes()
+
+
+def test_apply_to_rows_refuses_a_matrix_it_cannot_fold_in_place():
+    out = np.zeros((8, 6))[:, :3]  # rows not adjacent: folding would need a copy
+    with pytest.raises(ValueError, match="copy"):
+        F.apply_to_rows(np.add, out, np.ones(3), out)
+
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("stride, dilation", [((1, 1), (1, 1)), ((2, 1), (1, 2))])
 def test_im2col_matches_the_window_view(rng, channels, stride, dilation):

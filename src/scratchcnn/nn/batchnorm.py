@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from scratchcnn.nn import functional as F
 from scratchcnn.nn.collective import BatchShard
 from scratchcnn.nn.module import (
     Module,
@@ -22,6 +23,38 @@ _AXES = (0, 2, 3)  # every axis but the channel axis: statistics are per channel
 def _per_channel(v: np.ndarray) -> np.ndarray:
     """A (C,) vector as (C, 1, 1), to broadcast against (N, C, H, W)."""
     return v.reshape(-1, 1, 1)
+
+
+def _rows(a: np.ndarray) -> np.ndarray | None:
+    """The (N*H*W, C) matrix of a channels-last (N, C, H, W) array (a view), else None."""
+    a_nhwc = F.to_nhwc(a)
+    return a_nhwc.reshape(-1, a_nhwc.shape[3]) if a_nhwc.flags.c_contiguous else None
+
+
+def _scratch(*arrays: np.ndarray) -> np.ndarray | None:
+    """A new channels-last array shaped like ``arrays[0]`` when all of them are channels-last:
+    writing results into it (``out=``) avoids one fresh array per operation. None otherwise,
+    so that every operation allocates its result in the layout NumPy picks, as before."""
+    if any(_rows(a) is None for a in arrays):
+        return None
+    return F.to_nchw(np.empty(F.to_nhwc(arrays[0]).shape, arrays[0].dtype))
+
+
+def _apply(ufunc: np.ufunc, a: np.ndarray, vector: np.ndarray, out: np.ndarray | None = None,
+           *, spare: np.ndarray | None = None) -> np.ndarray:
+    """``ufunc(a, vector[c])`` on every channel c of (N, C, H, W) ``a``, into ``out`` (e.g. ``a``:
+    in place), else into a new array, which may be ``spare`` (a channels-last buffer free for
+    reuse). Channels-last arrays of one dtype go through ``F.apply_to_rows``: the same
+    operations, but NumPy's inner loop then runs over ~8192 values, not C (up to 2x faster)."""
+    rows = _rows(a)
+    if rows is not None and a.dtype == vector.dtype:
+        target = out if out is not None else spare if spare is not None else _scratch(a)
+        target_rows = _rows(target)
+        if target_rows is not None and target.dtype == a.dtype:
+            F.apply_to_rows(ufunc, rows, vector, target_rows)
+            return target
+    # Anything else exactly as NumPy broadcasts it (the same result dtype and layout as before).
+    return ufunc(a, _per_channel(vector), out=out)
 
 
 def _mean_over_batch(v: np.ndarray, count: int, shard: BatchShard | None) -> np.ndarray:
@@ -52,7 +85,10 @@ class BatchNorm2d(Module):
         running statistics (constants): dx = gamma / sqrt(var + eps) * dy
 
     Reductions are NumPy reductions over axes (0, 2, 3) and elementwise operations keep the input's
-    memory layout, so channels-last inputs are handled without copies or loops.
+    memory layout, so channels-last inputs are handled without copies or loops. On channels-last
+    arrays the per-channel operations run over folded rows into reused buffers (``_apply``,
+    ``_scratch``): the same operations in the same order on arrays of the same layout as plain
+    broadcasting, hence the same bits (tests/test_batchnorm.py checks against a frozen copy).
 
     Sharded (``DataParallel`` sets ``batch_shard`` while it runs this layer on a part of a batch,
     see ``nn.collective``): the sums over N, H, W above are the whole batch's, added up across the
@@ -120,6 +156,9 @@ class BatchNorm2d(Module):
             )
         use_batch_stats = self.training or self.running_mean is None
         shard = self.batch_shard
+        # Channels-last: the squares' buffer, then the output's (None: fresh arrays as NumPy lays
+        # them out, so the reductions below see the same layout, hence sum in the same order).
+        scratch = _scratch(x)
         if use_batch_stats:
             count = (len(x) if shard is None else shard.batch_size) * x.shape[2] * x.shape[3]
             if count <= 1:
@@ -128,21 +167,24 @@ class BatchNorm2d(Module):
                     f"got input of shape {x.shape}"
                 )
             mean = _mean_over_batch(x, count, shard)
-            x_hat = x - _per_channel(mean)
-            var = _mean_over_batch(np.square(x_hat), count, shard)
+            x_hat = _apply(np.subtract, x, mean)
+            var = _mean_over_batch(np.square(x_hat, out=scratch), count, shard)
             inv_std = 1.0 / np.sqrt(var + self.eps)
-            x_hat *= _per_channel(inv_std)
+            _apply(np.multiply, x_hat, inv_std, out=x_hat)
             # Once per batch: every shard's buffers are the wrapped module's, so one updates them.
             tracking = self.training and self.running_mean is not None
             if tracking and (shard is None or shard.rank == 0):
                 self._update_running_stats(mean, var, count)
         else:
             inv_std = 1.0 / np.sqrt(self.running_var + self.eps)
-            x_hat = (x - _per_channel(self.running_mean)) * _per_channel(inv_std)
+            # Nothing cached (no_grad): x_hat may be computed in the output's buffer.
+            x_hat = _apply(np.subtract, x, self.running_mean,
+                           spare=None if is_grad_enabled() else scratch)
+            _apply(np.multiply, x_hat, inv_std, out=x_hat)
         if self.affine:
-            out = x_hat * _per_channel(self.weight.data)
+            out = _apply(np.multiply, x_hat, self.weight.data, spare=scratch)
             if self.bias is not None:
-                out += _per_channel(self.bias.data)
+                _apply(np.add, out, self.bias.data, out=out)
         else:
             out = x_hat.copy() if is_grad_enabled() else x_hat
         self._cache = (x_hat, inv_std, use_batch_stats) if is_grad_enabled() else None
@@ -164,7 +206,9 @@ class BatchNorm2d(Module):
         grad = check_grad_output(self, grad_output, None if x_hat is None else x_hat.shape,
                                  None if x_hat is None else x_hat.dtype)
         grad_bias = grad.sum(axis=_AXES)
-        grad_weight = np.sum(grad * x_hat, axis=_AXES)
+        # Channels-last: dy * x_hat into a new buffer that later holds grad_input.
+        scratch = _scratch(grad, x_hat)
+        grad_weight = np.multiply(grad, x_hat, out=scratch).sum(axis=_AXES)
         scale = inv_std if not self.affine else inv_std * self.weight.data
         if used_batch_stats:
             shard = self.batch_shard
@@ -175,12 +219,12 @@ class BatchNorm2d(Module):
                 sum_dy, sum_dy_x_hat = shard.combine_sum(np.stack([grad_bias, grad_weight]))
             n = len(x_hat) if shard is None else shard.batch_size
             count = n * x_hat.shape[2] * x_hat.shape[3]
-            grad_input = x_hat * _per_channel(sum_dy_x_hat / count)
+            grad_input = _apply(np.multiply, x_hat, sum_dy_x_hat / count, spare=scratch)
             np.subtract(grad, grad_input, out=grad_input)
-            grad_input -= _per_channel(sum_dy / count)
-            grad_input *= _per_channel(scale)
+            _apply(np.subtract, grad_input, sum_dy / count, out=grad_input)
+            _apply(np.multiply, grad_input, scale, out=grad_input)
         else:
-            grad_input = grad * _per_channel(scale)
+            grad_input = _apply(np.multiply, grad, scale, spare=scratch)
         if self.affine:
             self.weight.accumulate_grad(grad_weight)
         if self.bias is not None:
