@@ -149,22 +149,18 @@ def sum_rows(matrix: np.ndarray) -> np.ndarray:
 
 
 def add_to_rows(matrix: np.ndarray, vector: np.ndarray) -> None:
-    """``matrix += vector`` in place, for a C-contiguous (M, K) matrix and a (K,) vector (a bias).
-    The same additions, but over folded ~1024-wide rows: NumPy's loop over a narrow matrix pays
-    per row (8 channels: 4x slower)."""
-    m, k = matrix.shape
-    fold = _row_fold(m, k)
-    folded = matrix.view()
-    folded.shape = (m // fold, fold * k)  # raises rather than adding into a copy
-    folded += np.tile(vector, fold)
+    """``matrix += vector`` in place, for a C-contiguous (M, K) matrix and a (K,) vector (a bias),
+    by ``apply_to_rows`` (8 channels: 4x faster than NumPy's loop over the narrow rows)."""
+    apply_to_rows(np.add, matrix, vector, matrix)
 
 
 def apply_to_rows(ufunc: np.ufunc, matrix: np.ndarray, vector: np.ndarray,
                   out: np.ndarray) -> None:
     """``ufunc(matrix, vector, out=out)`` for C-contiguous (M, K) ``matrix`` and ``out`` (which
     may be ``matrix``) and a (K,) ``vector`` broadcast over the rows: the same operations on the
-    same values, over folded rows as in ``add_to_rows``. ~8192 wide: NumPy's binary loops over
-    rows under ~6000 values ran ~25% slower here (3 MB arrays, NumPy 2.4), 1024 or 4096 alike."""
+    same values, but over rows folded ~8192 wide (the vector tiled to match). NumPy's loop over a
+    narrow matrix pays per row; binary loops over rows under ~6000 values ran ~25% slower here
+    (3 MB arrays, NumPy 2.4), 1024 or 4096 alike."""
     m, k = matrix.shape
     fold = _row_fold(m, k, width=8192)
     shape = (m // fold, fold * k)  # copy=False: raises rather than working on a copy
