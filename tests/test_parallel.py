@@ -97,6 +97,28 @@ def test_flattened_gradients_are_summed_in_place_and_still_accumulate(rng, worke
     runner.close()
 
 
+def test_later_replicas_add_their_gradients_into_the_first(rng):
+    """backward_into_first: the group's gradient sum builds up in the first replica's arrays, in
+    replica order, also for a parameter the first replica got no gradient for."""
+    from scratchcnn.nn.replica import backward_into_first, replicate
+
+    model = nn.Linear(3, 2, dtype=np.float64, rng=rng)
+    replicas = [replicate(model) for _ in range(3)]
+    grads = [rng.standard_normal((2, 3)) for _ in replicas]
+
+    def run(replica, index):
+        if index:  # the first replica's weight gets no gradient, its bias one
+            replica.weight.accumulate_grad(grads[index])
+        replica.bias.accumulate_grad(np.full(2, float(index + 1)))
+        return index
+
+    assert backward_into_first(replicas, run) == [0, 1, 2]
+    first = replicas[0]
+    np.testing.assert_array_equal(first.weight.grad, grads[1] + grads[2])
+    np.testing.assert_array_equal(first.bias.grad, np.full(2, 6.0))
+    assert all(p.grad is None for replica in replicas[1:] for p in replica.parameters())
+
+
 def small_bn_model(rng, **bn_options):
     """Conv -> BatchNorm -> ReLU -> Dropout -> Linear on (N, 2, 5, 5) inputs, float64."""
     return nn.Sequential(

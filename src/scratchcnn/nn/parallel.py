@@ -28,6 +28,7 @@ from scratchcnn.nn.loss import CrossEntropyLoss
 from scratchcnn.nn.module import Module, is_grad_enabled
 from scratchcnn.nn.process_collective import HubShard
 from scratchcnn.nn.replica import (
+    backward_into_first,
     cross_entropy_step,
     give_batch_shard,
     module_flags,
@@ -252,12 +253,14 @@ class DataParallel(Module):
             try:
                 if op == "forward":
                     return [replicas[k](parts[k]) for k in group], []
+                group_replicas = [replicas[k] for k in group]
                 if op == "train":
-                    results = [cross_entropy_step(replicas[k], parts[k], targets[k], loss)
-                               for k in group]
+                    results = backward_into_first(group_replicas, lambda replica, i: (
+                        cross_entropy_step(replica, parts[group[i]], targets[group[i]], loss)))
                 else:
-                    results = [replicas[k].backward(parts[k]) for k in group]
-                return results, sum_gradients([replicas[k] for k in group])
+                    results = backward_into_first(group_replicas, lambda replica, i: (
+                        replica.backward(parts[group[i]])))
+                return results, sum_gradients(group_replicas)
             except BaseException:
                 if batch is not None:
                     batch.abort()  # the other shards would otherwise wait for this one forever

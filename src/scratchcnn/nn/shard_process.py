@@ -32,6 +32,7 @@ from scratchcnn.forked import ForkedWorker, Handler, Message, SharedArrays, is_s
 from scratchcnn.nn.module import Module, set_grad_enabled
 from scratchcnn.nn.process_collective import WorkerShard
 from scratchcnn.nn.replica import (
+    backward_into_first,
     cross_entropy_step,
     give_batch_shard,
     replicate,
@@ -105,8 +106,8 @@ def _shard_handler(module: Module, staged: SharedArrays, direct: list[bool],
         if op == "backward":
             shard_replicas = replicas[:len(arrays)]
             with _batch_shard(shard_replicas, message.get("shard")):
-                input_grads = [replica.backward(part)
-                               for replica, part in zip(shard_replicas, arrays, strict=True)]
+                input_grads = backward_into_first(
+                    shard_replicas, lambda replica, i: replica.backward(arrays[i]))
             return ({"has_grad": _gradient_sums(shard_replicas),
                      "input_grad": [grad is not None for grad in input_grads]},
                     [grad for grad in input_grads if grad is not None])
@@ -126,9 +127,8 @@ def _shard_handler(module: Module, staged: SharedArrays, direct: list[bool],
             if op == "forward":
                 return {}, [replica(part) for replica, part in zip(shard_replicas, parts,
                                                                    strict=True)]
-            losses = [cross_entropy_step(replica, part, target, message["loss"])
-                      for replica, part, target in zip(shard_replicas, parts, targets,
-                                                       strict=True)]
+            losses = backward_into_first(shard_replicas, lambda replica, i: cross_entropy_step(
+                replica, parts[i], targets[i], message["loss"]))
         return {"has_grad": _gradient_sums(shard_replicas)}, losses
 
     def _gradient_sums(shard_replicas: list[Module]) -> list[bool]:
