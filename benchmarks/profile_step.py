@@ -230,14 +230,14 @@ def main() -> None:
     parser.add_argument("--no-infer", action="store_true")
     parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--max-shard-size", type=int, default=None,
-                        help="override training.MAX_SHARD_SIZE (0: no limit)")
+                        help="override training.TRAIN_MAX_SHARD_SIZE (0: no limit)")
     parser.add_argument("--min-shard-size", type=int, default=None,
                         help="override training.MIN_SHARD_SIZE")
     args = parser.parse_args()
     if args.max_shard_size is not None:
         from scratchcnn.harness import training
 
-        training.MAX_SHARD_SIZE = args.max_shard_size or None
+        training.TRAIN_MAX_SHARD_SIZE = args.max_shard_size or None
     if args.min_shard_size is not None:
         from scratchcnn.harness import training
 
