@@ -401,6 +401,29 @@ def test_train_epoch_threads_agree_and_restore_first_layer(rng, monkeypatch, nam
         assert_close(value, states[1][key], 1e-9, key)
 
 
+def test_harness_shards_training_and_inference_to_their_own_sizes(rng, monkeypatch):
+    """Training batches split into shards of up to TRAIN_MAX_SHARD_SIZE, inference batches into
+    shards of up to EVAL_MAX_SHARD_SIZE, with one runner (and one pair of workers) for both."""
+    monkeypatch.setattr(thread_settings, "_configured_threads", 2)
+    monkeypatch.setattr(training, "TRAIN_MAX_SHARD_SIZE", 20)
+    monkeypatch.setattr(training, "EVAL_MAX_SHARD_SIZE", 10)
+    monkeypatch.setattr(training, "MIN_SHARD_SIZE", 1)
+    planned = []
+    original = DataParallel._shard_sizes
+
+    def recorded(self, n, coupled):
+        planned.append(original(self, n, coupled))
+        return planned[-1]
+
+    monkeypatch.setattr(DataParallel, "_shard_sizes", recorded)
+    model = build_model("tiny-cnn", dtype=np.float64, rng=rng)
+    images, labels = sparse_images(rng, 40)
+    training.train_epoch("numpy", model, optim.Adam(model.parameters()), images, labels,
+                         [np.arange(40)], epoch=1)
+    training.evaluate("numpy", model, images, labels, batch_size=40)
+    assert planned == [[20, 20], [10, 10, 10, 10]]
+
+
 def test_float32_adam_50_steps_track_pytorch(rng, torch, monkeypatch):
     """The harness's threaded float32 path, step for step against PyTorch's."""
     monkeypatch.setattr(thread_settings, "_configured_threads", 2)
