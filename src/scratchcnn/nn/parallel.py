@@ -107,7 +107,9 @@ class DataParallel(Module):
     replica's backward runs where its forward did, and the parameter gradients, sum over k of
     dL/dθ_k, are added into ``module``'s Parameters (the per-shard gradients of a mean loss
     already carry the full batch's 1/N): each thread or process adds up its own shards' in shard
-    order, then the groups are added in order, so both kinds of worker give the same bits.
+    order, then the groups are added in order, so both kinds of worker give the same bits. Each
+    shard's backward adds into its group's first shard's arrays (``backward_into_first``), and
+    with ``grad_buffer``s (``flatten_parameters``) the first group's, hence the sum, land in them.
 
     ``workers``: ``"threads"`` (default) runs the shards in threads of this process, which share
     the GIL; ``"processes"`` runs all but the first group in forked worker processes (Linux; on
