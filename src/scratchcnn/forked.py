@@ -47,16 +47,23 @@ class _SharedMemory(mmap.mmap):
     """An anonymous ``MAP_SHARED`` mapping: a fork shares it instead of copying it."""
 
 
+def _aligned_offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
+    """Where blocks of ``sizes`` bytes start when laid one after another, each on its own cache
+    line, and where the last one's line ends."""
+    offsets, end = [], 0
+    for size in sizes:
+        offsets.append(end)
+        end += -(-size // _ALIGN) * _ALIGN
+    return offsets, end
+
+
 class SharedArrays:
     """Empty arrays of the given ``(shape, dtype)`` pairs, laid out in one anonymous shared
     mapping: a process forked after it is made sees every later write to them, both ways."""
 
     def __init__(self, layout: Sequence[tuple[tuple[int, ...], np.dtype]]) -> None:
-        offsets, end = [], 0
-        for shape, dtype in layout:
-            offsets.append(end)
-            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-            end += -(-nbytes // _ALIGN) * _ALIGN
+        offsets, end = _aligned_offsets([int(np.prod(shape)) * np.dtype(dtype).itemsize
+                                         for shape, dtype in layout])
         self._memory = _SharedMemory(-1, max(end, 1))
         self.arrays = [np.ndarray(shape, dtype, self._memory, offset)
                        for (shape, dtype), offset in zip(layout, offsets, strict=True)]
@@ -123,16 +130,15 @@ def recv_array(conn: Any) -> np.ndarray:
 def _put_in_inbox(inbox: mmap.mmap, arrays: Sequence[np.ndarray]) -> list[dict[str, Any]] | None:
     """Copy ``arrays`` into ``inbox`` one after another (each in its memory order, cache-line
     aligned) and return their headers, or None if they do not fit."""
-    ends = np.cumsum([-(-array.nbytes // _ALIGN) * _ALIGN for array in arrays])
-    if len(arrays) and ends[-1] > len(inbox):
+    offsets, end = _aligned_offsets([array.nbytes for array in arrays])
+    if end > len(inbox):
         return None
-    headers, offset = [], 0
-    for array, end in zip(arrays, ends, strict=True):
+    headers = []
+    for array, offset in zip(arrays, offsets, strict=True):
         order, transposed = _memory_order(array)
         stored = np.ndarray(transposed.shape, array.dtype, inbox, offset)
         np.copyto(stored, transposed)
         headers.append(_header(stored, order, offset=offset))
-        offset = int(end)
     return headers
 
 

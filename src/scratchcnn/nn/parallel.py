@@ -255,13 +255,14 @@ class DataParallel(Module):
             try:
                 if op == "forward":
                     return [replicas[k](parts[k]) for k in group], []
+                def shard_step(replica: Module, i: int) -> Any:
+                    k = group[i]
+                    if op == "train":
+                        return cross_entropy_step(replica, parts[k], targets[k], loss)
+                    return replica.backward(parts[k])
+
                 group_replicas = [replicas[k] for k in group]
-                if op == "train":
-                    results = backward_into_first(group_replicas, lambda replica, i: (
-                        cross_entropy_step(replica, parts[group[i]], targets[group[i]], loss)))
-                else:
-                    results = backward_into_first(group_replicas, lambda replica, i: (
-                        replica.backward(parts[group[i]])))
+                results = backward_into_first(group_replicas, shard_step)
                 return results, sum_gradients(group_replicas)
             except BaseException:
                 if batch is not None:

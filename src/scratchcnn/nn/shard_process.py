@@ -10,9 +10,11 @@ pickling. Every call then brings it up to date:
   too; other parameter and buffer values are copied into memory it shares (``SharedArrays``);
 - the modules' ``training`` / ``needs_input_grad`` flags and the grad mode travel with each
   request;
-- shards and results travel through a pipe as raw bytes behind a small JSON header; a
-  "train" request (``DataParallel.forward_backward``) runs forward, loss and backward at once;
-- a worker sums its shards' parameter gradients, in shard order, into shared memory of its own;
+- shards arrive in the worker's shared inbox, a backward's gradients and the results travel
+  through a pipe as raw bytes behind a small JSON header (``scratchcnn.forked``); a "train"
+  request (``DataParallel.forward_backward``) runs forward, loss and backward at once;
+- a worker sums its shards' parameter gradients, in shard order, into shared memory of its own
+  (its first shard's backward writes them there directly, see ``Parameter.grad_buffer``);
 - a coupled model's shard (BatchNorm2d, Dropout: see ``_couples_samples`` in nn/parallel.py)
   meets the caller's in collectives through the pipe (``nn.process_collective``); the request
   says which shard of the batch it is, and the caller updates the running statistics.
