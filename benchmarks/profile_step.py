@@ -232,7 +232,7 @@ def main() -> None:
     parser.add_argument("--max-shard-size", type=int, default=None,
                         help="override training.TRAIN_MAX_SHARD_SIZE (0: no limit)")
     parser.add_argument("--min-shard-size", type=int, default=None,
-                        help="override training.MIN_SHARD_SIZE")
+                        help="override the smallest shard (training.min_shard_size)")
     args = parser.parse_args()
     if args.max_shard_size is not None:
         from scratchcnn.harness import training
@@ -241,7 +241,7 @@ def main() -> None:
     if args.min_shard_size is not None:
         from scratchcnn.harness import training
 
-        training.MIN_SHARD_SIZE = args.min_shard_size
+        training.min_shard_size = lambda model, sample_shape: args.min_shard_size
 
     from scratchcnn.harness.threads import apply_threads
 

@@ -11,7 +11,7 @@ import pytest
 
 from scratchcnn.harness import bench
 from scratchcnn.harness.bench_report import busy_warning, check_targets, render_markdown
-from scratchcnn.harness.flops import TRAINING_FACTOR, forward_flops, layer_flops
+from scratchcnn.harness.flops import TRAINING_FACTOR, forward_flops, layer_flops, module_flops
 from scratchcnn.models import MODEL_NAMES, build_model
 
 # -- FLOP counts -------------------------------------------------------------------------------
@@ -54,6 +54,28 @@ def test_flop_shapes_follow_the_real_model(name: str) -> None:
     for row, layer in zip(layer_flops(name), model._modules.values(), strict=True):
         x = layer(x)
         assert list(x.shape[1:]) == row["output_shape"], (name, row)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_built_model_flops_match_the_architecture_count(name: str) -> None:
+    """Counted from a built model's layers (one sample through it), as from its layer list;
+    the model's flags and dropout generator are left as they were."""
+    rng = np.random.default_rng(0)
+    model = build_model(name, rng=rng)
+    model[1].eval()  # a mixed state, which module_flops must restore as it was
+    flags = [(m.training, m.needs_input_grad) for m in model.modules()]
+    draws_before = rng.bit_generator.state
+    assert module_flops(model) == forward_flops(name)
+    assert [(m.training, m.needs_input_grad) for m in model.modules()] == flags
+    assert rng.bit_generator.state == draws_before
+
+
+def test_module_flops_of_a_padded_strided_conv() -> None:
+    from scratchcnn import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding="valid"), nn.Flatten(),
+                          nn.Linear(4 * 5 * 5, 5))
+    assert module_flops(model, (3, 11, 11)) == 2 * 3 * 9 * 4 * 25 + 2 * 100 * 5
 
 
 # -- alternation and statistics ------------------------------------------------------------------

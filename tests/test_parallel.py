@@ -424,6 +424,19 @@ def test_harness_shards_training_and_inference_to_their_own_sizes(rng, monkeypat
     assert planned == [[20, 20], [10, 10, 10, 10]]
 
 
+def test_harness_shards_small_batches_of_heavy_models_only(monkeypatch):
+    """The smallest shard is sized by work: bn-cnn (37 MFLOP an image) splits a batch of 10 in
+    two, simple-cnn (2.4 MFLOP) keeps it whole and splits from two shards of MIN_SHARD_SIZE."""
+    monkeypatch.setattr(thread_settings, "_configured_threads", 2)
+    heavy = training._numpy_runner(build_model("bn-cnn"), None, (1, 28, 28))
+    assert heavy._shard_sizes(10, coupled=True) == [5, 5]
+    assert heavy._shard_sizes(3, coupled=True) == [3]
+    light = training._numpy_runner(build_model("simple-cnn"), None, (1, 28, 28))
+    assert light._shard_sizes(10, coupled=False) == [10]
+    assert light._shard_sizes(2 * training.MIN_SHARD_SIZE, coupled=False) == [16, 16]
+    light.close()
+
+
 def test_float32_adam_50_steps_track_pytorch(rng, torch, monkeypatch):
     """The harness's threaded float32 path, step for step against PyTorch's."""
     monkeypatch.setattr(thread_settings, "_configured_threads", 2)

@@ -71,6 +71,40 @@ def forward_flops(name: str | Sequence[LayerSpec],
     return sum(row["flops"] for row in layer_flops(name, input_shape))
 
 
+def module_flops(model: Any, input_shape: tuple[int, ...] = MNIST_INPUT) -> int:
+    """Forward FLOPs of a built NumPy model for one sample of ``input_shape`` (C, H, W), counted
+    as ``layer_flops`` counts them, from the shapes one zero sample takes through its layers. The
+    sample runs in eval mode under ``no_grad`` (no running statistics updated, no dropout mask
+    drawn), and every layer's flags are restored afterwards."""
+    from scratchcnn.nn import Conv2d, Linear, Sequential, no_grad
+    from scratchcnn.nn.replica import module_flags, set_module_flags
+
+    total = 0
+
+    def run(module: Any, x: np.ndarray) -> np.ndarray:
+        nonlocal total
+        if isinstance(module, Sequential):
+            for child in module.children():
+                x = run(child, x)
+            return x
+        out = module(x)
+        if isinstance(module, Conv2d):  # weight.size = C * KH * KW * O (groups=1)
+            total += 2 * module.weight.data.size * out.shape[2] * out.shape[3]
+        elif isinstance(module, Linear):
+            total += 2 * module.weight.data.size
+        return out
+
+    dtype = next((param.data.dtype for param in model.parameters()), np.dtype(np.float32))
+    flags = module_flags(model)
+    model.eval()
+    try:
+        with no_grad():
+            run(model, np.zeros((1, *input_shape), dtype=dtype))
+    finally:
+        set_module_flags(list(model.modules()), flags)
+    return total
+
+
 def gflops_per_second(flops: float, seconds: float) -> float:
     return flops / seconds / 1e9 if seconds > 0 else float("nan")
 

@@ -108,7 +108,7 @@ def train_epoch(
     _check_arrays(images, labels)
     with contextlib.ExitStack() as stack:
         if check_framework(framework) == "numpy":
-            runner = stack.enter_context(_numpy_training_runner(model))
+            runner = stack.enter_context(_numpy_training_runner(model, images.shape[1:]))
             step_fn = _numpy_steps(runner, optimizer, images, labels)
         else:
             step_fn = _torch_steps(model, optimizer, images, labels)
@@ -131,7 +131,12 @@ def train_epoch(
 # scratch-notebook-cnn 11.5 -> 9.6 ms a step, lenet5 20.1 -> 18.6, simple-cnn alike).
 EVAL_MAX_SHARD_SIZE = 64
 TRAIN_MAX_SHARD_SIZE = 128
-# Smallest shard worth a thread; smaller batches run whole (see nn.parallel).
+# Smallest shard worth a worker: one whose forward pass costs SHARD_WORTH_FLOPS, but never more
+# than MIN_SHARD_SIZE samples; smaller batches run whole (see nn.parallel). A hand-off costs
+# ~0.3-1 ms: simple-cnn (2.4 MFLOP an image) at batch 10 took 4.2 ms a step sharded against
+# 3.2 ms whole, so it shards from 16 images; bn-cnn (37 MFLOP an image) at batch 10 took
+# 19.7 ms sharded (5 + 5 images) against 22.1 ms whole.
+SHARD_WORTH_FLOPS = 40e6
 MIN_SHARD_SIZE = 16
 # Worker processes, not threads: they share no GIL (see nn.shard_process).
 SHARD_WORKERS = "processes"
@@ -143,38 +148,48 @@ SHARD_WORKERS = "processes"
 _last_runner: tuple[Any, tuple[int, str], Any] | None = None
 
 
-def _numpy_runner(model: Any, max_shard_size: int | None) -> Any:
-    """``model`` run on batch shards of at most ``max_shard_size`` samples in
-    ``configured_threads()`` workers, PyTorch's thread count (see nn.parallel; with one thread
-    and a small batch it is a plain call), with each ReLU -> MaxPool2d pair run pool-first
-    (exact, see ``nn.pooling.pool_before_relu``)."""
+def _numpy_runner(model: Any, max_shard_size: int | None, sample_shape: tuple[int, ...]) -> Any:
+    """``model`` run on batch shards of at most ``max_shard_size`` samples (of
+    ``sample_shape``) in ``configured_threads()`` workers, PyTorch's thread count (see
+    nn.parallel; with one thread and a small batch it is a plain call), with each ReLU ->
+    MaxPool2d pair run pool-first (exact, see ``nn.pooling.pool_before_relu``)."""
     from scratchcnn.harness.threads import configured_threads
     from scratchcnn.nn.parallel import DataParallel
     from scratchcnn.nn.pooling import pool_before_relu
 
     global _last_runner
-    made_for = (configured_threads(), repr(model))
+    made_for = (configured_threads(), repr(model), tuple(sample_shape))
     if _last_runner is not None and _last_runner[0] is model and _last_runner[1] == made_for:
         runner = _last_runner[2]
     else:
         if _last_runner is not None:
             _last_runner[2].close()
         runner = DataParallel(pool_before_relu(model), num_shards=made_for[0],
-                              min_shard_size=MIN_SHARD_SIZE, workers=SHARD_WORKERS)
+                              min_shard_size=min_shard_size(model, sample_shape),
+                              workers=SHARD_WORKERS)
         _last_runner = (model, made_for, runner)
     runner.max_shard_size = max_shard_size
     return runner
 
 
+def min_shard_size(model: Any, sample_shape: tuple[int, ...]) -> int:
+    """The fewest samples worth a shard of ``model``: enough for SHARD_WORTH_FLOPS of forward
+    pass, at most MIN_SHARD_SIZE."""
+    from scratchcnn.harness.flops import module_flops
+
+    flops = module_flops(model, sample_shape)
+    return max(1, min(MIN_SHARD_SIZE, math.ceil(SHARD_WORTH_FLOPS / max(flops, 1))))
+
+
 @contextlib.contextmanager
-def _numpy_training_runner(model: Any) -> Iterator[Any]:
+def _numpy_training_runner(model: Any, sample_shape: tuple[int, ...]) -> Iterator[Any]:
     """The runner for training, with the first layer's input gradient switched off meanwhile:
     the input is data, so PyTorch does not compute it either."""
     first = model[0] if isinstance(model, Sequential) and len(model) else model
     previous = first.needs_input_grad
     first.needs_input_grad = False
     try:
-        yield _numpy_runner(model, TRAIN_MAX_SHARD_SIZE)
+        yield _numpy_runner(model, TRAIN_MAX_SHARD_SIZE, sample_shape)
     finally:
         first.needs_input_grad = previous
 
@@ -237,7 +252,8 @@ def evaluate(
     check_framework(framework)
     model.eval()
     if framework == "numpy":
-        logits_of, model = _numpy_logits, _numpy_runner(model, EVAL_MAX_SHARD_SIZE)
+        logits_of = _numpy_logits
+        model = _numpy_runner(model, EVAL_MAX_SHARD_SIZE, images.shape[1:])
         model.eval()
     else:
         logits_of = _torch_logits
