@@ -198,26 +198,28 @@ class DataParallel(Module):
         size, larger = divmod(n, shards)  # np.array_split's sizes: the first ones one larger
         return [size + 1] * larger + [size] * (shards - larger)
 
-    def _synced_replicas(self, count: int, current: str) -> list[Module]:
-        """``count`` replicas whose parameters and buffers point at the module's current arrays
-        and whose ``training`` and ``needs_input_grad`` flags match it (``to()``, ``train()`` or
-        the caller may have changed them since the replicas were made); made anew if the module's
-        ``signature``, ``current``, changed (a layer added, say)."""
+    def _replicas_for(self, count: int, current: str) -> None:
+        """At least ``count`` replicas of the module, made anew if its ``signature``,
+        ``current``, changed since they were (a layer added, say)."""
         if current != self._signature:
             self._replicas, self._signature = [], current
         while len(self._replicas) < count:
             self._replicas.append(replicate(self.module))
-        replicas = self._replicas[:count]
+
+    def _sync(self, replicas: Sequence[Module]) -> None:
+        """Point ``replicas``' parameters and buffers at the module's current arrays and give
+        them its ``training`` and ``needs_input_grad`` flags (``to()``, ``train()`` or the caller
+        may have changed them since the last call)."""
         params = list(self.module.parameters())
         modules = list(self.module.modules())
         flags = module_flags(self.module)
-        for index, replica in enumerate(replicas):
+        for replica in replicas:
+            first = replica is self._replicas[0]
             for shell, param in zip(replica.parameters(), params, strict=True):
                 shell.data = param.data
                 # Replica 0's gradient, the first one summed, lands in the parameter's buffer,
                 # unless .grad already holds one to add to (see _add_gradients).
-                shell.grad_buffer = param.grad_buffer if index == 0 and param.grad is None \
-                    else None
+                shell.grad_buffer = param.grad_buffer if first and param.grad is None else None
             clones = list(replica.modules())
             for clone, module in zip(clones, modules, strict=True):
                 # The module's own buffer arrays, even if rebound since with an unchanged
@@ -226,7 +228,6 @@ class DataParallel(Module):
                 for name, buffer in module._buffers.items():
                     object.__setattr__(clone, name, buffer)
             set_module_flags(clones, flags)
-        return replicas
 
     def _groups(self, parts: Sequence[np.ndarray]) -> list[list[int]]:
         """Shard indices per worker: round-robin, the first group for this thread."""
@@ -249,6 +250,9 @@ class DataParallel(Module):
                                f"{len(groups)} workers")
         in_processes = self.workers == "processes" and len(groups) > 1
         replicas = self._replicas[:len(parts)]
+        # The replicas this process runs, brought up to date for a new batch.
+        local = [replicas[k] for k in (groups[0] if in_processes else range(len(parts)))]
+        sync = (lambda: None) if op == "backward" else (lambda: self._sync(local))
         batch = BatchGroup([len(part) for part in parts]) if coupled and not in_processes else None
 
         def run_group(group: list[int]) -> tuple[list[Any], list[Any]]:
@@ -272,9 +276,10 @@ class DataParallel(Module):
         limit = _single_threaded_blas() if len(groups) > 1 else contextlib.nullcontext()
         with limit:
             if in_processes:
-                group_results = self._run_in_processes(op, groups, parts, run_group, coupled,
-                                                       targets, loss)
+                group_results = self._run_in_processes(op, groups, parts, run_group, sync,
+                                                       coupled, targets, loss)
             else:
+                sync()
                 group_results = self._run_in_threads(groups, run_group, replicas, batch)
         results: list[Any] = [None] * len(parts)
         for group, (group_result, _) in zip(groups, group_results, strict=True):
@@ -311,11 +316,13 @@ class DataParallel(Module):
 
     def _run_in_processes(self, op: str, groups: list[list[int]], parts: Sequence[np.ndarray],
                           run_group: Callable[[list[int]], tuple[list[Any], list[Any]]],
-                          coupled: bool, targets: Sequence[np.ndarray],
+                          sync: Callable[[], None], coupled: bool,
+                          targets: Sequence[np.ndarray],
                           loss: dict[str, Any] | None) -> list[tuple[list[Any], list[Any]]]:
         """The first group here, the others sent to one worker process each meanwhile. Coupled
         (one shard per group): replica 0 is the hub of the workers' collectives, and each
-        request says where its shard lies in the batch."""
+        request says where its shard lies in the batch. ``sync`` readies this process's
+        replicas once the requests are out, so that the workers start sooner."""
         if op != "backward":
             if self._processes is None or self._processes.count != len(groups) - 1:
                 self.close()
@@ -338,6 +345,7 @@ class DataParallel(Module):
                 # overwrite the inputs its forward's layers may have kept views of.
                 worker.request({"op": op, **fields, "shard": place}, arrays,
                                through_inbox=op != "backward")
+            sync()
             if hub is None:
                 group_results = [run_group(groups[0])]
             else:
@@ -374,7 +382,7 @@ class DataParallel(Module):
         self._sharded_batch, self._backward_done = None, False
         if len(sizes) == 1:
             return self.module(x)
-        self._synced_replicas(len(sizes), signature(self.module))
+        self._replicas_for(len(sizes), signature(self.module))
         outputs, _ = self._run("forward", np.split(x, np.cumsum(sizes)[:-1]), coupled)
         self._sharded_batch, self._coupled = sizes, coupled
         return np.concatenate(outputs)
@@ -433,7 +441,7 @@ class DataParallel(Module):
         options = {"divisor": divisor, "ignore_index": criterion.ignore_index,
                    "label_smoothing": criterion.label_smoothing}
         self._sharded_batch, self._backward_done = None, True
-        self._synced_replicas(len(sizes), signature(self.module))
+        self._replicas_for(len(sizes), signature(self.module))
         splits = np.cumsum(sizes)[:-1]
         losses, group_sums = self._run("train", np.split(x, splits), coupled,
                                        np.split(target, splits), options)
