@@ -179,6 +179,42 @@ def test_request_arrays_travel_through_the_inbox_when_they_fit():
         worker.close()
 
 
+def _slow_asker():
+    """A worker that sleeps ``delay`` seconds, asks the caller a question, sleeps again and
+    answers with the caller's reply doubled."""
+    import time
+
+    from scratchcnn.forked import ask_parent
+
+    def handle(message, arrays):
+        time.sleep(message["delay"])
+        _, answer = ask_parent({"question": True}, arrays)
+        time.sleep(message["delay"])
+        return {}, [2 * answer[0]]
+
+    return handle
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.03])
+def test_answers_arrive_whether_they_come_within_the_polling_time_or_after_it(monkeypatch,
+                                                                              delay):
+    """Both ends poll their pipe for SPIN_SECONDS before sleeping on it; a longer wait (the
+    worker sleeps 30 ms where they poll 2 ms) must still end in the answer."""
+    from scratchcnn import forked
+
+    monkeypatch.setattr(forked, "SPIN_SECONDS", 0.002)  # before the fork: the worker's too
+    worker = forked.ForkedWorker(_slow_asker, "scratchcnn-test")
+    try:
+        worker.request({"delay": delay}, [np.arange(3.0)])
+        question, arrays = worker.reply()
+        assert question == {"question": True}
+        worker.request({}, [arrays[0] + 1])
+        _, (answer,) = worker.reply()
+        np.testing.assert_array_equal(answer, [2.0, 4.0, 6.0])
+    finally:
+        worker.close()
+
+
 def test_inputs_a_worker_keeps_for_backward_survive_the_backward_request(rng):
     """Flatten -> Linear keeps views of its input for backward: that input came through the
     worker's inbox, so the backward request's gradients must not, or they would overwrite it."""
