@@ -134,8 +134,8 @@ TRAIN_MAX_SHARD_SIZE = 128
 # Smallest shard worth a worker: one whose forward pass costs SHARD_WORTH_FLOPS, but never more
 # than MIN_SHARD_SIZE samples; smaller batches run whole (see nn.parallel). A hand-off costs
 # ~0.3-1 ms: simple-cnn (2.4 MFLOP an image) at batch 10 took 4.2 ms a step sharded against
-# 3.2 ms whole, so it shards from 16 images; bn-cnn (37 MFLOP an image) at batch 10 took
-# 19.7 ms sharded (5 + 5 images) against 22.1 ms whole.
+# 3.2 ms whole, so it shards from 16 images; bn-cnn (37 MFLOP an image) shards from 4, which
+# made its step at batch 16 16% faster and at batch 10 2-11% (in-process A/Bs).
 SHARD_WORTH_FLOPS = 40e6
 MIN_SHARD_SIZE = 16
 # Worker processes, not threads: they share no GIL (see nn.shard_process).
@@ -145,7 +145,7 @@ SHARD_WORKERS = "processes"
 # The last runner made, kept so that its worker processes outlive one epoch or evaluation (a fork
 # costs ~20 ms, a bench round is 30 steps): (model, what it was made for, runner). One entry:
 # a runner for another model replaces it, and its workers stop.
-_last_runner: tuple[Any, tuple[int, str], Any] | None = None
+_last_runner: tuple[Any, tuple[int, str, tuple[int, ...]], Any] | None = None
 
 
 def _numpy_runner(model: Any, max_shard_size: int | None, sample_shape: tuple[int, ...]) -> Any:

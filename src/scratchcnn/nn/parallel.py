@@ -198,7 +198,7 @@ class DataParallel(Module):
         size, larger = divmod(n, shards)  # np.array_split's sizes: the first ones one larger
         return [size + 1] * larger + [size] * (shards - larger)
 
-    def _replicas_for(self, count: int, current: str) -> None:
+    def _make_replicas(self, count: int, current: str) -> None:
         """At least ``count`` replicas of the module, made anew if its ``signature``,
         ``current``, changed since they were (a layer added, say)."""
         if current != self._signature:
@@ -382,7 +382,7 @@ class DataParallel(Module):
         self._sharded_batch, self._backward_done = None, False
         if len(sizes) == 1:
             return self.module(x)
-        self._replicas_for(len(sizes), signature(self.module))
+        self._make_replicas(len(sizes), signature(self.module))
         outputs, _ = self._run("forward", np.split(x, np.cumsum(sizes)[:-1]), coupled)
         self._sharded_batch, self._coupled = sizes, coupled
         return np.concatenate(outputs)
@@ -441,7 +441,7 @@ class DataParallel(Module):
         options = {"divisor": divisor, "ignore_index": criterion.ignore_index,
                    "label_smoothing": criterion.label_smoothing}
         self._sharded_batch, self._backward_done = None, True
-        self._replicas_for(len(sizes), signature(self.module))
+        self._make_replicas(len(sizes), signature(self.module))
         splits = np.cumsum(sizes)[:-1]
         losses, group_sums = self._run("train", np.split(x, splits), coupled,
                                        np.split(target, splits), options)
