@@ -70,12 +70,15 @@ def test_built_model_flops_match_the_architecture_count(name: str) -> None:
     assert rng.bit_generator.state == draws_before
 
 
-def test_module_flops_of_a_padded_strided_conv() -> None:
+def test_module_flops_of_a_strided_conv_and_a_batchnorm_after_global_pooling() -> None:
     from scratchcnn import nn
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding="valid"), nn.Flatten(),
                           nn.Linear(4 * 5 * 5, 5))
     assert module_flops(model, (3, 11, 11)) == 2 * 3 * 9 * 4 * 25 + 2 * 100 * 5
+    pooled = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AvgPool2d(6),
+                           nn.BatchNorm2d(4, track_running_stats=False))
+    assert module_flops(pooled, (1, 8, 8)) == 2 * 9 * 4 * 36
 
 
 # -- alternation and statistics ------------------------------------------------------------------

@@ -73,9 +73,10 @@ def forward_flops(name: str | Sequence[LayerSpec],
 
 def module_flops(model: Any, input_shape: tuple[int, ...] = MNIST_INPUT) -> int:
     """Forward FLOPs of a built NumPy model for one sample of ``input_shape`` (C, H, W), counted
-    as ``layer_flops`` counts them, from the shapes one zero sample takes through its layers. The
-    sample runs in eval mode under ``no_grad`` (no running statistics updated, no dropout mask
-    drawn), and every layer's flags are restored afterwards."""
+    as ``layer_flops`` counts them, from the shapes zero samples take through its layers. They
+    run in eval mode under ``no_grad`` (no running statistics updated, no dropout mask drawn), two
+    of them so that a BatchNorm without running statistics has more than one value per channel
+    even after global pooling; every layer's flags are restored afterwards."""
     from scratchcnn.nn import Conv2d, Linear, Sequential, no_grad
     from scratchcnn.nn.replica import module_flags, set_module_flags
 
@@ -99,7 +100,7 @@ def module_flops(model: Any, input_shape: tuple[int, ...] = MNIST_INPUT) -> int:
     model.eval()
     try:
         with no_grad():
-            run(model, np.zeros((1, *input_shape), dtype=dtype))
+            run(model, np.zeros((2, *input_shape), dtype=dtype))
     finally:
         set_module_flags(list(model.modules()), flags)
     return total
