@@ -231,6 +231,27 @@ def test_parameter_contract():
         param.accumulate_grad(np.ones((3, 2)))  # float64 into float32
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_gradient_product_lands_in_the_buffer_with_the_bits_of_the_product(rng, dtype):
+    a = rng.standard_normal((40, 5)).astype(dtype).T  # transposed, as Linear passes gradᵀ
+    b = rng.standard_normal((40, 300)).astype(dtype)
+    param = Parameter(np.zeros((5, 300), dtype=dtype))
+    vector = np.zeros(param.size + 1, dtype=dtype)
+    param.grad_buffer = vector[1:].reshape(param.shape)  # unaligned, like flattened parameters
+    param.accumulate_grad_product(a, b)
+    assert param.grad is param.grad_buffer
+    np.testing.assert_array_equal(param.grad, a @ b)
+    param.accumulate_grad_product(a, b)  # a second one adds, as accumulate_grad does
+    np.testing.assert_array_equal(vector[1:], (a @ b + a @ b).ravel())
+    assert vector[0] == 0
+
+    unbuffered = Parameter(np.zeros((5, 300), dtype=dtype))
+    unbuffered.accumulate_grad_product(a, b)
+    np.testing.assert_array_equal(unbuffered.grad, a @ b)
+    with pytest.raises(RuntimeError, match="does not match"):
+        param.accumulate_grad_product(b.T, a.T)  # (300, 5): a backward's bug, not a new shape
+
+
 def test_no_grad_nests_and_restores_after_errors():
     assert is_grad_enabled()
     with pytest.raises(KeyError), no_grad():

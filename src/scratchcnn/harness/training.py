@@ -204,13 +204,11 @@ def _numpy_steps(model, optimizer, images, labels) -> Callable[[np.ndarray], flo
 
     def step(batch: np.ndarray) -> float:
         optimizer.zero_grad()
-        # Forward, loss and backward in one pass over the shards (DataParallel.forward_backward:
-        # the same loss and gradients as the three calls, with one hand-off per step, not two).
-        loss = float(model.forward_backward(images[batch], labels[batch], criterion))
-        if not math.isfinite(loss):
-            return loss  # no update: the caller raises with the weights still good
-        optimizer.step()
-        return loss
+        # Forward, loss, backward and optimizer step in one pass over the shards
+        # (DataParallel.train_step: the same bits as the four calls, with one hand-off per step,
+        # and the gradients' sum and the update split between the workers). A non-finite loss
+        # skips the update: the caller raises with the weights still good.
+        return float(model.train_step(images[batch], labels[batch], criterion, optimizer))
 
     return step
 

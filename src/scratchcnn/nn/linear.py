@@ -76,7 +76,7 @@ class Linear(Module):
         # Collapse any leading dimensions into one batch axis: (M, out) and (M, in).
         grad_2d = grad.reshape(-1, self.out_features)
         x_2d = x.reshape(-1, self.in_features)
-        self.weight.accumulate_grad(grad_2d.T @ x_2d)
+        self.weight.accumulate_grad_product(grad_2d.T, x_2d)  # dL/dW = gradᵀ · x
         if self.bias is not None:
             self.bias.accumulate_grad(grad_2d.sum(axis=0))
         if not self.needs_input_grad:

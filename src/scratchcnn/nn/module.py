@@ -118,6 +118,18 @@ class Parameter:
         else:
             self.grad += grad
 
+    def accumulate_grad_product(self, a: np.ndarray, b: np.ndarray) -> None:
+        """``accumulate_grad(a @ b)``, with the first gradient's product written straight into
+        ``grad_buffer``: no temporary to allocate, fault in and copy (scratch-notebook-cnn's
+        64x6272 weight gradient: ~0.3 -> 0.19 ms). The same bits: the same BLAS call."""
+        buffer = self.grad_buffer
+        if (self.grad is None and buffer is not None
+                and buffer.shape == (a.shape[0], b.shape[-1]) == self.data.shape
+                and a.dtype == b.dtype == buffer.dtype):
+            self.grad = np.matmul(a, b, out=buffer)
+        else:
+            self.accumulate_grad(a @ b)
+
     def __repr__(self) -> str:
         return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
 

@@ -27,10 +27,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from scratchcnn.forked import ForkedWorker, Handler, Message, SharedArrays, is_shared, layout_of
+from scratchcnn.forked import (
+    ForkedWorker,
+    Handler,
+    Message,
+    SharedArrays,
+    ask_parent,
+    is_shared,
+    layout_of,
+    shared_empty,
+)
 from scratchcnn.nn.module import Module, set_grad_enabled
 from scratchcnn.nn.process_collective import WorkerShard
 from scratchcnn.nn.replica import (
@@ -41,6 +51,9 @@ from scratchcnn.nn.replica import (
     set_module_flags,
     sum_gradients,
 )
+
+if TYPE_CHECKING:  # scratchcnn.optim imports scratchcnn.nn
+    from scratchcnn.optim.optimizer import Optimizer, SplitStep
 
 # Room for the shards a request brings through shared memory rather than the pipe (see
 # DataParallel._run_in_processes): a few hundred MNIST images; larger requests use the pipe.
@@ -53,16 +66,36 @@ def _states(module: Module) -> list[np.ndarray]:
             + [buffer for _, buffer in module.named_buffers()])
 
 
-class ShardProcess(ForkedWorker):
-    """One forked worker holding a copy of ``module``. ``direct[i]`` says whether the module's
-    i-th state (``_states``) is in shared memory already, so that the worker's inherited copy of
-    it sees every later in-place write (the harness's flat parameter vector); ``staged`` is the
-    shared memory the caller copies the other states' values into before each forward."""
+class SharedGradients:
+    """Shared memory for a worker's parameter gradients (``arrays``, one per parameter), laid end
+    to end in one ``vector`` like ``flatten_parameters``' gradient vector when the parameters
+    share a dtype (else ``vector`` is None), so that a ``SplitStep`` can add it up block by
+    block."""
 
-    def __init__(self, module: Module, staged: SharedArrays, direct: list[bool]) -> None:
-        self.gradients = SharedArrays(layout_of([param.data for param in module.parameters()]))
-        gradients = self.gradients
-        super().__init__(lambda: _shard_handler(module, staged, direct, gradients),
+    def __init__(self, params: list[np.ndarray]) -> None:
+        dtypes = {param.dtype for param in params}
+        if len(dtypes) != 1:
+            self.vector, self.arrays = None, SharedArrays(layout_of(params)).arrays
+            return
+        self.vector = shared_empty((sum(param.size for param in params),), dtypes.pop())
+        ends = np.cumsum([param.size for param in params]).tolist()
+        self.arrays = [self.vector[stop - param.size:stop].reshape(param.shape)
+                       for param, stop in zip(params, ends, strict=True)]
+
+
+class ShardProcess(ForkedWorker):
+    """Worker ``rank`` (1, 2, ...), a forked process holding a copy of ``module``. ``direct[i]``
+    says whether the module's i-th state (``_states``) is in shared memory already, so that the
+    worker's inherited copy of it sees every later in-place write (the harness's flat parameter
+    vector); ``staged`` is the shared memory the caller copies the other states' values into
+    before each forward. ``gradients[rank - 1]`` receives its gradient sums; with ``optimizer``
+    (whose flat group exists) it can take part in a ``SplitStep``, adding up every worker's."""
+
+    def __init__(self, module: Module, staged: SharedArrays, direct: list[bool], rank: int,
+                 gradients: list[SharedGradients], optimizer: Optimizer | None) -> None:
+        self.gradients = gradients[rank - 1]
+        super().__init__(lambda: _shard_handler(module, staged, direct, rank, gradients,
+                                                optimizer),
                          "scratchcnn-shard", inbox_bytes=INBOX_BYTES)
 
 
@@ -82,15 +115,22 @@ def _batch_shard(replicas: list[Module], place: list[int] | None) -> Iterator[No
         give_batch_shard(replica, None)
 
 
-def _shard_handler(module: Module, staged: SharedArrays, direct: list[bool],
-                   gradients: SharedArrays) -> Handler:
+def _shard_handler(module: Module, staged: SharedArrays, direct: list[bool], rank: int,
+                   all_gradients: list[SharedGradients],
+                   optimizer: Optimizer | None) -> Handler:
     """In the worker: bind the module's copy to the staged values (``direct`` ones are already
     shared); answer forward requests (``flags``, ``grad_enabled``, one array per shard) with the
     outputs, backward requests with the input gradients, and train requests (each shard's input
     and target, the ``loss`` options: see ``replica.cross_entropy_step``) with the per-sample
     losses; after either of the last two, the parameter gradients' sum is left in
     ``gradients``. A request's ``shard`` (coupled models) places its one shard in the batch, see
-    ``_batch_shard``."""
+    ``_batch_shard``. A train request's ``split`` is this worker's part of a ``SplitStep``: the
+    worker then sends its answer as a question (``ask_parent``) and, if the caller says so,
+    adds up and updates its blocks of the parameters before it replies."""
+    from scratchcnn.optim.optimizer import Workspace, run_split_part  # see TYPE_CHECKING above
+
+    gradients = all_gradients[rank - 1]
+    work = Workspace()
     params = list(module.parameters())
     owners = [(owner, name) for owner in module.modules()
               for name, buffer in owner._buffers.items() if buffer is not None]
@@ -131,7 +171,15 @@ def _shard_handler(module: Module, staged: SharedArrays, direct: list[bool],
                                                                    strict=True)]
             losses = backward_into_first(shard_replicas, lambda replica, i: cross_entropy_step(
                 replica, parts[i], targets[i], message["loss"]))
-        return {"has_grad": _gradient_sums(shard_replicas)}, losses
+        answer = {"has_grad": _gradient_sums(shard_replicas)}
+        if "split" not in message:
+            return answer, losses
+        go, _ = ask_parent(answer, losses)  # the caller reads it as our answer
+        if go["split"]:
+            assert optimizer is not None
+            run_split_part(optimizer, message["split"], work,
+                           [shared.vector for shared in all_gradients])
+        return {}, []
 
     def _gradient_sums(shard_replicas: list[Module]) -> list[bool]:
         """Sum the replicas' parameter gradients into ``gradients``: which ones exist."""
@@ -141,34 +189,44 @@ def _shard_handler(module: Module, staged: SharedArrays, direct: list[bool],
 
 
 class ShardProcessPool:
-    """``count`` workers for ``module``, restarted whenever the module's ``signature`` changes or
-    a state that was shared with them directly is no longer the module's array."""
+    """``count`` workers for ``module``, restarted whenever the module's ``signature`` changes, a
+    state that was shared with them directly is no longer the module's array, or a
+    ``SplitStep`` needs an optimizer's flat group they were forked without."""
 
     def __init__(self, count: int) -> None:
         self.count = count
         self._signature: str | None = None
         self._direct: list[np.ndarray | None] = []  # per state: the array shared at the fork
         self._staged: SharedArrays | None = None
+        self._split_for: tuple[Any, ...] = ()  # the SplitStep.made_for the workers can take
         self.workers: list[ShardProcess] = []
 
-    def sync(self, module: Module, current: str) -> list[ShardProcess]:
+    def sync(self, module: Module, current: str,
+             split: SplitStep | None = None) -> list[ShardProcess]:
         """Workers mirroring ``module`` as it is now: the values not already in shared memory
         copied into it (for the harness's simple-cnn, only BatchNorm's buffers, if any: the
         parameters live in the optimizer's shared flat vector), forked anew if the module's
-        ``signature``, ``current``, changed since they were."""
+        ``signature``, ``current``, changed since they were, or if they could not take their
+        part of ``split``."""
         values = _states(module)
         rebound = any(shared is not None and shared is not value
                       for shared, value in zip(self._direct, values, strict=False))
-        if current != self._signature or len(self.workers) != self.count or rebound:
+        stale = split is not None and not split.made_for_same(self._split_for)
+        if current != self._signature or len(self.workers) != self.count or rebound or stale:
             self.close()
             self._direct = [value if is_shared(value) else None for value in values]
             self._staged = SharedArrays(layout_of(
                 [value for value, shared in zip(values, self._direct, strict=True)
                  if shared is None]))
             direct = [shared is not None for shared in self._direct]
-            self.workers = [ShardProcess(module, self._staged, direct)
-                            for _ in range(self.count)]
+            params = [param.data for param in module.parameters()]
+            # Every worker's gradients before the first fork: a split step adds them all up.
+            gradients = [SharedGradients(params) for _ in range(self.count)]
+            optimizer = split.optimizer if split is not None else None
+            self.workers = [ShardProcess(module, self._staged, direct, rank, gradients, optimizer)
+                            for rank in range(1, self.count + 1)]
             self._signature = current
+            self._split_for = split.made_for() if split is not None else ()
         assert self._staged is not None
         staged = iter(self._staged.arrays)
         for value, shared in zip(values, self._direct, strict=True):
@@ -182,3 +240,4 @@ class ShardProcessPool:
         self.workers = []
         self._signature = None
         self._direct = []
+        self._split_for = ()

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import wait
 from typing import Any, ClassVar
 
@@ -118,16 +118,19 @@ class FlatGroup:
         self.state_views: dict[str, list[np.ndarray]] = {}
         self._chunks: dict[tuple[int, tuple[str, ...]], list[tuple[Any, ...]]] = {}
 
-    def chunks(self, count: int) -> list[tuple[Parameter, np.ndarray, dict[str, np.ndarray]]]:
-        """``count`` consecutive pieces (parameter, grad, state arrays) of the vectors, cut at
-        multiples of 64 elements so every piece starts cache-line aligned like the whole."""
+    def chunks(self, count: int) -> list[tuple[Parameter, np.ndarray, dict[str, np.ndarray],
+                                                slice]]:
+        """``count`` consecutive pieces (parameter, grad, state arrays, and where they lie in
+        the vectors) of the vectors, cut at multiples of 64 elements so every piece starts
+        cache-line aligned like the whole."""
         key = (count, tuple(self.state))
         if key not in self._chunks:
             size = self.param.data.size
             bounds = [min(size, -(-size * k // count // 64) * 64) for k in range(count + 1)]
             self._chunks[key] = [
                 (Parameter(self.param.data[start:stop]), self.grad[start:stop],
-                 {name: array[start:stop] for name, array in self.state.items()})
+                 {name: array[start:stop] for name, array in self.state.items()},
+                 slice(start, stop))
                 for start, stop in itertools.pairwise(bounds) if stop > start]
         return self._chunks[key]
 
@@ -315,20 +318,18 @@ class Optimizer:
             if param.grad is not view:  # backward wrote it in place (see FlatGroup)
                 np.copyto(view, param.grad)
         step = steps.pop()
-        # Cache-sized blocks: the update's dozen passes then re-read a block from L2 instead of
-        # streaming whole vectors from memory each time (~30% faster for 400k floats).
-        pieces = flat.chunks(max(1, -(-flat.param.data.nbytes // _BLOCK_BYTES)))
-        threads = max(1, min(self.num_threads, len(pieces)))
+        threads = min(self.num_threads, _block_count(flat))
+        pieces = _block_count(flat, threads)
         while len(self._works) < threads:
             self._works.append(Workspace())
 
         def update(thread: int) -> None:
-            for param, grad, arrays in pieces[thread::threads]:
-                self._update(param, grad, group, {"step": step, **arrays}, self._works[thread])
+            update_blocks(self, flat, _part(group, step, pieces, thread, threads),
+                          self._works[thread])
 
         if threads > 1 and self.workers == "processes" and processes_available() \
                 and flat.shared():
-            self._update_in_processes(flat, group, step, len(pieces), threads, update)
+            self._update_in_processes(flat, group, step, pieces, threads, update)
         elif threads > 1:  # ufuncs release the GIL: the blocks run in parallel
             from scratchcnn.nn.parallel import _shared_executor
 
@@ -356,17 +357,44 @@ class Optimizer:
                 ForkedWorker(lambda: _flat_update_handler(self, flat), "scratchcnn-optim")
                 for _ in range(threads - 1)]
             self._step_workers_for = made_for
-        options = {key: _plain(value) for key, value in group.items() if key != "params"}
         try:
             for thread, worker in enumerate(self._step_workers, start=1):
-                worker.request({"group": options, "step": step, "pieces": pieces,
-                                "thread": thread, "threads": threads})
+                worker.request(_part(group, step, pieces, thread, threads))
             update(0)
             for worker in self._step_workers:
                 worker.reply()
         except BaseException:
             self.close()  # a worker may be mid-request: start afresh on the next step
             raise
+
+    def split_step(self, params: list[Parameter], processes: int) -> SplitStep | None:
+        """A plan for running the next ``step()`` across ``processes`` processes, each adding up
+        the gradients of its own blocks first (see ``SplitStep``), if that step would be one
+        flat update of exactly ``params``: this optimizer's only group, laid out end to end
+        with its gradient buffers (``flatten_parameters``) and its state, in shared memory,
+        every ``.grad`` None (so backward writes into the buffers) and one step count. None
+        otherwise, and before the first step, which lays out the state."""
+        if (self.workers != "processes" or len(self.param_groups) != 1
+                or not processes_available()):
+            return None
+        group = self.param_groups[0]
+        flat = self._flat_groups.get(0)
+        keys = self._flat_state_keys(group)
+        if (flat is None or tuple(flat.state) != keys or len(params) != len(flat.views)
+                or not flat.shared()):
+            return None
+        steps = set()
+        for index, (param, mine) in enumerate(zip(params, group["params"], strict=False)):
+            state = self.state.get(param)
+            if (param is not mine or param.grad is not None or state is None
+                    or param.data is not flat.views[index]
+                    or param.grad_buffer is not flat.grad_views[index]
+                    or any(state.get(key) is not flat.state_views[key][index] for key in keys)):
+                return None
+            steps.add(state["step"])
+        if len(steps) != 1:
+            return None
+        return SplitStep(self, flat, steps.pop(), processes)
 
     def close(self) -> None:
         """Stop the worker processes of ``workers = "processes"``, if any (the next step starts
@@ -511,16 +539,92 @@ def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
+def _block_count(flat: FlatGroup, threads: int = 1) -> int:
+    """How many blocks a flat update split across ``threads`` cuts the vectors into:
+    cache-sized, so that the update's dozen passes re-read a block from L2 instead of streaming
+    whole vectors from memory each time (~30% faster for 400k floats), and as many for each
+    thread (scratch-notebook-cnn's 7 blocks, 4 for one thread and 3 for the other, became 8)."""
+    blocks = -(-flat.param.data.nbytes // _BLOCK_BYTES)
+    return max(1, -(-blocks // threads) * threads)
+
+
+def _part(group: dict[str, Any], step: int, pieces: int, thread: int,
+          threads: int) -> dict[str, Any]:
+    """Thread ``thread`` of ``threads``'s share of a flat update, as JSON can carry it to a
+    worker process: the group's options, the step count, and the blocks (``update_blocks``)."""
+    options = {key: _plain(value) for key, value in group.items() if key != "params"}
+    return {"group": options, "step": step, "pieces": pieces, "thread": thread,
+            "threads": threads}
+
+
+def update_blocks(optimizer: Optimizer, flat: FlatGroup, part: dict[str, Any], work: Workspace,
+                  addends: Sequence[np.ndarray] = ()) -> None:
+    """Update ``part``'s blocks of ``flat`` (see ``_part``): every ``threads``-th block from
+    ``thread`` on. ``addends`` (vectors laid out like the gradient vector) are first added, in
+    order, into each block's gradient."""
+    group, step = part["group"], part["step"]
+    for param, grad, arrays, span in flat.chunks(part["pieces"])[part["thread"]::part["threads"]]:
+        for addend in addends:
+            grad += addend[span]
+        optimizer._update(param, grad, group, {"step": step, **arrays}, work)
+
+
 def _flat_update_handler(optimizer: Optimizer, flat: FlatGroup) -> Handler:
-    """In a worker forked from ``optimizer``: update thread ``thread``'s blocks of ``flat`` (the
-    vectors are shared memory, so the parent sees the result) with the group options sent."""
+    """In a worker forked from ``optimizer``: update the blocks of ``flat`` a request names (the
+    vectors are shared memory, so the parent sees the result)."""
     work = Workspace()
 
     def handle(message: dict[str, Any], _: list[np.ndarray]) -> tuple[dict[str, Any], list]:
-        pieces = flat.chunks(message["pieces"])
-        group, step = message["group"], message["step"]
-        for param, grad, arrays in pieces[message["thread"]::message["threads"]]:
-            optimizer._update(param, grad, group, {"step": step, **arrays}, work)
+        update_blocks(optimizer, flat, message, work)
         return {}, []
 
     return handle
+
+
+class SplitStep:
+    """One flat step of ``optimizer`` (see ``Optimizer.split_step``) shared by ``processes``
+    processes that each hold part of the batch's gradients: the caller's (process 0's) already in
+    the gradient vector, process k's in a vector of its own laid out alike. Process k takes the
+    blocks thread k would take in ``step()``, adds every worker's gradients into them in
+    worker order, and updates them (``run``, or ``run_split_part`` in a worker), so the sum and
+    the update both run in parallel where ``DataParallel`` then ``step()`` would add up every
+    gradient in one process first. The same blocks, additions and arithmetic, so the same bits.
+    A worker can take its part only if it was forked after the flat group's vectors were made
+    (``made_for``)."""
+
+    def __init__(self, optimizer: Optimizer, flat: FlatGroup, step: int, processes: int) -> None:
+        self.optimizer, self.flat, self.step, self.processes = optimizer, flat, step, processes
+        self.group = optimizer.param_groups[0]
+        self.pieces = _block_count(flat, processes)
+
+    def made_for(self) -> tuple[Any, ...]:
+        """What a worker forked for this step holds: the optimizer, its flat group and the
+        group's state vectors (the objects themselves: ids of dead ones could come back)."""
+        return self.optimizer, self.flat, tuple(self.flat.state)
+
+    def made_for_same(self, made_for: tuple[Any, ...]) -> bool:
+        """Whether workers forked for ``made_for`` (an earlier ``made_for()``) can run this."""
+        return (len(made_for) == 3 and made_for[0] is self.optimizer
+                and made_for[1] is self.flat and made_for[2] == tuple(self.flat.state))
+
+    def part(self, process: int) -> dict[str, Any]:
+        """What process ``process`` is to do, for ``run_split_part``."""
+        return _part(self.group, self.step, self.pieces, process, self.processes)
+
+    def run(self, addends: Sequence[np.ndarray]) -> None:
+        """Process 0's part, ``addends`` being the workers' gradient vectors."""
+        update_blocks(self.optimizer, self.flat, self.part(0), self.optimizer._work, addends)
+
+    def finish(self) -> None:
+        """Once every part ran: each ``.grad`` is the summed gradient and the step counts
+        advance, as after ``step()``."""
+        for param, grad in zip(self.group["params"], self.flat.grad_views, strict=True):
+            param.grad = grad
+            self.optimizer.state[param]["step"] = self.step + 1
+
+
+def run_split_part(optimizer: Optimizer, part: dict[str, Any], work: Workspace,
+                   addends: Sequence[np.ndarray]) -> None:
+    """In a worker forked after ``optimizer``'s flat group was made (``SplitStep.key``): its
+    ``part`` of a ``SplitStep``, adding ``addends`` (every worker's gradient vector)."""
+    update_blocks(optimizer, optimizer._flat_groups[0], part, work, addends)
