@@ -215,6 +215,27 @@ def test_answers_arrive_whether_they_come_within_the_polling_time_or_after_it(mo
         worker.close()
 
 
+@pytest.mark.parametrize("pause", [0.0, 0.03])
+def test_a_lingering_worker_answers_the_next_request_within_or_after_its_polling(monkeypatch,
+                                                                                pause):
+    """After a request marked "linger" the worker polls for the next one before sleeping: one
+    sent while it polls, or after it went back to sleep, is answered all the same."""
+    import time
+
+    from scratchcnn import forked
+
+    monkeypatch.setattr(forked, "SPIN_SECONDS", 0.002)
+    worker = forked.ForkedWorker(_echo_handler, "scratchcnn-test")
+    try:
+        for index in range(3):
+            worker.request({"linger": True}, [np.full(2, index)])
+            _, (echoed,) = worker.reply()
+            np.testing.assert_array_equal(echoed, [index, index])
+            time.sleep(pause)
+    finally:
+        worker.close()
+
+
 def test_inputs_a_worker_keeps_for_backward_survive_the_backward_request(rng):
     """Flatten -> Linear keeps views of its input for backward: that input came through the
     worker's inbox, so the backward request's gradients must not, or they would overwrite it."""

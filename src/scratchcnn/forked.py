@@ -156,7 +156,8 @@ def _take_from_inbox(inbox: mmap.mmap, headers: list[dict[str, Any]]) -> list[np
 def _poll_awake(conn: Any) -> None:
     """Return once ``conn`` has something to read or after ``SPIN_SECONDS``, without sleeping:
     for waits that are usually short, and only where the waiting process would leave its core
-    idle anyway (never between requests, when other processes may need the core)."""
+    idle anyway (between requests only when the request said ``"linger"``: otherwise another
+    process, such as an optimizer's worker, may need the core then)."""
     deadline = time.perf_counter() + SPIN_SECONDS
     while not conn.poll() and time.perf_counter() < deadline:
         pass
@@ -317,3 +318,5 @@ def _serve(make_handler: Callable[[], Handler], conn: Any, parent_end: Any,
             send_message(conn, {"error": type(error).__name__, "message": str(error)})
         else:
             send_message(conn, reply, reply_arrays)
+            if message.get("linger"):  # the caller expects to send the next request soon
+                _poll_awake(conn)

@@ -15,6 +15,8 @@ pickling. Every call then brings it up to date:
   request (``DataParallel.forward_backward``) runs forward, loss and backward at once;
 - a worker sums its shards' parameter gradients, in shard order, into shared memory of its own
   (its first shard's backward writes them there directly, see ``Parameter.grad_buffer``);
+- with ``DataParallel.train_step``, a worker forked after the optimizer's flat state was made
+  then also adds up and updates its share of the parameters (``optim.optimizer.SplitStep``);
 - a coupled model's shard (BatchNorm2d, Dropout: see ``_couples_samples`` in nn/parallel.py)
   meets the caller's in collectives through the pipe (``nn.process_collective``); the request
   says which shard of the batch it is, and the caller updates the running statistics.
