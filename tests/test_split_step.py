@@ -196,3 +196,19 @@ def test_blocks_are_dealt_evenly(rng):
     blocks = optimizer_module._block_count(flat)
     assert blocks % 2 == 1  # 402k floats: 7 blocks of 256 KB
     assert optimizer_module._block_count(flat, 2) == blocks + 1
+
+
+def test_a_scheduled_learning_rate_reaches_the_workers_every_step(rng, split_steps):
+    batches = [sparse_images(rng, 32) for _ in range(5)]
+    results = {}
+    for split in (False, True):
+        model, optimizer = make("tiny-cnn", np.float64)
+        scheduler = optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.3)
+        runner = DataParallel(model, 2, workers="processes")
+        results[split] = []
+        for batch in batches:
+            results[split] += train(runner, model, optimizer, [batch], split)
+            scheduler.step()
+        runner.close()
+    assert split_steps[0] == len(batches) - 1
+    assert_same_bits(results[True], results[False])
