@@ -16,7 +16,9 @@ into cache-sized blocks (split across ``num_threads`` threads, or with ``workers
 "processes"`` across forked worker processes, see ``scratchcnn.forked``), instead of parameter by
 parameter. The arithmetic is elementwise and identical, so results are bit-for-bit those of the
 per-parameter path, which runs whenever a step does not qualify (parameters not end to end, some
-gradient None, unequal step counts, mixed dtypes).
+gradient None, unequal step counts, mixed dtypes). ``DataParallel.train_step`` can instead share
+such a step among its worker processes, each adding up its own blocks' gradients first
+(``split_step``, ``SplitStep``).
 
 ``state_dict()`` holds only NumPy arrays, plain numbers, booleans and
 tuples of numbers, so it can be written with ``np.savez`` (arrays) plus JSON (everything else).
@@ -584,11 +586,12 @@ def _flat_update_handler(optimizer: Optimizer, flat: FlatGroup) -> Handler:
 class SplitStep:
     """One flat step of ``optimizer`` (see ``Optimizer.split_step``) shared by ``processes``
     processes that each hold part of the batch's gradients: the caller's (process 0's) already in
-    the gradient vector, process k's in a vector of its own laid out alike. Process k takes the
-    blocks thread k would take in ``step()``, adds every worker's gradients into them in
-    worker order, and updates them (``run``, or ``run_split_part`` in a worker), so the sum and
-    the update both run in parallel where ``DataParallel`` then ``step()`` would add up every
-    gradient in one process first. The same blocks, additions and arithmetic, so the same bits.
+    the gradient vector, process k's in a vector of its own laid out alike. Process k takes every
+    ``processes``-th cache-sized block from block k on, adds every worker's gradients into them
+    in worker order, and updates them (``run``, or ``run_split_part`` in a worker), so the sum
+    and the update both run in parallel where ``DataParallel`` then ``step()`` would add up every
+    gradient in one process first. The same additions and elementwise arithmetic, so the same
+    bits, however the blocks are dealt.
     A worker can take its part only if it was forked after the flat group's vectors were made
     (``made_for``)."""
 
@@ -625,6 +628,6 @@ class SplitStep:
 
 def run_split_part(optimizer: Optimizer, part: dict[str, Any], work: Workspace,
                    addends: Sequence[np.ndarray]) -> None:
-    """In a worker forked after ``optimizer``'s flat group was made (``SplitStep.key``): its
+    """In a worker forked after ``optimizer``'s flat group was made (``SplitStep.made_for``): its
     ``part`` of a ``SplitStep``, adding ``addends`` (every worker's gradient vector)."""
     update_blocks(optimizer, optimizer._flat_groups[0], part, work, addends)
