@@ -212,3 +212,26 @@ def test_a_scheduled_learning_rate_reaches_the_workers_every_step(rng, split_ste
         runner.close()
     assert split_steps[0] == len(batches) - 1
     assert_same_bits(results[True], results[False])
+
+
+def test_an_error_in_a_workers_part_is_raised_here_and_the_runner_recovers(rng, monkeypatch):
+    model, optimizer = make("tiny-cnn", np.float64)
+    runner = DataParallel(model, 2, workers="processes")
+    batches = [sparse_images(rng, 32) for _ in range(3)]
+    train(runner, model, optimizer, batches[:1], split=True)  # lays out the optimizer's state
+
+    def fails(*args):
+        raise FloatingPointError("the worker's part failed")
+
+    # Patched before the workers fork (the split needs new ones, forked for this state).
+    monkeypatch.setattr(optimizer_module, "run_split_part", fails)
+    optimizer.zero_grad()
+    with pytest.raises(FloatingPointError, match="worker's part failed"):
+        runner.train_step(*batches[1], nn.CrossEntropyLoss(), optimizer)
+    assert runner._processes is None  # closed: the next call forks afresh
+    monkeypatch.undo()
+    optimizer.zero_grad()
+    loss = runner.train_step(*batches[2], nn.CrossEntropyLoss(), optimizer)
+    assert np.isfinite(loss)
+    assert all(np.isfinite(p.data).all() for p in model.parameters())
+    runner.close()
