@@ -503,7 +503,7 @@ class DataParallel(Module):
         The workers are released either way."""
         assert self._processes is not None
         workers = self._processes.workers
-        params = list(self.module.parameters())
+        params = split.group["params"]  # this module's, in order (``Optimizer.split_step``)
         go = bool(finite) and all(
             local is param.grad_buffer for local, param in zip(group_sums[0], params, strict=True)
         ) and all(grad is not None for sums in group_sums[1:] for grad in sums)

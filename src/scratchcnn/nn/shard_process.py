@@ -132,6 +132,7 @@ def _shard_handler(module: Module, staged: SharedArrays, direct: list[bool], ran
     from scratchcnn.optim.optimizer import Workspace, run_split_part  # see TYPE_CHECKING above
 
     gradients = all_gradients[rank - 1]
+    addends = [shared.vector for shared in all_gradients]  # what a split part adds up
     work = Workspace()
     params = list(module.parameters())
     owners = [(owner, name) for owner in module.modules()
@@ -179,8 +180,7 @@ def _shard_handler(module: Module, staged: SharedArrays, direct: list[bool], ran
         go, _ = ask_parent(answer, losses)  # the caller reads it as our answer
         if go["split"]:
             assert optimizer is not None
-            run_split_part(optimizer, message["split"], work,
-                           [shared.vector for shared in all_gradients])
+            run_split_part(optimizer, message["split"], work, addends)
         return {}, []
 
     def _gradient_sums(shard_replicas: list[Module]) -> list[bool]:
