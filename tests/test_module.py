@@ -272,3 +272,16 @@ def test_scalar_parameter_keeps_its_0d_shape():
     assert param.shape == ()
     param.accumulate_grad(np.array(0.5))
     assert param.grad.shape == () and param.grad == 0.5
+
+
+def test_vector_views_cut_a_vector_into_consecutive_arrays_that_write_through():
+    from scratchcnn.nn.module import vector_views
+
+    vector = np.arange(11.0)
+    first, scalar, last = vector_views(vector, [(2, 3), (), (4,)])
+    assert (first.shape, scalar.shape, last.shape) == ((2, 3), (), (4,))
+    np.testing.assert_array_equal(first, [[0, 1, 2], [3, 4, 5]])
+    assert scalar == 6
+    np.testing.assert_array_equal(last, [7, 8, 9, 10])
+    last[0] = -1.0
+    assert vector[7] == -1.0

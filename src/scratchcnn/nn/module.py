@@ -18,8 +18,9 @@ output is C-contiguous.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -163,13 +164,19 @@ def flatten_parameters(params: Iterable[Parameter]) -> np.ndarray:
     total = sum(param.size for param in ordered)
     vector, grad_vector = shared_empty((total,), dtype), shared_empty((total,), dtype)
     np.concatenate([param.data.ravel() for param in ordered], out=vector)
-    start = 0
-    for param in ordered:
-        stop = start + param.size
-        param.data = vector[start:stop].reshape(param.shape)
-        param.grad_buffer = grad_vector[start:stop].reshape(param.shape)
-        start = stop
+    shapes = [param.shape for param in ordered]
+    for param, data, grad in zip(ordered, vector_views(vector, shapes),
+                                 vector_views(grad_vector, shapes), strict=True):
+        param.data, param.grad_buffer = data, grad
     return vector
+
+
+def vector_views(vector: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+    """Consecutive pieces of the 1-d ``vector``, one per shape, as views of those shapes: how a
+    vector laid out by ``flatten_parameters`` is cut back into per-parameter arrays."""
+    ends = np.cumsum([0, *(math.prod(shape) for shape in shapes)]).tolist()
+    return [vector[start:stop].reshape(shape)
+            for shape, start, stop in zip(shapes, ends[:-1], ends[1:], strict=True)]
 
 
 class LoadResult(NamedTuple):

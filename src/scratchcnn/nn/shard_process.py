@@ -43,7 +43,7 @@ from scratchcnn.forked import (
     layout_of,
     shared_empty,
 )
-from scratchcnn.nn.module import Module, set_grad_enabled
+from scratchcnn.nn.module import Module, set_grad_enabled, vector_views
 from scratchcnn.nn.process_collective import WorkerShard
 from scratchcnn.nn.replica import (
     backward_into_first,
@@ -80,9 +80,7 @@ class SharedGradients:
             self.vector, self.arrays = None, SharedArrays(layout_of(params)).arrays
             return
         self.vector = shared_empty((sum(param.size for param in params),), dtypes.pop())
-        ends = np.cumsum([param.size for param in params]).tolist()
-        self.arrays = [self.vector[stop - param.size:stop].reshape(param.shape)
-                       for param, stop in zip(params, ends, strict=True)]
+        self.arrays = vector_views(self.vector, [param.shape for param in params])
 
 
 class ShardProcess(ForkedWorker):

@@ -42,7 +42,7 @@ from scratchcnn.forked import (
     processes_available,
     shared_empty,
 )
-from scratchcnn.nn.module import Parameter
+from scratchcnn.nn.module import Parameter, vector_views
 
 ParamsT = Iterable[Parameter] | Iterable[Mapping[str, Any]] | Iterable[tuple[str, Parameter]]
 
@@ -137,9 +137,7 @@ class FlatGroup:
         return self._chunks[key]
 
     def _split(self, flat: np.ndarray) -> list[np.ndarray]:
-        offsets = np.cumsum([0] + [v.size for v in self.views])
-        return [flat[start:stop].reshape(view.shape)
-                for view, start, stop in zip(self.views, offsets[:-1], offsets[1:], strict=True)]
+        return vector_views(flat, [view.shape for view in self.views])
 
     def shared(self) -> bool:
         """Whether a forked process would share every vector (parameters, gradient, state)."""
