@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from scratchcnn import nn
-from scratchcnn.forked import processes_available, recv_array, send_array
+from scratchcnn.forked import processes_available, recv_message, send_message
 from scratchcnn.models import build_model
 from scratchcnn.nn import parallel
 from scratchcnn.nn.parallel import DataParallel
@@ -131,21 +131,29 @@ def test_bad_workers_argument_is_rejected():
         DataParallel(nn.ReLU(), workers="gpus")
 
 
-@pytest.mark.parametrize("array", [
+ARRAYS = [
     np.arange(24, dtype=np.float32).reshape(2, 3, 4),
     np.arange(24, dtype=np.float64).reshape(2, 3, 4).transpose(0, 2, 1),  # a strided view
     np.zeros((0, 5), np.float32),
     np.array(2.5),
-])
-def test_arrays_cross_a_pipe_with_values_and_memory_order(array):
+]
+
+
+@pytest.mark.parametrize("arrays", [ARRAYS[:1], ARRAYS[1:2], ARRAYS[2:3], ARRAYS[3:], ARRAYS,
+                                    []])
+def test_messages_cross_a_pipe_with_their_arrays_values_and_memory_order(arrays):
     import multiprocessing
 
     sender, receiver = multiprocessing.Pipe()
-    send_array(sender, array)
-    got = recv_array(receiver)
-    np.testing.assert_array_equal(got, array)
-    assert got.dtype == array.dtype
-    assert np.argsort(got.strides).tolist() == np.argsort(array.strides).tolist()
+    send_message(sender, {"op": "x", "n": [1, 2]}, arrays)
+    message, got = recv_message(receiver)
+    assert message == {"op": "x", "n": [1, 2]}
+    assert len(got) == len(arrays)
+    for received, array in zip(got, arrays, strict=True):
+        np.testing.assert_array_equal(received, array)
+        assert received.shape == array.shape and received.dtype == array.dtype
+        assert np.argsort(received.strides).tolist() == np.argsort(array.strides).tolist()
+    assert not receiver.poll()  # nothing left over for the next message
 
 
 def _echo_handler():

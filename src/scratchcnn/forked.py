@@ -113,17 +113,17 @@ def _restored(stored: np.ndarray, header: dict[str, Any]) -> np.ndarray:
     return stored.transpose(tuple(np.argsort(header["order"])))
 
 
-def send_array(conn: Any, array: np.ndarray) -> None:
-    """``array`` through ``conn`` as a JSON header and its raw bytes, in its own memory order."""
+def _stored(array: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """``array`` as the C-ordered array whose bytes travel (in its own memory order), and the
+    header that rebuilds it (``_restored``)."""
     order, transposed = _memory_order(array)
     stored = np.asarray(transposed, order="C")  # not ascontiguousarray: 0-d stays 0-d
-    conn.send_bytes(json.dumps(_header(stored, order)).encode())
-    conn.send_bytes(memoryview(stored).cast("B") if stored.size else b"")
+    return stored, _header(stored, order)
 
 
-def recv_array(conn: Any) -> np.ndarray:
-    """The array ``send_array`` sent: same values, shape, dtype and memory order."""
-    header = json.loads(conn.recv_bytes())
+def _recv_raw(conn: Any, header: dict[str, Any]) -> np.ndarray:
+    """The array whose bytes were sent after ``header``: same values, shape, dtype and memory
+    order as the sender's."""
     stored = np.empty(header["shape"], np.dtype(header["dtype"]))
     if stored.size:
         conn.recv_bytes_into(memoryview(stored).cast("B"))
@@ -164,16 +164,18 @@ def _poll_awake(conn: Any) -> None:
 
 
 def send_message(conn: Any, message: Message, arrays: Sequence[np.ndarray] = ()) -> None:
-    """``message`` (JSON-able) followed by ``arrays``."""
-    conn.send_bytes(json.dumps({**message, "arrays": len(arrays)}).encode())
-    for array in arrays:
-        send_array(conn, array)
+    """``message`` (JSON-able) carrying the arrays' headers, then each array's raw bytes: one
+    JSON text to encode and decode per message, however many arrays follow."""
+    stored = [_stored(array) for array in arrays]
+    conn.send_bytes(json.dumps({**message, "arrays": [header for _, header in stored]}).encode())
+    for contiguous, _ in stored:
+        conn.send_bytes(memoryview(contiguous).cast("B") if contiguous.size else b"")
 
 
 def recv_message(conn: Any, inbox: mmap.mmap | None = None) -> tuple[Message, list[np.ndarray]]:
     """What ``send_message`` sent, or a request whose arrays wait in the worker's ``inbox``."""
     message = json.loads(conn.recv_bytes())
-    arrays = [recv_array(conn) for _ in range(message.pop("arrays"))]
+    arrays = [_recv_raw(conn, header) for header in message.pop("arrays")]
     if "inbox" in message:
         assert inbox is not None
         arrays = _take_from_inbox(inbox, message.pop("inbox"))
