@@ -43,6 +43,37 @@ def test_apply_to_rows_refuses_a_matrix_it_cannot_fold_in_place():
     with pytest.raises(ValueError, match="copy"):
         F.apply_to_rows(np.add, out, np.ones(3), out)
 
+@pytest.mark.parametrize("m, k, n", [
+    (25088, 9, 16),  # simple-cnn's first layer at 32 images: pieces of 6944 rows
+    (6272, 144, 32),  # its second: pieces of 217 rows, the last one shorter
+    (6272, 288, 64),  # pieces would be under MIN_PIECE_ROWS: one call
+    (100, 9, 16),  # small enough already: one call
+    (0, 9, 16),
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("a_order", ["C", "F"])  # F: one-channel im2col's transposed matrix
+@pytest.mark.parametrize("given_out", [False, True])
+def test_matmul_rows_is_the_matrix_product(rng, m, k, n, dtype, a_order, given_out):
+    a = np.asarray(rng.standard_normal((m, k)).astype(dtype), order=a_order)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    out = np.full((m, n), np.nan, dtype) if given_out else None
+    got = F.matmul_rows(a, b, out=out)
+    assert got.shape == (m, n) and got.dtype == dtype
+    assert got is out or not given_out
+    expected = a.astype(np.float64) @ b.astype(np.float64)  # every row written, none twice
+    tolerance = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance * np.sqrt(k))
+
+
+def test_matmul_rows_pieces_cover_every_row_in_order(rng, monkeypatch):
+    """Tiny pieces (one call per 64 rows, 1000 rows: 15 full pieces and a short one) give the
+    product's rows in place; with OpenBLAS each row is also bit for bit a one-call product's."""
+    monkeypatch.setattr(F, "SMALL_PRODUCT", 64 * 8 * 3)
+    a = rng.standard_normal((1000, 8))
+    b = rng.standard_normal((8, 3))
+    np.testing.assert_allclose(F.matmul_rows(a, b), a @ b, rtol=1e-13, atol=1e-13)
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("stride, dilation", [((1, 1), (1, 1)), ((2, 1), (1, 2))])
 def test_im2col_matches_the_window_view(rng, channels, stride, dilation):

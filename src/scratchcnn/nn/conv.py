@@ -130,17 +130,18 @@ class Conv2d(Module):
         cols_row_bytes = out_h * out_w * weight_matrix.shape[0] * padded.itemsize
         if n * cols_row_bytes <= MAX_COLS_BYTES:
             # The one im2col copy: rows are output pixels, columns are (kh, kw, c) taps, so the
-            # reduction over taps is a single BLAS matrix product.
+            # reduction over taps is one BLAS matrix product (run in pieces of rows that BLAS
+            # multiplies without repacking, see F.matmul_rows).
             cols = self._im2col(padded, (out_h, out_w))
-            out = cols @ weight_matrix
+            out = F.matmul_rows(cols, weight_matrix)
             per_piece = 0
         else:
             cols = None
             per_piece = max(1, _COLS_PIECE_BYTES // cols_row_bytes)
             out = np.empty((n * out_h * out_w, self.out_channels), dtype=padded.dtype)
             for rows, samples in self._pieces(n, per_piece, out_h * out_w):
-                np.matmul(self._im2col(padded[samples], (out_h, out_w)), weight_matrix,
-                          out=out[rows])
+                F.matmul_rows(self._im2col(padded[samples], (out_h, out_w)), weight_matrix,
+                              out=out[rows])
         if self.bias is not None:
             F.add_to_rows(out, self.bias.data)
 
@@ -210,7 +211,7 @@ class Conv2d(Module):
             piece_grad, piece_padded = grad_2d[rows], grad_padded[samples]
             piece_product = product[:len(piece_grad)]
             for tap_index in range(kh * kw):
-                np.matmul(piece_grad, tap_weights[tap_index], out=piece_product)
+                F.matmul_rows(piece_grad, tap_weights[tap_index], out=piece_product)
                 tap = F.tap_view(piece_padded, *divmod(tap_index, kw), (out_h, out_w),
                                  self.stride, self.dilation)
                 tap += piece_product.reshape(len(piece_padded), out_h, out_w, c)

@@ -7,7 +7,8 @@ Everything here works on channels-last (NHWC) arrays, the layout the layers comp
 * ``pad_nhwc`` copies an input once into a bordered buffer (the border written once, no np.pad);
 * ``tap_view`` is the strided slice one kernel tap (kh, kw) sees across every output position;
 * ``sliding_windows`` is the im2col view (N, OH, OW, KH, KW, C) of a padded buffer, no copy;
-* ``im2col`` copies it into the (N*OH*OW, KH*KW*C) matrix a convolution multiplies;
+* ``im2col`` copies it into the (N*OH*OW, KH*KW*C) matrix a convolution multiplies, and
+  ``matmul_rows`` multiplies such a tall, narrow matrix in BLAS-friendly pieces of rows;
 * ``sum_rows`` is a fast, accurate column sum (a bias gradient), ``add_to_rows`` a fast bias add,
   ``apply_to_rows`` any such per-column binary ufunc (BatchNorm2d's centring and scaling).
 """
@@ -128,6 +129,33 @@ def im2col(padded: np.ndarray, kernel: Pair, out_size: Pair, stride: Pair,
         cols_t[tap_index] = tap_view(padded, *divmod(tap_index, kernel[1]), out_size, stride,
                                      dilation)
     return cols_t.reshape(-1, rows).T
+
+
+# OpenBLAS, NumPy's BLAS, computes a product of at most this many multiply-adds (M*N*K) with
+# "small-matrix" kernels that skip copying both operands into packed panels first.
+SMALL_PRODUCT = 10**6
+# Pieces of fewer rows lose more to per-call overhead than they gain (a 64-channel, K = 288
+# product: 54-row pieces were ~18% slower than one call).
+MIN_PIECE_ROWS = 64
+
+
+def matmul_rows(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``a @ b`` (into ``out`` if given) for a tall (M, K) ``a`` and a narrow (K, N) ``b``, as
+    consecutive pieces of ``a``'s rows of at most ``SMALL_PRODUCT`` multiply-adds each, when that
+    leaves ``MIN_PIECE_ROWS`` rows or more per piece. The convolutions' narrow products (N = 6-32
+    output channels, K = 9-288 taps) ran 1.1-2x faster so (K = 9: 2x) than as one call, which
+    first copies ``a`` into packed panels. Each output row is the same dot products either way
+    (with OpenBLAS, the same bits for every model here: one K block either way)."""
+    m, k = a.shape
+    n = b.shape[1]
+    if out is None:
+        out = np.empty((m, n), np.result_type(a, b))
+    rows = SMALL_PRODUCT // max(n * k, 1)
+    if rows < MIN_PIECE_ROWS or rows >= m:
+        return np.matmul(a, b, out=out)
+    for start in range(0, m, rows):
+        np.matmul(a[start:start + rows], b, out=out[start:start + rows])
+    return out
 
 
 @functools.lru_cache(maxsize=256)  # the search takes ~0.2 ms for prime M and K = 1; shapes repeat
