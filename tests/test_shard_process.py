@@ -156,6 +156,36 @@ def test_messages_cross_a_pipe_with_their_arrays_values_and_memory_order(arrays)
     assert not receiver.poll()  # nothing left over for the next message
 
 
+def test_a_mailbox_hands_over_each_message_once_with_copies_of_its_arrays():
+    from scratchcnn.forked import _Mailbox
+
+    box = _Mailbox(capacity=4096)
+    assert box.take() is None
+    assert box.post({"op": "x"}, ARRAYS)
+    message, got = box.take()
+    assert message == {"op": "x"} and len(got) == len(ARRAYS)
+    for received, array in zip(got, ARRAYS, strict=True):
+        np.testing.assert_array_equal(received, array)
+        assert received.shape == array.shape and received.dtype == array.dtype
+        assert np.argsort(received.strides).tolist() == np.argsort(array.strides).tolist()
+    assert box.take() is None  # taken once
+    assert box.post({"op": "y"}, [np.full((2, 3, 4), 7.0)])  # the slot is reused...
+    np.testing.assert_array_equal(got[1], ARRAYS[1])  # ...but what was taken is a copy
+    assert box.take()[0] == {"op": "y"}
+
+
+def test_a_mailbox_refuses_what_does_not_fit_and_announces_nothing(monkeypatch):
+    from scratchcnn import forked
+
+    box = forked._Mailbox(capacity=1024)
+    assert not box.post({}, [np.zeros(1024)])  # 8 KB of arrays
+    assert not box.post({"text": "x" * 2000})  # its JSON alone
+    assert box.take() is None
+    monkeypatch.setattr(forked, "_ORDERED_STORES", False)  # a machine that may reorder stores
+    assert not box.post({})
+    assert box.take() is None
+
+
 def _echo_handler():
     """A worker that returns its request's arrays (through the pipe) and whether each one was a
     view of shared memory (the inbox) rather than an array read from the pipe."""
@@ -204,21 +234,27 @@ def _slow_asker():
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.03])
-def test_answers_arrive_whether_they_come_within_the_polling_time_or_after_it(monkeypatch,
-                                                                              delay):
-    """Both ends poll their pipe for SPIN_SECONDS before sleeping on it; a longer wait (the
-    worker sleeps 30 ms where they poll 2 ms) must still end in the answer."""
+@pytest.mark.parametrize("size", [3, 2**18])  # 2 MB: more than a mailbox holds, so the pipe
+@pytest.mark.parametrize("ordered_stores", [True, False])  # False: the pipe only
+def test_answers_arrive_whether_they_come_within_the_polling_time_or_after_it(
+        monkeypatch, delay, size, ordered_stores):
+    """Both ends poll their pipe and mailbox for SPIN_SECONDS, then nap on the pipe between
+    looks; a longer wait (the worker sleeps 30 ms where they poll 2 ms) must still end in the
+    answer, whichever way the question, the answer and the reply travel."""
     from scratchcnn import forked
 
-    monkeypatch.setattr(forked, "SPIN_SECONDS", 0.002)  # before the fork: the worker's too
+    # Before the fork: the worker's too.
+    monkeypatch.setattr(forked, "SPIN_SECONDS", 0.002)
+    monkeypatch.setattr(forked, "_ORDERED_STORES", ordered_stores)
     worker = forked.ForkedWorker(_slow_asker, "scratchcnn-test")
     try:
-        worker.request({"delay": delay}, [np.arange(3.0)])
-        question, arrays = worker.reply()
-        assert question == {"question": True}
-        worker.request({}, [arrays[0] + 1])
-        _, (answer,) = worker.reply()
-        np.testing.assert_array_equal(answer, [2.0, 4.0, 6.0])
+        for _ in range(2):  # the mailboxes' second messages too
+            worker.request({"delay": delay}, [np.arange(float(size))])
+            question, arrays = worker.reply()
+            assert question == {"question": True}
+            worker.request({}, [arrays[0] + 1])
+            _, (answer,) = worker.reply()
+            np.testing.assert_array_equal(answer, 2 * np.arange(1.0, size + 1))
     finally:
         worker.close()
 

@@ -135,9 +135,9 @@ class DataParallel(Module):
     to summation order), whatever the number of shards. Shards of such a model wait for each
     other, so there are at most ``num_shards``, one per thread or process (``max_shard_size`` is
     ignored); if one raises, the others are released and its error is raised. With
-    ``workers="processes"`` they run in the worker processes too, meeting through their pipes
-    (``nn.process_collective``) with the same bits as threads, which would lose 15-20% of a step
-    to GIL hand-overs.
+    ``workers="processes"`` they run in the worker processes too, meeting as the workers'
+    questions to this process (``nn.process_collective``) with the same bits as threads, which
+    would lose 15-20% of a step to GIL hand-overs.
 
     Falls back to plain ``module`` calls (one shard) when the batch has fewer than two samples
     and when threadpoolctl is missing (BLAS threads could not be limited to one per shard).

@@ -2,8 +2,9 @@
 
 Threads share the GIL, and shards that hand it over on every NumPy call lose 15-20% to it, so
 coupled shards (BatchNorm2d with batch statistics, Dropout in training) run in the worker
-processes too, one shard each. They meet through the pipes the workers already answer requests
-on, a star with the calling process, rank 0, as its hub:
+processes too, one shard each. They meet as the workers' questions to the caller (through a
+shared-memory mailbox when the message fits, else the pipe, see ``scratchcnn.forked``), a star
+with the calling process, rank 0, as its hub:
 
 - a worker (rank k >= 1) sends ``{"collective": "sum"}`` and its partial, or
   ``{"collective": "draw"}``, then waits for the answer (``forked.ask_parent``);
@@ -44,7 +45,7 @@ class HubShard(BatchShard):
         return total
 
     def draw_once(self, draw: Callable[[], T]) -> T:
-        drawn = draw()  # must be an array: it crosses the pipes
+        drawn = draw()  # must be an array: it crosses to the other processes
         for worker in self._workers:
             self._question(worker, "draw")
         self._answer("draw", drawn)

@@ -10,16 +10,17 @@ pickling. Every call then brings it up to date:
   too; other parameter and buffer values are copied into memory it shares (``SharedArrays``);
 - the modules' ``training`` / ``needs_input_grad`` flags and the grad mode travel with each
   request;
-- shards arrive in the worker's shared inbox, a backward's gradients and the results travel
-  through a pipe as raw bytes behind a small JSON header (``scratchcnn.forked``); a "train"
-  request (``DataParallel.forward_backward``) runs forward, loss and backward at once;
+- shards arrive in the worker's shared inbox, a backward's gradients through the pipe, as raw
+  bytes behind a small JSON header (``scratchcnn.forked``); results, and everything else said
+  within a request, come back through a shared-memory mailbox when they fit; a "train" request
+  (``DataParallel.forward_backward``) runs forward, loss and backward at once;
 - a worker sums its shards' parameter gradients, in shard order, into shared memory of its own
   (its first shard's backward writes them there directly, see ``Parameter.grad_buffer``);
 - with ``DataParallel.train_step``, a worker forked after the optimizer's flat state was made
   then also adds up and updates its share of the parameters (``optim.optimizer.SplitStep``);
 - a coupled model's shard (BatchNorm2d, Dropout: see ``_couples_samples`` in nn/parallel.py)
-  meets the caller's in collectives through the pipe (``nn.process_collective``); the request
-  says which shard of the batch it is, and the caller updates the running statistics.
+  meets the caller's in collectives, as questions and answers (``nn.process_collective``); the
+  request says which shard of the batch it is, and the caller updates the running statistics.
 
 A worker is replaced by a new fork when the module changes shape (``signature`` differs) or a
 parameter it shared directly is rebound.
