@@ -38,9 +38,9 @@ from typing import Any, NoReturn
 import numpy as np
 
 _ALIGN = 64  # bytes: each shared array starts on its own cache line
-# How long a process that expects an answer soon polls its pipe before it sleeps on it: waking a
-# sleeping process costs ~0.05-0.1 ms on the development machine, paid by every BatchNorm
-# collective of a sharded step (bn-cnn at batch 10: ~4% of the step) and by each reply.
+# How long a process that expects an answer soon polls for it (pipe and mailbox) before it
+# sleeps: waking a sleeping process costs ~0.05-0.1 ms on the development machine, paid by every
+# BatchNorm collective of a sharded step (bn-cnn at batch 10: ~4% of the step) and by each reply.
 SPIN_SECONDS = 0.005
 
 # A mailbox (one per direction per worker) holds one message of up to this many bytes, JSON and
