@@ -135,7 +135,8 @@ def im2col(padded: np.ndarray, kernel: Pair, out_size: Pair, stride: Pair,
 # "small-matrix" kernels that skip copying both operands into packed panels first.
 SMALL_PRODUCT = 10**6
 # Pieces of fewer rows lose more to per-call overhead than they gain (a 64-channel, K = 288
-# product: 54-row pieces were ~18% slower than one call).
+# product: 54-row pieces were ~18% slower than one call). This also leaves bn-cnn's K = 576
+# product whole, whose small-kernel pieces would sum in another order (other bits).
 MIN_PIECE_ROWS = 64
 
 
