@@ -148,9 +148,10 @@ def _recv_raw(conn: Any, header: dict[str, Any]) -> np.ndarray:
 
 
 def _put_in_inbox(inbox: mmap.mmap, arrays: Sequence[np.ndarray],
-                  start: int = 0) -> list[dict[str, Any]] | None:
+                  start: int = 0) -> tuple[list[dict[str, Any]], int] | None:
     """Copy ``arrays`` into ``inbox`` from byte ``start`` on, one after another (each in its
-    memory order, cache-line aligned) and return their headers, or None if they do not fit."""
+    memory order, cache-line aligned) and return their headers and the first free byte after
+    them, or None if they do not fit."""
     offsets, end = _aligned_offsets([array.nbytes for array in arrays])
     if start + end > len(inbox):
         return None
@@ -160,7 +161,7 @@ def _put_in_inbox(inbox: mmap.mmap, arrays: Sequence[np.ndarray],
         stored = np.ndarray(transposed.shape, array.dtype, inbox, start + offset)
         np.copyto(stored, transposed)
         headers.append(_header(stored, order, offset=start + offset))
-    return headers
+    return headers, start + end
 
 
 def _take_from_inbox(inbox: mmap.mmap, headers: list[dict[str, Any]]) -> list[np.ndarray]:
@@ -184,11 +185,11 @@ class _Mailbox:
         fit, or where the announcement could be seen before the message (``_ORDERED_STORES``)."""
         if not _ORDERED_STORES:
             return False
-        headers = _put_in_inbox(self._memory, arrays, start=_ALIGN)
-        if headers is None:
+        placed = _put_in_inbox(self._memory, arrays, start=_ALIGN)
+        if placed is None:
             return False
+        headers, start = placed
         text = json.dumps({**message, "arrays": headers}).encode()
-        start = _ALIGN + _aligned_offsets([array.nbytes for array in arrays])[1]
         if start + len(text) > len(self._memory):
             return False
         self._memory[start:start + len(text)] = text
@@ -296,13 +297,13 @@ class ForkedWorker:
         handler then gets views that the next request through the inbox overwrites."""
         if self._asked and self._down.post(message, arrays):
             return  # an answer, which the worker polls for: by mailbox, since it fits
-        headers = (_put_in_inbox(self._inbox, arrays)
-                   if through_inbox and self._inbox is not None else None)
+        placed = (_put_in_inbox(self._inbox, arrays)
+                  if through_inbox and self._inbox is not None else None)
         try:
-            if headers is None:
+            if placed is None:
                 send_message(self._conn, message, arrays)
             else:
-                send_message(self._conn, {**message, "inbox": headers})
+                send_message(self._conn, {**message, "inbox": placed[0]})
         except OSError:
             self._died()
 
