@@ -7,6 +7,7 @@ import pytest
 from gradcheck import assert_close, check_module_gradients
 from scratchcnn.nn import BatchNorm2d, no_grad
 from scratchcnn.nn import functional as F
+from scratchcnn.nn.batchnorm import _merge_moments
 from scratchcnn.nn.collective import BatchShard
 
 
@@ -159,38 +160,74 @@ def test_no_grad_keeps_no_cache(rng):
         layer.backward(np.zeros((3, 2, 2, 2)))
 
 
+@pytest.mark.parametrize("sizes", [(1, 7), (5, 5), (3, 1, 9)])
+def test_merged_shard_moments_are_the_whole_batch_moments(rng, sizes):
+    """Chan et al.'s merge of per-shard (count, mean, variance), on data far from zero mean with
+    shards of different means: the between-shard term matters."""
+    shards = [rng.standard_normal((size, 3)) * rng.uniform(0.5, 2, 3) + 100 + 10 * rank
+              for rank, size in enumerate(sizes)]
+    moments = np.stack([np.stack([np.full(3, len(part)), part.mean(axis=0), part.var(axis=0)])
+                        for part in shards])
+    mean, var = _merge_moments(moments)
+    whole = np.concatenate(shards)
+    np.testing.assert_allclose(mean, whole.mean(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(var, whole.var(axis=0), rtol=1e-11)
+
+
 # --- Bit-identity with the reference algorithm --------------------------------------------------
 # The fast paths fold rows and reuse buffers; they must not change a single bit. The reference is
 # the layer's arithmetic as it was written before them (plain NumPy broadcasting, one fresh array
 # per operation): same operations, same order, same reductions.
 
 class FixedShard(BatchShard):
-    """Rank 0 of a batch of ``batch_size`` whose other shards contribute ``others`` (a fixed
-    function of the partial sum), so a sharded call is reproducible without threads."""
+    """Rank 0 of a batch of ``batch_size`` whose other shard contributes a fixed function of this
+    one's partial, so a sharded call is reproducible without threads."""
 
     def __init__(self, batch_size: int) -> None:
-        super().__init__(0, slice(0, 1), batch_size)
+        super().__init__(0, slice(0, 1), batch_size, 2)
 
     def combine_sum(self, partial: np.ndarray) -> np.ndarray:
         return partial + partial * np.asarray(0.75, partial.dtype)
+
+    def all_gather(self, partial: np.ndarray) -> np.ndarray:
+        # BatchNorm2d gathers (count, mean, variance): the other shard holds the rest of the
+        # batch, with its mean shifted by 0.5 and its variance 1.25x this shard's.
+        count = partial[0, 0]
+        per_sample = count / 4  # the tests' inputs hold 4 samples
+        other = np.stack([np.full_like(partial[0], (self.batch_size - 4) * per_sample),
+                          partial[1] + np.asarray(0.5, partial.dtype),
+                          partial[2] * np.asarray(1.25, partial.dtype)])
+        return np.stack([partial, other])
 
     def draw_once(self, draw):
         return draw()
 
 
+def reference_sums(v):
+    """Per-channel sums: folded rows for a channels-last array, else NumPy's sum over axes."""
+    v_nhwc = np.moveaxis(v, 1, -1)
+    if v_nhwc.flags.c_contiguous:
+        return F.sum_rows(v_nhwc.reshape(-1, v.shape[1]))
+    return v.sum(axis=(0, 2, 3))
+
+
 def reference_forward(layer, x, shard=None, grad_enabled=True):
     """BatchNorm2d.forward's arithmetic, frozen; updates ``layer``'s running statistics."""
-    axes = (0, 2, 3)
-
-    def mean_over_batch(v, count):
-        return v.mean(axis=axes) if shard is None else shard.combine_sum(v.sum(axis=axes)) / count
-
     use_batch_stats = layer.training or layer.running_mean is None
     if use_batch_stats:
         count = (len(x) if shard is None else shard.batch_size) * x.shape[2] * x.shape[3]
-        mean = mean_over_batch(x, count)
+        shard_count = len(x) * x.shape[2] * x.shape[3]
+        mean = reference_sums(x) / shard_count
         x_hat = x - mean.reshape(-1, 1, 1)
-        var = mean_over_batch(np.square(x_hat), count)
+        var = reference_sums(np.square(x_hat)) / shard_count
+        if shard is not None:
+            moments = shard.all_gather(np.stack([np.full_like(mean, shard_count), mean, var]))
+            counts, means, variances = moments[:, 0], moments[:, 1], moments[:, 2]
+            total = counts.sum(axis=0)
+            shard_mean = mean
+            mean = (counts * means).sum(axis=0) / total
+            var = (counts * (variances + np.square(means - mean))).sum(axis=0) / total
+            x_hat -= (mean - shard_mean).reshape(-1, 1, 1)
         inv_std = 1.0 / np.sqrt(var + layer.eps)
         x_hat *= inv_std.reshape(-1, 1, 1)
         if layer.training and layer.running_mean is not None and (shard is None or shard.rank == 0):
@@ -217,9 +254,8 @@ def reference_forward(layer, x, shard=None, grad_enabled=True):
 def reference_backward(layer, grad, cache, shard=None):
     """BatchNorm2d.backward's arithmetic, frozen: (grad_input, grad_weight, grad_bias)."""
     x_hat, inv_std, used_batch_stats = cache
-    axes = (0, 2, 3)
-    grad_bias = grad.sum(axis=axes)
-    grad_weight = np.sum(grad * x_hat, axis=axes)
+    grad_bias = reference_sums(grad)
+    grad_weight = reference_sums(grad * x_hat)
     scale = inv_std if not layer.affine else inv_std * layer.weight.data
     if used_batch_stats:
         sum_dy, sum_dy_x_hat = grad_bias, grad_weight

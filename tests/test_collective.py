@@ -49,6 +49,18 @@ def test_combine_sum_and_draw_once_give_every_shard_the_same_answer():
     assert results[0][0] is results[2][0]  # one shared answer
 
 
+def test_all_gather_gives_every_shard_each_partial_in_rank_order():
+    group = BatchGroup([2, 1, 3])
+    assert [shard.num_shards for shard in group.shards] == [3, 3, 3]
+
+    def work(shard):
+        return shard.all_gather(np.array([[shard.rank, -shard.rank - 0.5]], np.float32))
+
+    for gathered in run_shards(group, work):
+        assert gathered.shape == (3, 1, 2) and gathered.dtype == np.float32
+        np.testing.assert_array_equal(gathered[:, 0], [[0, -0.5], [1, -1.5], [2, -2.5]])
+
+
 def test_shards_out_of_step_fail_instead_of_mixing_answers():
     group = BatchGroup([1, 1])
 

@@ -57,12 +57,26 @@ def _apply(ufunc: np.ufunc, a: np.ndarray, vector: np.ndarray, out: np.ndarray |
     return ufunc(a, _per_channel(vector), out=out)
 
 
-def _mean_over_batch(v: np.ndarray, count: int, shard: BatchShard | None) -> np.ndarray:
-    """Per-channel mean (C,) of (N, C, H, W) ``v`` over N, H, W, i.e. sum / M with M = ``count``.
-    On a shard of a batch, the whole batch's: every shard's sum over its samples, added up."""
-    if shard is None:
-        return v.mean(axis=_AXES)
-    return shard.combine_sum(v.sum(axis=_AXES)) / count
+def _sum_over_batch(v: np.ndarray) -> np.ndarray:
+    """Per-channel sums (C,) of (N, C, H, W) ``v`` over N, H, W. A channels-last array is an
+    (N*H*W, C) matrix, whose rows NumPy would add one C-wide row at a time; ``F.sum_rows``
+    folds them into ~1024-wide rows first: ~4x faster, and a two-level sum, more accurate."""
+    rows = _rows(v)
+    return v.sum(axis=_AXES) if rows is None else F.sum_rows(rows)
+
+
+def _merge_moments(moments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The whole batch's per-channel (mean, biased variance) from every shard's
+    ``moments[k] = (count_k, mean_k, var_k)``, each (C,), by Chan et al.'s parallel formula:
+        mean = sum_k count_k mean_k / count
+        var  = sum_k count_k (var_k + (mean_k - mean)^2) / count
+    Both statistics in one meeting of the shards, with each shard's squares taken about its own
+    mean, as numerically safe as the two-pass variance of the unsharded call."""
+    counts, means, variances = moments[:, 0], moments[:, 1], moments[:, 2]
+    count = counts.sum(axis=0)
+    mean = (counts * means).sum(axis=0) / count
+    var = (counts * (variances + np.square(means - mean))).sum(axis=0) / count
+    return mean, var
 
 
 class BatchNorm2d(Module):
@@ -84,16 +98,19 @@ class BatchNorm2d(Module):
         batch statistics: dx = gamma / sqrt(var + eps) * (dy - dbeta / M - x_hat * dgamma / M)
         running statistics (constants): dx = gamma / sqrt(var + eps) * dy
 
-    Reductions are NumPy reductions over axes (0, 2, 3) and elementwise operations keep the input's
-    memory layout, so channels-last inputs are handled without copies or loops. On channels-last
-    arrays the per-channel operations run over folded rows into reused buffers (``_apply``,
-    ``_scratch``): the same operations in the same order on arrays of the same layout as plain
-    broadcasting, hence the same bits (tests/test_batchnorm.py checks against a frozen copy).
+    Reductions are over axes (0, 2, 3) (folded rows for channels-last arrays, ``_sum_over_batch``)
+    and elementwise operations keep the input's memory layout, so channels-last inputs are handled
+    without copies or loops. On channels-last arrays the per-channel operations run over folded
+    rows into reused buffers (``_apply``, ``_scratch``): the same operations in the same order on
+    arrays of the same layout as plain broadcasting, hence the same bits (tests/test_batchnorm.py
+    checks against a frozen copy).
 
     Sharded (``DataParallel`` sets ``batch_shard`` while it runs this layer on a part of a batch,
-    see ``nn.collective``): the sums over N, H, W above are the whole batch's, added up across the
-    shards, M counts the whole batch, and one shard updates the running statistics, so the results
-    are those of the unsharded call, as with ``torch.nn.SyncBatchNorm``.
+    see ``nn.collective``): mu and var are the whole batch's, merged from every shard's own
+    (count, mean, variance) in one meeting (``_merge_moments``), the backward's sums are added up
+    across the shards, M counts the whole batch, and one shard updates the running statistics, so
+    the results are those of the unsharded call (up to rounding), as with
+    ``torch.nn.SyncBatchNorm``.
     """
 
     batch_shard: BatchShard | None = None
@@ -166,9 +183,15 @@ class BatchNorm2d(Module):
                     f"{self.describe()}: expected more than 1 value per channel when training, "
                     f"got input of shape {x.shape}"
                 )
-            mean = _mean_over_batch(x, count, shard)
+            shard_count = len(x) * x.shape[2] * x.shape[3]
+            mean = _sum_over_batch(x) / shard_count
             x_hat = _apply(np.subtract, x, mean)
-            var = _mean_over_batch(np.square(x_hat, out=scratch), count, shard)
+            var = _sum_over_batch(np.square(x_hat, out=scratch)) / shard_count
+            if shard is not None:
+                shard_mean = mean
+                mean, var = _merge_moments(shard.all_gather(
+                    np.stack([np.full_like(mean, shard_count), shard_mean, var])))
+                _apply(np.subtract, x_hat, mean - shard_mean, out=x_hat)
             inv_std = 1.0 / np.sqrt(var + self.eps)
             _apply(np.multiply, x_hat, inv_std, out=x_hat)
             # Once per batch: every shard's buffers are the wrapped module's, so one updates them.
@@ -205,10 +228,10 @@ class BatchNorm2d(Module):
         x_hat, inv_std, used_batch_stats = self._cache or (None, None, None)
         grad = check_grad_output(self, grad_output, None if x_hat is None else x_hat.shape,
                                  None if x_hat is None else x_hat.dtype)
-        grad_bias = grad.sum(axis=_AXES)
+        grad_bias = _sum_over_batch(grad)
         # Channels-last: dy * x_hat into a new buffer that later holds grad_input.
         scratch = _scratch(grad, x_hat)
-        grad_weight = np.multiply(grad, x_hat, out=scratch).sum(axis=_AXES)
+        grad_weight = _sum_over_batch(np.multiply(grad, x_hat, out=scratch))
         scale = inv_std if not self.affine else inv_std * self.weight.data
         if used_batch_stats:
             shard = self.batch_shard

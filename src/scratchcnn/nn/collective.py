@@ -6,6 +6,7 @@ Every shard runs the same layers in the same order, so every shard makes the sam
 collective calls, each of which waits for all shards and gives every one the same answer:
 
     combine_sum(partial) -> sum over shards k of partial_k, added in rank order (deterministic)
+    all_gather(partial)  -> every shard's partial_k, stacked in rank order
     draw_once(draw)      -> draw() called once, by rank 0, for the whole batch, shared by all
 
 A layer sees a ``BatchShard``. Here, shards in threads (``ThreadShard``) meet at one
@@ -58,6 +59,7 @@ class BatchGroup:
         if len(sizes) < 2 or min(sizes) < 1:
             raise ValueError(f"BatchGroup needs two or more non-empty shards, got sizes {sizes}")
         self.batch_size = int(sum(sizes))
+        self.num_shards = len(sizes)
         starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
         self.shards = [ThreadShard(self, rank, slice(starts[rank], starts[rank + 1]))
                        for rank in range(len(sizes))]
@@ -91,16 +93,25 @@ class BatchShard:
     the same number of times in the same order (each call waits for all shards). Made by
     ``BatchGroup`` (threads) and ``nn.process_collective`` (processes)."""
 
-    def __init__(self, rank: int, rows: slice, batch_size: int) -> None:
+    def __init__(self, rank: int, rows: slice, batch_size: int, num_shards: int) -> None:
         self.rank = rank
         self.rows = rows
         self.batch_size = batch_size  # samples in the whole batch (N of the unsharded call)
+        self.num_shards = num_shards
 
     def combine_sum(self, partial: np.ndarray) -> np.ndarray:
         """Sum over the shards of ``partial``, an array of the same shape on each, e.g. the
         per-channel sums (C,) of this shard's samples -> the whole batch's sums (C,).
         The answer may be shared by every shard: read it, do not modify it."""
         raise NotImplementedError
+
+    def all_gather(self, partial: np.ndarray) -> np.ndarray:
+        """Every shard's ``partial`` (arrays of one shape and dtype), stacked by rank: shape
+        (num_shards, *partial.shape). One meeting, as a sum of arrays that are zero but in their
+        own shard's slot (adding zeros is exact). The answer may be shared: do not modify it."""
+        slots = np.zeros((self.num_shards, *partial.shape), partial.dtype)
+        slots[self.rank] = partial
+        return self.combine_sum(slots)
 
     def draw_once(self, draw: Callable[[], T]) -> T:
         """``draw()``, called by one shard only, e.g. a whole batch's random numbers (an array)
@@ -114,7 +125,7 @@ class ThreadShard(BatchShard):
     """A shard run in a thread, meeting the others of its ``BatchGroup`` at its barrier."""
 
     def __init__(self, group: BatchGroup, rank: int, rows: slice) -> None:
-        super().__init__(rank, rows, group.batch_size)
+        super().__init__(rank, rows, group.batch_size, group.num_shards)
         self._group = group
 
     def combine_sum(self, partial: np.ndarray) -> np.ndarray:

@@ -342,7 +342,8 @@ class DataParallel(Module):
         hub = HubShard(workers, slice(0, starts[1]), starts[-1]) if coupled else None
         try:
             for rank, (worker, group) in enumerate(zip(workers, groups[1:], strict=True), 1):
-                place = [rank, starts[rank], starts[rank + 1], starts[-1]] if coupled else None
+                place = ([rank, starts[rank], starts[rank + 1], starts[-1], len(groups)]
+                         if coupled else None)
                 # A train request interleaves each shard's input and target.
                 arrays = [array for k in group
                           for array in ((parts[k], targets[k]) if op == "train" else (parts[k],))]

@@ -35,7 +35,7 @@ class HubShard(BatchShard):
     each running one shard of the batch for the request it was sent)."""
 
     def __init__(self, workers: Sequence[ForkedWorker], rows: slice, batch_size: int) -> None:
-        super().__init__(0, rows, batch_size)
+        super().__init__(0, rows, batch_size, len(workers) + 1)
         self._workers = workers
 
     def combine_sum(self, partial: np.ndarray) -> np.ndarray:

@@ -102,14 +102,15 @@ class ShardProcess(ForkedWorker):
 
 @contextlib.contextmanager
 def _batch_shard(replicas: list[Module], place: list[int] | None) -> Iterator[None]:
-    """With ``place``, ``[rank, start, stop, batch_size]`` of a coupled request's one shard: the
-    replica's BatchNorm2d and Dropout layers meet the caller's shards for the call."""
+    """With ``place``, ``[rank, start, stop, batch_size, num_shards]`` of a coupled request's
+    one shard: the replica's BatchNorm2d and Dropout layers meet the caller's shards for the
+    call."""
     if place is None:
         yield
         return
-    rank, start, stop, batch_size = place
+    rank, start, stop, batch_size, num_shards = place
     (replica,) = replicas  # coupled shards are one per process
-    give_batch_shard(replica, WorkerShard(rank, slice(start, stop), batch_size))
+    give_batch_shard(replica, WorkerShard(rank, slice(start, stop), batch_size, num_shards))
     try:
         yield
     finally:
