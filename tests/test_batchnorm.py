@@ -203,12 +203,18 @@ class FixedShard(BatchShard):
         return draw()
 
 
-def reference_sums(v):
-    """Per-channel sums: folded rows for a channels-last array, else NumPy's sum over axes."""
-    v_nhwc = np.moveaxis(v, 1, -1)
-    if v_nhwc.flags.c_contiguous:
-        return F.sum_rows(v_nhwc.reshape(-1, v.shape[1]))
-    return v.sum(axis=(0, 2, 3))
+def reference_sums(v, times=None):
+    """Per-channel sums of ``v`` (or of ``v * times``): folded rows for channels-last arrays,
+    else NumPy's sum over axes."""
+    def rows(a):
+        a_nhwc = np.moveaxis(a, 1, -1)
+        return a_nhwc.reshape(-1, a.shape[1]) if a_nhwc.flags.c_contiguous else None
+
+    if times is None:
+        return v.sum(axis=(0, 2, 3)) if rows(v) is None else F.sum_rows(rows(v))
+    if rows(v) is None or rows(times) is None:
+        return (v * times).sum(axis=(0, 2, 3))
+    return F.sum_rows_of_products(rows(v), rows(times))
 
 
 def reference_forward(layer, x, shard=None, grad_enabled=True):
@@ -219,7 +225,7 @@ def reference_forward(layer, x, shard=None, grad_enabled=True):
         shard_count = len(x) * x.shape[2] * x.shape[3]
         mean = reference_sums(x) / shard_count
         x_hat = x - mean.reshape(-1, 1, 1)
-        var = reference_sums(np.square(x_hat)) / shard_count
+        var = reference_sums(x_hat, x_hat) / shard_count
         if shard is not None:
             moments = shard.all_gather(np.stack([np.full_like(mean, shard_count), mean, var]))
             counts, means, variances = moments[:, 0], moments[:, 1], moments[:, 2]
@@ -255,7 +261,7 @@ def reference_backward(layer, grad, cache, shard=None):
     """BatchNorm2d.backward's arithmetic, frozen: (grad_input, grad_weight, grad_bias)."""
     x_hat, inv_std, used_batch_stats = cache
     grad_bias = reference_sums(grad)
-    grad_weight = reference_sums(grad * x_hat)
+    grad_weight = reference_sums(grad, x_hat)
     scale = inv_std if not layer.affine else inv_std * layer.weight.data
     if used_batch_stats:
         sum_dy, sum_dy_x_hat = grad_bias, grad_weight

@@ -16,6 +16,17 @@ def test_sum_rows_is_the_column_sum(rng, shape):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.sqrt(shape[0]) * 4)
 
 
+@pytest.mark.parametrize("shape", [(50176, 16), (97, 3), (1, 5), (25088, 32), (6, 2000),
+                                   (1009, 6), (0, 4)])
+def test_sum_rows_of_products_is_the_column_sum_of_the_product(rng, shape):
+    a, b = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    expected = (a.astype(np.float64) * b).sum(axis=0)
+    got = F.sum_rows_of_products(a, b)
+    assert got.dtype == np.float32 and got.shape == (shape[1],)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.sqrt(shape[0]) * 4)
+    np.testing.assert_allclose(F.sum_rows_of_products(a, a), (a.astype(np.float64) ** 2).sum(0),
+                               rtol=2e-6)
+
 
 @pytest.mark.parametrize("shape", [(50176, 8), (97, 3), (1, 5), (6272, 32), (6, 2000), (0, 4)])
 def test_add_to_rows_adds_the_vector_to_every_row_in_place(rng, shape):

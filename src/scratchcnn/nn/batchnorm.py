@@ -65,6 +65,15 @@ def _sum_over_batch(v: np.ndarray) -> np.ndarray:
     return v.sum(axis=_AXES) if rows is None else F.sum_rows(rows)
 
 
+def _sum_of_products_over_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-channel sums (C,) of ``a * b`` over N, H, W; without the product array when both are
+    channels-last (``F.sum_rows_of_products``)."""
+    rows_a, rows_b = _rows(a), _rows(b)
+    if rows_a is None or rows_b is None:
+        return np.multiply(a, b).sum(axis=_AXES)
+    return F.sum_rows_of_products(rows_a, rows_b)
+
+
 def _merge_moments(moments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The whole batch's per-channel (mean, biased variance) from every shard's
     ``moments[k] = (count_k, mean_k, var_k)``, each (C,), by Chan et al.'s parallel formula:
@@ -173,8 +182,8 @@ class BatchNorm2d(Module):
             )
         use_batch_stats = self.training or self.running_mean is None
         shard = self.batch_shard
-        # Channels-last: the squares' buffer, then the output's (None: fresh arrays as NumPy lays
-        # them out, so the reductions below see the same layout, hence sum in the same order).
+        # Channels-last: the output's buffer (None: fresh arrays as NumPy lays them out, so the
+        # reductions see the same layout, hence sum in the same order).
         scratch = _scratch(x)
         if use_batch_stats:
             count = (len(x) if shard is None else shard.batch_size) * x.shape[2] * x.shape[3]
@@ -186,7 +195,7 @@ class BatchNorm2d(Module):
             shard_count = len(x) * x.shape[2] * x.shape[3]
             mean = _sum_over_batch(x) / shard_count
             x_hat = _apply(np.subtract, x, mean)
-            var = _sum_over_batch(np.square(x_hat, out=scratch)) / shard_count
+            var = _sum_of_products_over_batch(x_hat, x_hat) / shard_count
             if shard is not None:
                 shard_mean = mean
                 mean, var = _merge_moments(shard.all_gather(
@@ -229,9 +238,9 @@ class BatchNorm2d(Module):
         grad = check_grad_output(self, grad_output, None if x_hat is None else x_hat.shape,
                                  None if x_hat is None else x_hat.dtype)
         grad_bias = _sum_over_batch(grad)
-        # Channels-last: dy * x_hat into a new buffer that later holds grad_input.
+        # Channels-last: a buffer for grad_input.
         scratch = _scratch(grad, x_hat)
-        grad_weight = _sum_over_batch(np.multiply(grad, x_hat, out=scratch))
+        grad_weight = _sum_of_products_over_batch(grad, x_hat)
         scale = inv_std if not self.affine else inv_std * self.weight.data
         if used_batch_stats:
             shard = self.batch_shard

@@ -177,6 +177,15 @@ def sum_rows(matrix: np.ndarray) -> np.ndarray:
     return matrix.reshape(m // fold, fold * k).sum(axis=0).reshape(fold, k).sum(axis=0)
 
 
+def sum_rows_of_products(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(a * b).sum(axis=0)`` for two (M, K) matrices, without the (M, K) product: one einsum
+    pass over rows folded as in ``sum_rows`` (~3x faster than a multiply, then ``sum_rows``)."""
+    m, k = a.shape
+    fold = _row_fold(m, k)
+    shape = (m // fold, fold * k)
+    return np.einsum("ij,ij->j", a.reshape(shape), b.reshape(shape)).reshape(fold, k).sum(axis=0)
+
+
 def add_to_rows(matrix: np.ndarray, vector: np.ndarray) -> None:
     """``matrix += vector`` in place, for a C-contiguous (M, K) matrix and a (K,) vector (a bias),
     by ``apply_to_rows`` (8 channels: 4x faster than NumPy's loop over the narrow rows)."""
