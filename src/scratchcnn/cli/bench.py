@@ -22,9 +22,10 @@ SCRATCHCNN_KEEP_FREED_MEMORY=1 runs both frameworks with glibc's malloc keeping 
 frees (fewer page faults; it speeds PyTorch's inference most); the default is the allocator as
 shipped.
 
-Expected run time with the defaults (simple-cnn) on a 2-core machine: about 3-5 minutes.
---model all takes roughly 20-30 minutes (bn-cnn costs ~8x simple-cnn). For a quick look:
---rounds 2 --steps 5 --batch-sizes 64 --inference-images 2000 --skip-memory (under a minute)."""
+Expected run time with the defaults (simple-cnn) on a 2-core machine: about 30 seconds.
+--model all takes about 4 minutes (bn-cnn, ~15x simple-cnn's work per image, over half of it).
+For a quicker look: --rounds 2 --steps 5 --batch-sizes 64 --inference-images 2000
+--skip-memory."""
 
 
 def _positive_int(text: str) -> int:
