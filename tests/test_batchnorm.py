@@ -180,11 +180,11 @@ def test_merged_shard_moments_are_the_whole_batch_moments(rng, sizes):
 # per operation): same operations, same order, same reductions.
 
 class FixedShard(BatchShard):
-    """Rank 0 of a batch of ``batch_size`` whose other shard contributes a fixed function of this
-    one's partial, so a sharded call is reproducible without threads."""
+    """Rank 0, ``size`` samples of a batch of ``batch_size``, whose other shard contributes a
+    fixed function of this one's partial, so a sharded call is reproducible without threads."""
 
-    def __init__(self, batch_size: int) -> None:
-        super().__init__(0, slice(0, 1), batch_size, 2)
+    def __init__(self, size: int, batch_size: int) -> None:
+        super().__init__(0, slice(0, size), batch_size, 2)
 
     def combine_sum(self, partial: np.ndarray) -> np.ndarray:
         return partial + partial * np.asarray(0.75, partial.dtype)
@@ -192,9 +192,9 @@ class FixedShard(BatchShard):
     def all_gather(self, partial: np.ndarray) -> np.ndarray:
         # BatchNorm2d gathers (count, mean, variance): the other shard holds the rest of the
         # batch, with its mean shifted by 0.5 and its variance 1.25x this shard's.
-        count = partial[0, 0]
-        per_sample = count / 4  # the tests' inputs hold 4 samples
-        other = np.stack([np.full_like(partial[0], (self.batch_size - 4) * per_sample),
+        size = self.rows.stop - self.rows.start
+        other_count = partial[0] * np.asarray((self.batch_size - size) / size, partial.dtype)
+        other = np.stack([other_count,
                           partial[1] + np.asarray(0.5, partial.dtype),
                           partial[2] * np.asarray(1.25, partial.dtype)])
         return np.stack([partial, other])
@@ -210,11 +210,13 @@ def reference_sums(v, times=None):
         a_nhwc = np.moveaxis(a, 1, -1)
         return a_nhwc.reshape(-1, a.shape[1]) if a_nhwc.flags.c_contiguous else None
 
+    v_rows = rows(v)
     if times is None:
-        return v.sum(axis=(0, 2, 3)) if rows(v) is None else F.sum_rows(rows(v))
-    if rows(v) is None or rows(times) is None:
+        return v.sum(axis=(0, 2, 3)) if v_rows is None else F.sum_rows(v_rows)
+    times_rows = rows(times)
+    if v_rows is None or times_rows is None:
         return (v * times).sum(axis=(0, 2, 3))
-    return F.sum_rows_of_products(rows(v), rows(times))
+    return F.sum_rows_of_products(v_rows, times_rows)
 
 
 def reference_forward(layer, x, shard=None, grad_enabled=True):
@@ -347,7 +349,7 @@ def test_sharded_and_mixed_layouts_are_bit_identical_to_the_reference(rng, dtype
     layer.bias.data[...] = rng.standard_normal(16)
     twin = BatchNorm2d(16, dtype=dtype)
     twin.load_state_dict(layer.state_dict())
-    for shard in (None, FixedShard(batch_size=9)):
+    for shard in (None, FixedShard(size=4, batch_size=9)):
         layer.batch_shard = shard
         x = channels_last(rng.standard_normal(shape).astype(dtype) + 2)
         grad = LAYOUTS[grad_layout](rng.standard_normal(shape).astype(dtype))

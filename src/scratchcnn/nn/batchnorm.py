@@ -182,8 +182,8 @@ class BatchNorm2d(Module):
             )
         use_batch_stats = self.training or self.running_mean is None
         shard = self.batch_shard
-        # Channels-last: the output's buffer (None: fresh arrays as NumPy lays them out, so the
-        # reductions see the same layout, hence sum in the same order).
+        # Channels-last: a buffer for the output (or, under no_grad, x_hat); None otherwise, so
+        # that every result is a fresh array laid out as NumPy picks.
         scratch = _scratch(x)
         if use_batch_stats:
             count = (len(x) if shard is None else shard.batch_size) * x.shape[2] * x.shape[3]
