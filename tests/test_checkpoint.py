@@ -171,6 +171,10 @@ def _text(path: Path) -> None:
     path.write_text("this is not a checkpoint\n")
 
 
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
 def _npy(path: Path) -> None:
     with path.open("wb") as file:
         np.save(file, np.zeros(3))
@@ -258,7 +262,8 @@ def _bad_std(path: Path) -> None:
     ("damage", "message"),
     [
         (_truncated, "truncated or corrupted"),
-        (_text, "pickled or object data"),
+        (_text, "neither a zip archive nor a NumPy file"),
+        (_empty, "the file is empty"),
         (_npy, r"not a checkpoint \(.npz archive\)"),
         (_pickle, "pickled or object data"),
         (_object_array, "pickled or object data"),

@@ -212,3 +212,20 @@ def test_resume_refuses_a_different_schedule_or_augmentation(trained, capsys):
     assert "--augment shift (checkpoint: none)" in capsys.readouterr().err
     assert main(["train", "--resume", last, "--epochs", "3", "--lr-schedule", "cosine"]) == 2
     assert "--lr-schedule cosine (checkpoint: constant)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--lr", "-1"), ("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"),
+    ("--momentum", "-0.5"), ("--weight-decay", "nan"),
+])
+def test_bad_optimizer_numbers_are_refused_before_any_data_is_read(
+        tmp_path, monkeypatch, capsys, option, value):
+    import scratchcnn.harness.training_run as training_run
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was loaded before the options were checked")
+
+    monkeypatch.setattr(training_run, "TrainingRun", no_data)
+    assert train(tmp_path, option, value) != 0
+    error = capsys.readouterr().err
+    assert option in error and "must be" in error

@@ -86,6 +86,17 @@ def test_make_optimizer_and_inputs_are_validated(rng):
         training.evaluate("numpy", model, np.zeros((2, 1, 28, 28), np.uint8), np.zeros(2, int))
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"lr": float("inf")}, "lr must be a positive number"),
+    ({"lr": float("nan")}, "lr must be a positive number"),
+    ({"optimizer": "sgd", "optimizer_options": {"momentum": -0.9}}, "momentum must be"),
+    ({"optimizer_options": {"weight_decay": float("nan")}}, "weight_decay must be"),
+])
+def test_compare_config_refuses_bad_optimizer_numbers(settings, message):
+    with pytest.raises(ValueError, match=message):
+        compare.CompareConfig(dataset="mnist-sample", **settings).validate()
+
+
 def test_compare_feeds_identical_weights_and_batches_to_both_sides(monkeypatch, torch):
     seen: list[tuple[str, int, list[np.ndarray], dict[str, np.ndarray]]] = []
     original = training.train_epoch

@@ -11,6 +11,7 @@ the last completed epoch is kept.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,13 @@ def resolve_config(args: argparse.Namespace, saved: dict[str, Any] | None) -> di
             raise CommandError(f"--{key.replace('_', '-')} must be at least 1, got {config[key]}")
     if config["warmup_epochs"] < 0:
         raise CommandError(f"--warmup-epochs must be at least 0, got {config['warmup_epochs']}")
+    # Checked here, before the data loads (which may mean a download), not by the optimizer.
+    if not (math.isfinite(config["lr"]) and config["lr"] > 0):
+        raise CommandError(f"--lr must be a positive number, got {config['lr']}")
+    for key in ("momentum", "weight_decay"):
+        if not (math.isfinite(config[key]) and config[key] >= 0):
+            raise CommandError(f"--{key.replace('_', '-')} must be a number >= 0, "
+                               f"got {config[key]}")
     # A schedule is laid out over the epochs of the first invocation (cosine reaches 0 there);
     # resuming towards a larger --epochs continues that schedule rather than re-planning it.
     config.setdefault("schedule_epochs", args.epochs)

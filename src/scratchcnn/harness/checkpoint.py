@@ -226,9 +226,25 @@ def load_checkpoint(
     return checkpoint
 
 
+# The first bytes of a zip archive (np.savez's format), a .npy file and a pickle (protocol 2+).
+_ZIP_MAGIC = b"PK"
+_NPY_MAGIC = b"\x93NUMPY"
+_PICKLE_MAGIC = b"\x80"
+
+
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    with path.open("rb") as file:
+        head = file.read(len(_NPY_MAGIC))
+    if not head:
+        raise CheckpointError(f"{path}: the file is empty (an interrupted copy?), not a checkpoint")
+    # np.load hands a file of any other kind to pickle, which allow_pickle=False then refuses:
+    # say what the file is not, rather than calling a text file pickled data.
+    if not head.startswith((_ZIP_MAGIC, _NPY_MAGIC, _PICKLE_MAGIC)):
+        raise CheckpointError(f"{path}: not a checkpoint: a checkpoint is a .npz (zip) archive "
+                              "written by scratchcnn, and this file is neither a zip archive nor "
+                              "a NumPy file")
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):

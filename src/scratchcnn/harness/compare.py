@@ -6,6 +6,7 @@ run with the frameworks alternating epoch by epoch so machine noise hits both.""
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import tempfile
 import time
@@ -75,8 +76,11 @@ class CompareConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        for name, value in self.optimizer_options.items():
+            if name in ("momentum", "weight_decay") and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value}")
         check_schedule(self.lr_schedule, self.warmup_epochs, self.lr_step_size)
         from scratchcnn.data.augment import check_augmentation
 
