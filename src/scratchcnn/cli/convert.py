@@ -9,8 +9,10 @@ and checks every key and shape against the named architecture before writing any
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +40,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model, check it, and write it as a scratchcnn checkpoint OUT (epoch 0, no optimizer "
         "state), usable by evaluate and predict.",
     )
-    imp.add_argument("state_dict", help="a .pt/.pth file holding a state_dict")
+    imp.add_argument(
+        "state_dict",
+        help="a .pt/.pth file holding a state_dict (alone, or under a 'state_dict', "
+        "'model_state_dict' or 'model' key)",
+    )
     imp.add_argument("out", help="the .npz checkpoint to write")
     imp.add_argument("--model", required=True, help="architecture the weights belong to")
     imp.add_argument("--dataset", default="mnist", help="dataset it was trained on (mnist)")
     imp.add_argument("--mean", type=float, default=MNIST_MEAN, help="normalisation mean")
     imp.add_argument("--std", type=float, default=MNIST_STD, help="normalisation std")
     imp.add_argument(
-        "--dtype", choices=("float32", "float64"), help="default: the tensors' dtype"
+        "--dtype", choices=("float32", "float64"),
+        help="default: the tensors' dtype; needed to convert others (bfloat16, float16, mixed)",
     )
     imp.set_defaults(func=run_import)
 
@@ -58,40 +65,53 @@ def export_torch(checkpoint_path: str | os.PathLike, out: str | os.PathLike) -> 
     from scratchcnn.harness.checkpoint import load_checkpoint
     from scratchcnn.reference.torch_models import to_torch_state_dict
 
+    check_output_path(out, checkpoint_path, "checkpoint")
     checkpoint = load_checkpoint(checkpoint_path)
     state = to_torch_state_dict(checkpoint.model_state)
-    return atomic_write(out, lambda file: torch.save(state, file))
+    with _writing(out):
+        return atomic_write(out, lambda file: torch.save(state, file))
 
 
-def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A torch state_dict file as NumPy arrays; CheckpointError for anything else."""
-    import pickle
-
-    import torch
-
+def check_output_path(
+    out: str | os.PathLike, source: str | os.PathLike, source_kind: str
+) -> None:
+    """Refuse, before anything is read or written, an output path that cannot receive a file:
+    empty, an existing directory, or the input itself (``source``, a ``source_kind`` file)."""
     from scratchcnn.harness.checkpoint import CheckpointError
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if not os.fspath(out):
+        raise CheckpointError("the output path is empty; give the name of the file to write")
+    out = Path(out)
+    if out.is_dir():
         raise CheckpointError(
-            f"{path}: not a loadable PyTorch weights file ({type(error).__name__}: "
-            f"{first_line}); save it with torch.save(model.state_dict(), path)"
-        ) from None
-    if isinstance(loaded, Mapping) and "state_dict" in loaded and len(loaded) <= 3:
-        loaded = loaded["state_dict"]  # a common wrapper: {"state_dict": ..., "epoch": ...}
-    if not isinstance(loaded, Mapping) or not all(
-        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items()
-    ):
-        raise CheckpointError(
-            f"{path}: expected a state_dict (a dict of parameter names to tensors), got "
-            f"{type(loaded).__name__}"
+            f"{out} is a directory; give the path of the file to write inside it"
         )
-    return {key: value.detach().cpu().numpy().copy() for key, value in loaded.items()}
+    # Writing renames a new file over the path: a device such as /dev/null would be replaced.
+    if out.exists() and not out.is_file():
+        raise CheckpointError(f"{out} exists and is not a regular file; choose another path")
+    # The output replaces an existing file: were it the input, the input would be lost.
+    with contextlib.suppress(OSError):
+        if out.exists() and os.path.samefile(out, source):
+            raise CheckpointError(
+                f"{out} is the input {source_kind} itself; writing there would replace it, "
+                "so choose another output path"
+            )
+
+
+@contextlib.contextmanager
+def _writing(out: str | os.PathLike) -> Iterator[None]:
+    """Report the OS's refusal to write ``out`` (no such directory, read-only, disk full) as a
+    one-line CheckpointError. The writes inside are atomic: they leave no partial file."""
+    from scratchcnn.harness.checkpoint import CheckpointError
+    from scratchcnn.reference.torch_files import os_reason
+
+    try:
+        yield
+    except OSError as error:
+        raise CheckpointError(
+            f"cannot write {out} ({os_reason(error)}); choose an output path in a directory "
+            "you can write to"
+        ) from None
 
 
 def import_torch(
@@ -105,44 +125,65 @@ def import_torch(
     dtype: str | None = None,
 ) -> Path:
     """Write a checkpoint holding the weights of a torch state_dict file (validated first)."""
+    import torch
+
     from scratchcnn.harness.checkpoint import (
         CheckpointError,
         check_state_matches,
         save_checkpoint,
     )
     from scratchcnn.models import MODEL_NAMES, build_model
+    from scratchcnn.reference.torch_files import (
+        check_tensor_usable,
+        common_float_dtype,
+        load_torch_state_dict,
+        stand_in,
+        to_numpy,
+    )
 
     if model not in MODEL_NAMES:
         raise CheckpointError(f"unknown model {model!r}; choose one of {', '.join(MODEL_NAMES)}")
-    if not std > 0:
-        raise CheckpointError(f"--std must be positive, got {std}")
-    state = read_torch_state_dict(state_path)
-    # The NumPy BatchNorm has no step counter; PyTorch's is not needed for inference.
-    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    float_dtypes = {str(v.dtype) for v in state.values() if v.dtype.kind == "f"}
-    if dtype is None:
-        if len(float_dtypes) != 1 or not float_dtypes <= {"float32", "float64"}:
-            raise CheckpointError(
-                f"{state_path}: tensors have dtypes {sorted(float_dtypes)}; pass --dtype"
-            )
-        dtype = float_dtypes.pop()
+    if not math.isfinite(mean):
+        raise CheckpointError(f"--mean must be a finite number, got {mean}")
+    if not (math.isfinite(std) and std > 0):
+        raise CheckpointError(f"--std must be a finite positive number, got {std}")
+    if dtype not in (None, "float32", "float64"):
+        raise CheckpointError(f"--dtype must be float32 or float64, got {dtype!r}")
+    classes = _class_names(dataset)
+    check_output_path(out, state_path, "state_dict file")
+    tensors = load_torch_state_dict(state_path)
+    for key, tensor in tensors.items():
+        check_tensor_usable(state_path, key, tensor)
+    dtype = dtype or common_float_dtype(state_path, tensors)
     reference = build_model(model, dtype=dtype, rng=np.random.default_rng(0)).state_dict()
-    check_state_matches(reference, state, str(state_path), model)
-    for key, value in state.items():
-        if not np.all(np.isfinite(value)):
-            raise CheckpointError(f"{state_path}: {key!r} contains NaN or infinite values")
-    state = {key: value.astype(reference[key].dtype) for key, value in state.items()}
+    for key, value in reference.items():
+        # As PyTorch does for state_dicts saved before BatchNorm counted its steps.
+        if key.endswith(".num_batches_tracked") and key not in tensors:
+            tensors[key] = torch.from_numpy(np.zeros_like(value))
+    # Keys, shapes and kinds first, on stand-ins without memory: a sparse tensor is only made
+    # dense once its shape is known to be the architecture's.
+    check_state_matches(
+        reference,
+        {key: stand_in(tensor, reference.get(key)) for key, tensor in tensors.items()},
+        str(state_path),
+        model,
+    )
+    state = {
+        key: to_numpy(state_path, key, tensor, reference[key].dtype)
+        for key, tensor in tensors.items()
+    }
     metadata: dict[str, Any] = {
         "architecture": model,
         "dataset": dataset,
-        "classes": list(_class_names(dataset)),
+        "classes": list(classes),
         "normalization": {"mean": mean, "std": std},
         "dtype": dtype,
         "epoch": 0,
         "framework": "torch",
         "imported_from": str(state_path),
     }
-    return save_checkpoint(out, state, metadata)
+    with _writing(out):
+        return save_checkpoint(out, state, metadata)
 
 
 def _class_names(dataset: str) -> tuple[str, ...]:

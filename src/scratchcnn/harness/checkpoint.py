@@ -214,6 +214,8 @@ def load_checkpoint(
         for name, array in arrays.items()
         if name.startswith(MODEL_PREFIX)
     }
+    if metadata.get("framework") == "torch":
+        _add_missing_step_counters(model_state)
     referenced: set[str] = set()
     decoded = _decode(path, metadata, arrays, referenced, tensor_hook)
     stray = sorted(set(arrays) - referenced - {MODEL_PREFIX + k for k in model_state})
@@ -224,6 +226,16 @@ def load_checkpoint(
     if check_model:
         _check_against_architecture(checkpoint)
     return checkpoint
+
+
+def _add_missing_step_counters(model_state: dict[str, np.ndarray]) -> None:
+    """Torch-side checkpoints (train --framework torch, import-torch) written before
+    BatchNorm's ``num_batches_tracked`` was kept lack it: give them a counter of 0, as PyTorch
+    does for state_dicts older than that buffer, rather than refuse them."""
+    for key in list(model_state):
+        if key.endswith(".running_mean"):
+            counter = key[: -len("running_mean")] + "num_batches_tracked"
+            model_state.setdefault(counter, np.array(0, dtype=np.int64))
 
 
 # The first bytes of a zip archive (np.savez's format), a .npy file and a pickle (protocol 2+).
