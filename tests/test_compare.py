@@ -139,6 +139,7 @@ def _offline(monkeypatch, tmp_path):
 def test_explicit_dataset_never_falls_back(monkeypatch, tmp_path, capsys):
     _offline(monkeypatch, tmp_path)
     out = tmp_path / "out"
+    (tmp_path / "empty").mkdir()  # exists, so the download is tried (and fails offline)
     status = main(["compare", "--dataset", "mnist", "--data-dir", str(tmp_path / "empty"),
                    "--limit-train", "64", "--epochs", "1", "--quiet", "--out", str(out)])
     assert status == 2

@@ -119,6 +119,7 @@ def test_search_order(isolated):
 
 def test_data_dir_is_the_only_place_looked(isolated):
     synthetic_dataset(isolated / "env" / "mnist")
+    (isolated / "elsewhere").mkdir()  # a missing --data-dir is refused before any search
     with pytest.raises(DatasetError, match="not found"):
         load_dataset("mnist", isolated / "elsewhere", download=False)
 

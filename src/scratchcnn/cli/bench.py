@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
+from scratchcnn.cli import thread_count
 from scratchcnn.models import MODEL_NAMES
 
 DESCRIPTION = """\
@@ -72,9 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="training steps per round (default 30, after 3 warm-up steps)")
     parser.add_argument("--inference-images", type=_positive_int, default=10_000, metavar="N")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--threads", type=_positive_int,
-                        help="threads for both frameworks (default: $SCRATCHCNN_NUM_THREADS, "
-                             "else all available cores)")
+    parser.add_argument("--threads", type=thread_count,
+                        help="threads for both frameworks, at most the available cores "
+                             "(default: $SCRATCHCNN_NUM_THREADS, else all of them)")
     parser.add_argument("--dataset", choices=("mnist", "fashion-mnist", "mnist-sample", "random"),
                         help="images to time on (default: local MNIST if found, else random "
                              "images; naming a dataset may download it)")
@@ -91,23 +90,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def resolve_threads(threads: int | None) -> int | None:
-    """--threads, else $SCRATCHCNN_NUM_THREADS, else None (all cores)."""
+    """--threads (checked by its parser), else $SCRATCHCNN_NUM_THREADS (checked here, as
+    --threads is), else None (all cores)."""
     from scratchcnn.cli import CommandError
+    from scratchcnn.harness.threads import threads_from_environment
 
     if threads is not None:
         return threads
-    text = os.environ.get("SCRATCHCNN_NUM_THREADS", "").strip()
-    if not text:
-        return None
-    if not text.isdigit() or int(text) < 1:
-        raise CommandError(f"SCRATCHCNN_NUM_THREADS must be a positive integer, got {text!r}")
-    return int(text)
+    try:
+        return threads_from_environment("SCRATCHCNN_NUM_THREADS")
+    except ValueError as error:
+        raise CommandError(str(error)) from None
 
 
 def run(args: argparse.Namespace) -> int:
-    from scratchcnn.cli import CommandError
+    from scratchcnn.cli import CommandError, check_output_dir
+    from scratchcnn.data.sources import check_data_dir
 
     threads = resolve_threads(args.threads)
+    if args.data_dir is not None:
+        # Else a mistyped --data-dir would quietly time random images instead.
+        check_data_dir(args.data_dir)
+    out = check_output_dir(args.out)
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -125,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     )
     report = run_bench(config)
     report["targets"] = check_targets(report)
-    paths = write_bench_report(report, Path(args.out))
+    paths = write_bench_report(report, out)
     print(render_markdown(report))
     print(f"Report: {paths['json']}, {paths['markdown']}")
     return 0

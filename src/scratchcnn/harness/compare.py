@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from scratchcnn.data.sources import check_data_dir
 from scratchcnn.harness import training
 from scratchcnn.harness.environment import describe_environment
 from scratchcnn.harness.measure import measure_in_subprocess
@@ -58,6 +59,9 @@ class CompareConfig:
 
     def validate(self) -> None:
         architecture(self.model)  # raises with the list of known models
+        if self.data_dir is not None:
+            # A mistyped --data-dir must fail here, not send the run to the fallback sample.
+            check_data_dir(self.data_dir)
         for framework in self.frameworks:
             training.check_framework(framework)
         if not self.frameworks or len(set(self.frameworks)) != len(self.frameworks):
@@ -286,10 +290,13 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
                     progress(loss)
 
                 start = time.perf_counter()
-                train_loss = training.train_epoch(
-                    side.name, side.model, side.optimizer, epoch_x, train_y, batches,
-                    epoch=epoch, progress=record,
-                )
+                # A diverging run overflows on its way to NaN; train_epoch reports that clearly
+                # (as in training_run.TrainingRun.run_epoch).
+                with np.errstate(over="ignore", invalid="ignore"):
+                    train_loss = training.train_epoch(
+                        side.name, side.model, side.optimizer, epoch_x, train_y, batches,
+                        epoch=epoch, progress=record,
+                    )
                 seconds = time.perf_counter() - start
             lr = side.optimizer.param_groups[0]["lr"]
             for scheduler in side.schedulers:

@@ -10,6 +10,7 @@ light background (border brighter than mid-grey), because MNIST digits are light
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +25,28 @@ class ImageError(ValueError):
 
 
 def read_grayscale(path: str | os.PathLike) -> np.ndarray:
-    """The image at ``path`` as a 2-D uint8 array (0 black .. 255 white)."""
+    """The image at ``path`` as a 2-D uint8 array (0 black .. 255 white).
+
+    Images above PIL's decompression-bomb limit (2 x ``PIL.Image.MAX_IMAGE_PIXELS``) raise
+    ImageError; those between its warning threshold and that limit are read without a warning.
+    """
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                image = image.convert("RGBA")
-                paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(paper, image)
-            return np.asarray(image.convert("L"), dtype=np.uint8).copy()
+        # PIL's warning would print as a raw Python warning; such an image is only slow to read.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                    image = image.convert("RGBA")
+                    paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
+                    image = Image.alpha_composite(paper, image)
+                return np.asarray(image.convert("L"), dtype=np.uint8).copy()
+    except Image.DecompressionBombError as error:
+        # PIL's message gives the image's size and the limit.
+        raise ImageError(f"{path}: too large to be a digit: {error} Scale it down.") from None
     except FileNotFoundError:
         raise ImageError(f"{path}: no such image file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:

@@ -123,9 +123,9 @@ class TrainingState:
         if self.framework == "torch":
             from scratchcnn.reference.torch_models import from_torch_state_dict
 
-            # The NumPy BatchNorm keeps no step counter; neither does the checkpoint.
-            state = from_torch_state_dict(self.model.state_dict())
-            return {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+            # All of it, BatchNorm's int64 step counter included: the checkpoint must match
+            # the NumPy model's state_dict key for key to load.
+            return from_torch_state_dict(self.model.state_dict())
         return dict(self.model.state_dict())
 
     def random_state(self) -> dict[str, Any]:
@@ -144,7 +144,7 @@ class TrainingState:
 
             from scratchcnn.reference.torch_models import to_torch_state_dict
 
-            self.model.load_state_dict(to_torch_state_dict(checkpoint.model_state), strict=False)
+            self.model.load_state_dict(to_torch_state_dict(checkpoint.model_state))
             torch.set_rng_state(torch.from_numpy(np.asarray(checkpoint.metadata["rng"]["torch"])))
         else:
             self.model.load_state_dict(checkpoint.model_state)
@@ -174,6 +174,23 @@ class EpochResult:
     improved: bool      # best test accuracy so far: best.npz was rewritten
 
 
+def recorded_data_dir(metadata: dict[str, Any], dataset: str, test_only: bool = False
+                      ) -> str | None:
+    """The data directory recorded in a checkpoint's ``metadata``, if it is for ``dataset`` and
+    still holds its files (``test_only``: the test files); None otherwise, so that the usual
+    search applies (the directory may be gone, or the checkpoint made on another machine)."""
+    from scratchcnn.data import locate_dataset
+
+    recorded = metadata.get("data_dir")
+    if not recorded or dataset != metadata.get("dataset") or dataset == "mnist-sample":
+        return None
+    try:
+        found = locate_dataset(dataset, recorded, test_only=test_only)
+    except (OSError, ValueError):
+        return None
+    return recorded if found is not None else None
+
+
 class TrainingRun:
     """One framework trained from ``config``, checkpointing into the directory ``out``.
 
@@ -198,7 +215,8 @@ class TrainingRun:
         # The data directory is where this machine keeps the files, not a setting of the run,
         # but resuming without repeating it is friendlier.
         self.data_dir = data_dir or (
-            checkpoint.metadata.get("data_dir") if checkpoint is not None else None
+            recorded_data_dir(checkpoint.metadata, config["dataset"])
+            if checkpoint is not None else None
         )
         self.data = load_data(
             config["dataset"], self.data_dir, config["limit_train"], config["limit_test"]
