@@ -59,3 +59,21 @@ def test_parser_builds_without_importing_torch():
 
 def test_build_parser_is_reusable():
     assert build_parser().prog == "scratchcnn"
+
+
+def _raise_permission_error(*args, **kwargs):
+    raise PermissionError(13, "Permission denied", "runs/compare/curves.png")
+
+
+def test_os_error_is_one_line_with_the_file(monkeypatch, tmp_path, capsys):
+    # The safety net behind the commands' own checks: e.g. a directory made read-only mid-run.
+    from scratchcnn.harness import compare
+
+    monkeypatch.setattr(compare, "run_compare", _raise_permission_error)
+    command = ["compare", "--frameworks", "numpy", "--out", str(tmp_path)]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err == "scratchcnn compare: error: Permission denied: runs/compare/curves.png\n"
+    monkeypatch.setenv("SCRATCHCNN_DEBUG", "1")
+    with pytest.raises(PermissionError):
+        main(command)

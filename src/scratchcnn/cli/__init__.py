@@ -9,6 +9,8 @@ import argparse
 import importlib
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import scratchcnn
 
@@ -18,8 +20,108 @@ SUBCOMMAND_MODULES = (
 )
 
 
+# torch.manual_seed takes any unsigned 64-bit seed and NumPy's generators any non-negative int;
+# both sides, resumed checkpoints and reports work up to 2**64 - 1 (tested end to end).
+SEED_LIMIT = 2**64
+
+
 class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 2, no traceback."""
+
+
+# -- option types shared by the subcommands -------------------------------------------------
+
+
+def seed(text: str) -> int:
+    """argparse type of --seed: an integer with 0 <= seed < SEED_LIMIT, refused at parse time
+    (rather than by NumPy or torch after the data has loaded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"must be between 0 and 2**64 - 1 ({SEED_LIMIT - 1}), got {value}")
+    return value
+
+
+def seed_list(text: str) -> list[int]:
+    """argparse type of --seeds: distinct seeds (see ``seed``) separated by commas."""
+    parts = [part for part in text.split(",") if part.strip()]
+    seeds = [seed(part) for part in parts]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct non-negative integers separated by commas, got {text!r}")
+    return seeds
+
+
+def thread_count(text: str) -> int:
+    """argparse type of --threads: from 1 to the available CPU cores (see
+    ``harness.threads.threads_problem``), refused before any data loads or training starts."""
+    from scratchcnn.harness.threads import threads_problem
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    problem = threads_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+# -- output paths, checked before the slow work that fills them -----------------------------
+
+
+def check_output_dir(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """The directory ``path``, created if missing (the command would create it anyway) and
+    checked to be writable; CommandError naming ``option`` if it cannot be. Commands call it
+    before loading data or training, so a bad path costs nothing."""
+    path = Path(path)
+    _usable_directory(path, f"{option} {path}", option, own=True)
+    return path
+
+
+def check_output_file(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """The file path ``path``, checked as ``check_output_dir`` checks a directory: it is not a
+    directory and its parent directory exists (created if missing) and is writable."""
+    path = Path(path)
+    where = f"{option} {path}"
+    if path.is_dir():
+        raise CommandError(f"{where}: is a directory; give a file name, "
+                           f"e.g. {option} {path / 'results.json'}")
+    _usable_directory(path.parent, where, option, own=False)
+    return path
+
+
+def _usable_directory(directory: Path, where: str, option: str, own: bool) -> None:
+    """Make ``directory`` exist and check it is writable; ``where`` starts every message and
+    ``own`` says it names ``directory`` itself (else the messages name it)."""
+    subject, label = ("", "the directory") if own else (f"{directory} ",
+                                                        f"the directory {directory}")
+    advice = f"choose another {option}"
+    if directory.exists() and not directory.is_dir():
+        kind = "a file, not a directory" if directory.is_file() else "not a directory"
+        raise CommandError(f"{where}: {subject}exists and is {kind}; {advice}")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        # A file further up the path makes mkdir fail with ENOTDIR or EEXIST: name it.
+        blocker = next((parent for parent in directory.parents
+                        if parent.exists() and not parent.is_dir()), None)
+        if blocker is not None:
+            raise CommandError(f"{where}: {blocker} is a file, not a directory; {advice}") \
+                from None
+        raise CommandError(f"{where}: cannot create {label} ({error.strerror or error}); "
+                           f"{advice}") from None
+    try:
+        # What the atomic writes will do (a named temporary file, then a rename), minus the
+        # rename; it leaves nothing behind.
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".scratchcnn-write-check-"):
+            pass
+    except OSError as error:
+        raise CommandError(f"{where}: {label} is not writable ({error.strerror or error}); "
+                           f"{advice}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,3 +168,22 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    except OSError as error:
+        # A safety net behind the commands' own checks (a disk that fills up or a directory
+        # removed mid-run): the system's one-line reason and the file, not a traceback.
+        if os.environ.get("SCRATCHCNN_DEBUG"):
+            raise
+        print(f"scratchcnn {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
+        return 2
+
+
+def describe_os_error(error: OSError) -> str:
+    """``strerror: filename`` (``-> filename2`` for a rename), else the error's own text."""
+    if not error.strerror:
+        return str(error)
+    text = error.strerror
+    if error.filename is not None:
+        text += f": {os.fsdecode(error.filename)}"
+        if error.filename2 is not None:
+            text += f" -> {os.fsdecode(error.filename2)}"
+    return text

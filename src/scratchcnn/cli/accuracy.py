@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from scratchcnn.cli import seed_list, thread_count
+
 DESCRIPTION = """\
 Run an accuracy target of issue 6: NumPy and its PyTorch twin trained from the same weights on
 the same batches, once per seed; per-seed results, mean and sample std go to JSON (rewritten
@@ -23,18 +25,6 @@ Then the README table:
 modified and never count as meeting (or missing) a target."""
 
 
-def _seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(
-            f"expected distinct non-negative integers separated by commas, got {text!r}"
-        )
-    return seeds
-
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -51,12 +41,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("target", nargs="?", choices=tuple(TARGETS), metavar="TARGET",
                         help=f"one of {', '.join(TARGETS)}")
-    parser.add_argument("--seeds", type=_seeds, default=list(DEFAULT_SEEDS),
-                        help="comma-separated seeds (default 0,1,2; at least 3 to check a target)")
+    parser.add_argument("--seeds", type=seed_list, default=list(DEFAULT_SEEDS),
+                        help="comma-separated seeds, each 0 to 2**64 - 1 (default 0,1,2; at "
+                        "least 3 to check a target)")
     parser.add_argument("--data-dir", help="directory holding the dataset's IDX files")
     parser.add_argument("--out", metavar="FILE",
                         help="results JSON (default runs/accuracy/TARGET.json)")
-    parser.add_argument("--threads", type=_positive_int, help="threads for both frameworks")
+    parser.add_argument("--threads", type=thread_count,
+                        help="threads for both frameworks, at most the available cores "
+                        "(default: all of them)")
     parser.add_argument("--epochs", type=_positive_int, help="override (smoke tests only)")
     parser.add_argument("--limit-train", type=_positive_int, metavar="N",
                         help="override (smoke tests only)")
@@ -70,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scratchcnn.cli import CommandError
+    from scratchcnn.cli import CommandError, check_output_file
     from scratchcnn.harness import accuracy
 
     if args.table:
@@ -84,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
                                                      "dataset")
                  if getattr(args, key) is not None}
     out = args.out or f"runs/accuracy/{args.target}.json"
+    check_output_file(out)
     document = accuracy.run_target(
         args.target, args.seeds, out, data_dir=args.data_dir, threads=args.threads,
         overrides=overrides, log=lambda line: print(line, file=sys.stderr, flush=True),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from scratchcnn.cli import seed, thread_count
 from scratchcnn.models import MODEL_NAMES
 
 DESCRIPTION = """\
@@ -81,7 +81,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--weight-decay", type=float, default=None,
                         help="weight decay (default: torch's for the optimizer)")
     add_training_recipe_options(parser)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0,
+                        help="seed for initialisation, batch order and dropout, "
+                        "0 to 2**64 - 1 (default 0)")
     parser.add_argument("--limit-train", type=_positive_int, metavar="N",
                         help="use only the first N training images")
     parser.add_argument("--limit-test", type=_positive_int, metavar="N",
@@ -89,8 +91,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--frameworks", type=_frameworks, default=("numpy", "torch"),
                         help="comma-separated, from numpy,torch (default: both)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--threads", type=_positive_int,
-                        help="threads for both frameworks (default: all available cores)")
+    parser.add_argument("--threads", type=thread_count,
+                        help="threads for both frameworks, at most the available cores "
+                        "(default: all of them)")
     parser.add_argument("--out", default="runs/compare", metavar="DIR",
                         help="output directory (default: runs/compare)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -101,7 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scratchcnn.cli import CommandError
+    from scratchcnn.cli import CommandError, check_output_dir
     from scratchcnn.harness.compare import CompareConfig, run_compare
     from scratchcnn.harness.report import summary_table, write_report
     from scratchcnn.harness.training import NonFiniteLossError
@@ -134,12 +137,12 @@ def run(args: argparse.Namespace) -> int:
         config.validate()
     except ValueError as error:
         raise CommandError(str(error)) from None
+    out = check_output_dir(args.out)
     try:
         report = run_compare(config)
     except NonFiniteLossError as error:
         print(f"scratchcnn compare: {error}", file=sys.stderr)
         return 3
-    out = Path(args.out)
     if not args.no_plots:
         try:
             from scratchcnn.harness.plots import write_plots

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from scratchcnn.cli import seed, thread_count
+
 EXIT_NON_FINITE = 3
 
 # Run settings recorded in the checkpoint; on --resume they come from it.
@@ -59,7 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from scratchcnn.cli.compare import add_training_recipe_options
 
     add_training_recipe_options(parser, defaults=False)
-    add("--seed", type=int, help="seed for initialisation, batch order and dropout (default 0)")
+    add("--seed", type=seed,
+        help="seed for initialisation, batch order and dropout, 0 to 2**64 - 1 (default 0)")
     add("--limit-train", type=int, help="use only the first N training images")
     add("--limit-test", type=int, help="use only the first N test images")
     add("--dtype", choices=("float32", "float64"), help="default float32")
@@ -67,7 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--out", help="directory for last.npz and best.npz (default: runs/<model>-<framework>, "
         "or the resumed checkpoint's directory)")
     add("--resume", metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT")
-    add("--threads", type=int, help="limit BLAS / torch threads")
+    add("--threads", type=thread_count,
+        help="limit BLAS / torch threads (at most the available cores)")
     add("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -117,7 +121,7 @@ def resolve_config(args: argparse.Namespace, saved: dict[str, Any] | None) -> di
 
 
 def run(args: argparse.Namespace) -> int:
-    from scratchcnn.cli import CommandError
+    from scratchcnn.cli import CommandError, check_output_dir
     from scratchcnn.harness.training import NonFiniteLossError
     from scratchcnn.harness.training_run import TrainingRun, load_resumable
 
@@ -136,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.resume} has already completed {start_epoch} epoch(s); "
               f"nothing to do for --epochs {args.epochs}")
         return 0
+    check_output_dir(out)
 
     training_run = TrainingRun(
         config, out, data_dir=args.data_dir, checkpoint=checkpoint, threads=args.threads

@@ -239,6 +239,9 @@ def load_results(path: str | Path) -> dict[str, Any]:
         document = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: cannot read accuracy results ({error})") from None
+    except UnicodeDecodeError:  # a binary file, e.g. a checkpoint given by mistake
+        raise ValueError(f"{path}: not a JSON accuracy results file (it holds binary data); "
+                         "make one with 'scratchcnn accuracy TARGET --out FILE'") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise ValueError(f"{path}: not a scratchcnn accuracy results file; "
                          "make one with 'scratchcnn accuracy TARGET --out FILE'")

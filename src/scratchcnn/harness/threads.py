@@ -22,6 +22,40 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def threads_problem(threads: int) -> str | None:
+    """What is wrong with ``threads`` as a thread count (None: nothing). More threads than
+    cores is refused: torch's OpenMP pool crashes (segfault, or "Thread creation failed") at
+    tens of thousands, and the NumPy side starts a shard worker per thread, so even a few
+    times the cores makes training several times slower, never faster."""
+    if threads < 1:
+        return f"must be at least 1, got {threads}"
+    cores = available_cores()
+    if threads > cores:
+        return (f"{threads} is more than the {cores} CPU core{'s' if cores != 1 else ''} "
+                f"available; use at most {cores}")
+    return None
+
+
+def check_threads(threads: int, name: str = "--threads") -> int:
+    """``threads`` if ``threads_problem`` finds nothing wrong, else ValueError naming ``name``
+    (the option or variable it came from)."""
+    problem = threads_problem(threads)
+    if problem is not None:
+        raise ValueError(f"{name}: {problem}")
+    return threads
+
+
+def threads_from_environment(variable: str = "SCRATCHCNN_NUM_THREADS") -> int | None:
+    """The thread count set in the environment ``variable``, checked (ValueError naming the
+    variable), or None when it is unset or empty."""
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise ValueError(f"{variable} must be a positive integer, got {text!r}")
+    return check_threads(int(text), variable)
+
+
 def configured_threads() -> int:
     """The thread count the last ``apply_threads`` set, else all available cores (the default
     of both frameworks); the NumPy side splits batches across this many threads."""
@@ -31,17 +65,15 @@ def configured_threads() -> int:
 def apply_threads(threads: int | None, *, torch: bool = True,
                   keep_memory: bool | None = None) -> int:
     """Limit BLAS (and PyTorch when ``torch`` is True) to ``threads`` threads; None means all
-    available cores. Returns the number applied. With ``keep_memory`` (None: when the
-    environment sets ``SCRATCHCNN_KEEP_FREED_MEMORY=1``), the allocator also keeps the memory it
-    frees, for both frameworks (see allocator.py); by default each runs as its users run it."""
+    available cores, and more than that is a ValueError (see ``threads_problem``). Returns the
+    number applied. With ``keep_memory`` (None: when the environment sets
+    ``SCRATCHCNN_KEEP_FREED_MEMORY=1``), the allocator also keeps the memory it frees, for both
+    frameworks (see allocator.py); by default each runs as its users run it."""
     if keep_memory is None:
         keep_memory = os.environ.get("SCRATCHCNN_KEEP_FREED_MEMORY", "").strip() == "1"
     if keep_memory:
         keep_freed_memory()
-    if threads is None:
-        threads = available_cores()
-    if threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {threads}")
+    threads = available_cores() if threads is None else check_threads(threads)
     global _configured_threads
     _configured_threads = threads
     try:
