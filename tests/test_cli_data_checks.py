@@ -29,17 +29,6 @@ from test_data_download import SHARED_MNIST, LocalServer, serve_synthetic, synth
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.fixture
-def isolated(tmp_path, monkeypatch) -> Path:
-    """Every search location inside tmp_path and downloads refused at once (closed port)."""
-    monkeypatch.setenv("SCRATCHCNN_DATA", str(tmp_path / "env"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(sources, "SYSTEM_DATA_DIR", tmp_path / "system")
-    monkeypatch.setenv("SCRATCHCNN_MIRRORS", "http://127.0.0.1:9/")
-    monkeypatch.setattr(sources, "RETRY_BACKOFF", 0.0)
-    return tmp_path
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """(a one-epoch tiny-cnn checkpoint, the synthetic MNIST directory it was trained on)."""

@@ -7,22 +7,10 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from scratchcnn.cli import main
 from scratchcnn.data import sources
 from scratchcnn.data.sources import IDX_STEMS
 from test_data_download import LocalServer, serve_synthetic, synthetic_dataset
-
-
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("SCRATCHCNN_DATA", str(tmp_path / "env"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(sources, "SYSTEM_DATA_DIR", tmp_path / "system")
-    monkeypatch.setenv("SCRATCHCNN_MIRRORS", "http://127.0.0.1:9/")
-    monkeypatch.setattr(sources, "RETRY_BACKOFF", 0.0)
-    return tmp_path
 
 
 def table_rows(output: str) -> dict[str, list[str]]:
