@@ -80,10 +80,16 @@ def test_assigning_before_init_is_explained():
         Broken()
 
 
-def test_shared_parameter_is_listed_once():
-    shared = Linear(2, 2)
-    model = Sequential(shared, ReLU(), shared)
-    assert [name for name, _ in model.named_parameters()] == ["0.weight", "0.bias"]
+def test_shared_parameter_is_listed_once(torch):
+    # Tied weights: two layers, one Parameter (a module itself may appear only once).
+    first, second = Linear(2, 2), Linear(2, 2)
+    second.weight = first.weight
+    model = Sequential(first, ReLU(), second)
+    names = [name for name, _ in model.named_parameters()]
+    assert names == ["0.weight", "0.bias", "2.bias"]
+    twin = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2))
+    twin[2].weight = twin[0].weight
+    assert names == [name for name, _ in twin.named_parameters()]
 
 
 def test_state_dict_keys_order_shapes_and_dtypes_match_torch(torch, rng):

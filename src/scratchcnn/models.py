@@ -18,7 +18,7 @@ import numpy as np
 
 from scratchcnn import nn
 from scratchcnn.nn.module import as_float_dtype
-from scratchcnn.random import resolve_rng
+from scratchcnn.random import as_generator, resolve_rng
 
 LayerSpec = tuple[str, Mapping[str, Any]]
 
@@ -111,20 +111,24 @@ def architecture(name: str) -> tuple[LayerSpec, ...]:
 
 
 def build_model(
-    name: str, *, dtype: Any = np.float32, rng: np.random.Generator | None = None
+    name: str, *, dtype: Any = np.float32, rng: np.random.Generator | int | None = None
 ) -> nn.Sequential:
     """The NumPy model ``name`` in ``dtype``. Weights are initialised as PyTorch does, with draws
-    from ``rng`` (default: the package generator, see ``scratchcnn.manual_seed``) in layer order;
-    Dropout layers keep drawing their masks from the same generator."""
+    from ``rng`` (a Generator, or an int seed for a new one; default: the package generator, see
+    ``scratchcnn.manual_seed``) in layer order. Dropout layers keep drawing their masks from
+    ``rng`` when given, else from whatever the default generator is at each draw, so that
+    ``manual_seed`` makes a built model's masks repeatable, as ``torch.manual_seed`` does."""
     dtype = as_float_dtype(dtype)
-    rng = resolve_rng(rng)
+    given = as_generator(rng, "build_model")
+    # One generator for every layer's weights: the same draws as before, in layer order.
+    init_rng = resolve_rng(given)
     layers = []
     for layer_name, kwargs in architecture(name):
         options = dict(kwargs)
         if layer_name in _TAKES_DTYPE:
             options["dtype"] = dtype
         if layer_name in _TAKES_RNG:
-            options["rng"] = rng
+            options["rng"] = given if layer_name == "Dropout" else init_rng
         layers.append(getattr(nn, layer_name)(**options))
     return nn.Sequential(*layers)
 

@@ -14,6 +14,7 @@ from scratchcnn.nn.module import (
     as_float_dtype,
     check_grad_output,
     check_input,
+    check_size,
     is_grad_enabled,
 )
 
@@ -136,10 +137,8 @@ class BatchNorm2d(Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        if int(num_features) <= 0:
-            raise ValueError(f"BatchNorm2d: num_features must be positive, got {num_features}")
+        self.num_features = check_size(num_features, "num_features", "BatchNorm2d")
         dtype = as_float_dtype(dtype)
-        self.num_features = int(num_features)
         self.eps = float(eps)
         self.momentum = None if momentum is None else float(momentum)
         self.affine = bool(affine)

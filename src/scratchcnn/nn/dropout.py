@@ -6,7 +6,7 @@ import numpy as np
 
 from scratchcnn.nn.collective import BatchShard
 from scratchcnn.nn.module import Module, check_grad_output, check_input, is_grad_enabled
-from scratchcnn.random import resolve_rng
+from scratchcnn.random import as_generator, resolve_rng
 
 
 class Dropout(Module):
@@ -17,9 +17,10 @@ class Dropout(Module):
     Forward:  y = x * m,  m = keep / (1 - p),  keep ~ Bernoulli(1 - p) (m = 0 when p = 1)
     Backward: dx = dy * m  (the same mask)
 
-    The mask comes from ``rng`` (a numpy Generator) or, when None, the package's default generator
-    at the time of the call, so ``scratchcnn.manual_seed`` makes runs repeatable. It is drawn in
-    logical (row-major) order, so the same seed gives the same mask whatever the memory layout.
+    The mask comes from ``rng`` (a numpy Generator, or an int seed for a new one) or, when None,
+    the package's default generator at the time of the call, so ``scratchcnn.manual_seed`` makes
+    runs repeatable. It is drawn in logical (row-major) order, so the same seed gives the same
+    mask whatever the memory layout.
     PyTorch draws from its own generator: masks never coincide across frameworks.
 
     Sharded (``DataParallel`` sets ``batch_shard`` while it runs this layer on a part of a batch,
@@ -30,13 +31,15 @@ class Dropout(Module):
     batch_shard: BatchShard | None = None
 
     def __init__(self, p: float = 0.5, inplace: bool = False, *,
-                 rng: np.random.Generator | None = None) -> None:
+                 rng: np.random.Generator | int | None = None) -> None:
         super().__init__()
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"Dropout: probability p has to be between 0 and 1, but got {p}")
         self.p = float(p)
         self.inplace = bool(inplace)
-        self.rng = rng
+        # Checked here, not at the first training forward; None stays None so that each draw
+        # looks the default generator up (scratchcnn.manual_seed then applies).
+        self.rng = as_generator(rng, "Dropout")
         self._mask: np.ndarray | None = None
         self._cache: tuple[tuple[int, ...], np.dtype] | None = None
 

@@ -1,7 +1,8 @@
 """Weight initialisers with the names, arguments and distributions of ``torch.nn.init``.
 
 Each fills an array (or a Parameter's ``.data``) in place and returns it. Random draws come from
-``rng`` when given, else from the package's default generator (``scratchcnn.manual_seed``).
+``rng`` when given (a Generator, or an int seed for a new one), else from the package's default
+generator (``scratchcnn.manual_seed``).
 
 PyTorch's default for Conv2d and Linear is ``kaiming_uniform_(w, a=sqrt(5))``, which works out to
 U(-1/sqrt(fan_in), 1/sqrt(fan_in)); their biases use the same bound.
@@ -56,14 +57,14 @@ def _fan(shape: tuple[int, ...], mode: str) -> int:
 
 
 def uniform_(tensor: ArrayLike, a: float = 0.0, b: float = 1.0,
-             rng: np.random.Generator | None = None) -> ArrayLike:
+             rng: np.random.Generator | int | None = None) -> ArrayLike:
     array = _array(tensor)
     array[...] = resolve_rng(rng).uniform(a, b, size=array.shape)
     return tensor
 
 
 def normal_(tensor: ArrayLike, mean: float = 0.0, std: float = 1.0,
-            rng: np.random.Generator | None = None) -> ArrayLike:
+            rng: np.random.Generator | int | None = None) -> ArrayLike:
     array = _array(tensor)
     array[...] = resolve_rng(rng).normal(mean, std, size=array.shape)
     return tensor
@@ -83,7 +84,7 @@ def ones_(tensor: ArrayLike) -> ArrayLike:
 
 
 def xavier_uniform_(tensor: ArrayLike, gain: float = 1.0,
-                    rng: np.random.Generator | None = None) -> ArrayLike:
+                    rng: np.random.Generator | int | None = None) -> ArrayLike:
     """U(-b, b) with b = gain * sqrt(6 / (fan_in + fan_out)) (Glorot & Bengio, 2010)."""
     fan_in, fan_out = calculate_fan_in_and_fan_out(_array(tensor).shape)
     bound = gain * math.sqrt(6.0 / (fan_in + fan_out))
@@ -91,7 +92,7 @@ def xavier_uniform_(tensor: ArrayLike, gain: float = 1.0,
 
 
 def xavier_normal_(tensor: ArrayLike, gain: float = 1.0,
-                   rng: np.random.Generator | None = None) -> ArrayLike:
+                   rng: np.random.Generator | int | None = None) -> ArrayLike:
     """N(0, std^2) with std = gain * sqrt(2 / (fan_in + fan_out))."""
     fan_in, fan_out = calculate_fan_in_and_fan_out(_array(tensor).shape)
     return normal_(tensor, 0.0, gain * math.sqrt(2.0 / (fan_in + fan_out)), rng)
@@ -99,8 +100,11 @@ def xavier_normal_(tensor: ArrayLike, gain: float = 1.0,
 
 def kaiming_uniform_(tensor: ArrayLike, a: float = 0.0, mode: str = "fan_in",
                      nonlinearity: str = "leaky_relu",
-                     rng: np.random.Generator | None = None) -> ArrayLike:
-    """U(-b, b) with b = gain * sqrt(3 / fan) (He et al., 2015)."""
+                     rng: np.random.Generator | int | None = None) -> ArrayLike:
+    """U(-b, b) with b = gain * sqrt(3 / fan) (He et al., 2015); a zero-element array is left
+    as it is, as in PyTorch (its fan may be 0, e.g. ``Linear(0, 3)``'s weight)."""
+    if _array(tensor).size == 0:
+        return tensor
     fan = _fan(_array(tensor).shape, mode)
     bound = calculate_gain(nonlinearity, a) * math.sqrt(3.0 / fan)
     return uniform_(tensor, -bound, bound, rng)
@@ -108,14 +112,16 @@ def kaiming_uniform_(tensor: ArrayLike, a: float = 0.0, mode: str = "fan_in",
 
 def kaiming_normal_(tensor: ArrayLike, a: float = 0.0, mode: str = "fan_in",
                     nonlinearity: str = "leaky_relu",
-                    rng: np.random.Generator | None = None) -> ArrayLike:
-    """N(0, std^2) with std = gain / sqrt(fan)."""
+                    rng: np.random.Generator | int | None = None) -> ArrayLike:
+    """N(0, std^2) with std = gain / sqrt(fan); a zero-element array is left as it is."""
+    if _array(tensor).size == 0:
+        return tensor
     fan = _fan(_array(tensor).shape, mode)
     return normal_(tensor, 0.0, calculate_gain(nonlinearity, a) / math.sqrt(fan), rng)
 
 
 def default_layer_init_(weight: Parameter, bias: Parameter | None,
-                        rng: np.random.Generator | None = None) -> None:
+                        rng: np.random.Generator | int | None = None) -> None:
     """PyTorch's ``reset_parameters`` for Conv2d and Linear: weight by kaiming_uniform_ with
     a=sqrt(5), bias from U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     rng = resolve_rng(rng)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -14,8 +15,10 @@ from scratchcnn.nn.module import (
     as_float_dtype,
     check_grad_output,
     check_input,
+    check_size,
     is_grad_enabled,
 )
+from scratchcnn.random import as_generator
 
 
 class Linear(Module):
@@ -35,20 +38,16 @@ class Linear(Module):
         bias: bool = True,
         *,
         dtype: Any = None,
-        rng: np.random.Generator | None = None,
+        rng: np.random.Generator | int | None = None,
     ) -> None:
         super().__init__()
-        if int(in_features) < 0 or int(out_features) < 0:
-            raise ValueError(
-                f"Linear: in_features and out_features must be non-negative, got "
-                f"{in_features} and {out_features}"
-            )
+        # 0 is allowed, as in torch: a zero-element weight, the output is the bias.
+        self.in_features = check_size(in_features, "in_features", "Linear", minimum=0)
+        self.out_features = check_size(out_features, "out_features", "Linear", minimum=0)
         dtype = as_float_dtype(dtype)
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
         self.weight = Parameter(np.empty((self.out_features, self.in_features), dtype=dtype))
         self.bias = Parameter(np.zeros(self.out_features, dtype=dtype)) if bias else None
-        init.default_layer_init_(self.weight, self.bias, rng)
+        init.default_layer_init_(self.weight, self.bias, as_generator(rng, "Linear"))
         self._input: np.ndarray | None = None
 
     def extra_repr(self) -> str:
@@ -73,9 +72,11 @@ class Linear(Module):
         x = self._input
         expected = None if x is None else (*x.shape[:-1], self.out_features)
         grad = check_grad_output(self, grad_output, expected, self.weight.dtype)
-        # Collapse any leading dimensions into one batch axis: (M, out) and (M, in).
-        grad_2d = grad.reshape(-1, self.out_features)
-        x_2d = x.reshape(-1, self.in_features)
+        # Collapse any leading dimensions into one batch axis: (M, out) and (M, in). M given, not
+        # -1, which NumPy cannot infer when in_features or out_features is 0.
+        rows = math.prod(x.shape[:-1])
+        grad_2d = grad.reshape(rows, self.out_features)
+        x_2d = x.reshape(rows, self.in_features)
         self.weight.accumulate_grad_product(grad_2d.T, x_2d)  # dL/dW = gradᵀ · x
         if self.bias is not None:
             self.bias.accumulate_grad(grad_2d.sum(axis=0))

@@ -18,16 +18,20 @@ output is C-contiguous.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import numpy as np
 
 from scratchcnn.forked import shared_empty
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _grad_enabled = True
 
@@ -42,17 +46,43 @@ def no_grad() -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def set_grad_enabled(mode: bool) -> Iterator[None]:
-    """Like ``torch.set_grad_enabled(mode)``: layers keep their caches for ``backward`` inside
-    it if ``mode`` is True, not if False; the previous mode returns on exit."""
+def _set_grad_mode(mode: bool) -> None:
     global _grad_enabled
-    previous = _grad_enabled
-    _grad_enabled = bool(mode)
-    try:
-        yield
-    finally:
-        _grad_enabled = previous
+    _grad_enabled = mode
+
+
+class set_grad_enabled:  # torch's name; like torch's, a class
+    """Like ``torch.set_grad_enabled(mode)``: layers keep their caches for ``backward`` if
+    ``mode`` is True, not if False. A plain call sets the mode for good; as a context manager
+    (or a decorator), the previous mode returns on exit.
+
+    A class rather than a generator context manager because, as in torch, the mode must change
+    at the call itself: a generator would only run on ``__enter__``, so a plain call did nothing.
+    """
+
+    def __init__(self, mode: bool) -> None:
+        self.previous = _grad_enabled
+        self.mode = bool(mode)
+        _set_grad_mode(self.mode)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        _set_grad_mode(self.previous)
+
+    def __call__(self, function: Callable[P, R]) -> Callable[P, R]:
+        # As a decorator, the mode belongs to each call of ``function``, not to decoration time
+        # (which set it in __init__): put it back, as torch does.
+        _set_grad_mode(self.previous)
+        mode = self.mode
+
+        @functools.wraps(function)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            with set_grad_enabled(mode):
+                return function(*args, **kwargs)
+
+        return wrapper
 
 
 def is_grad_enabled() -> bool:
@@ -60,12 +90,51 @@ def is_grad_enabled() -> bool:
     return _grad_enabled
 
 
+def _is_torch_object(value: Any, type_name: str) -> bool:
+    # Recognised by type, so that the engine never imports torch.
+    kind = type(value)
+    return kind.__name__ == type_name and kind.__module__.split(".")[0] == "torch"
+
+
 def as_float_dtype(dtype: Any) -> np.dtype:
-    """Validate a floating dtype argument (``None`` means the float32 default)."""
-    resolved = np.dtype(np.float32 if dtype is None else dtype)
+    """Validate a floating dtype argument (``None`` means the float32 default). A torch dtype is
+    taken by its name (``torch.float64`` -> float64)."""
+    if _is_torch_object(dtype, "dtype"):
+        dtype = str(dtype).removeprefix("torch.")
+    try:
+        resolved = np.dtype(np.float32 if dtype is None else dtype)
+    except TypeError:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}") from None
     if resolved not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be float32 or float64, got {resolved}")
     return resolved
+
+
+# torch's device types: a string naming one is a device for Module.to, not a dtype.
+_DEVICE_TYPES = frozenset({
+    "cpu", "cuda", "mps", "xpu", "xla", "meta", "hip", "ipu", "hpu", "mtia", "maia", "lazy",
+    "vulkan", "mkldnn", "opengl", "opencl", "ideep", "ve", "fpga", "privateuseone",
+})
+
+
+def _device_type(value: Any) -> str | None:
+    """``value``'s device type when it names a device ('cpu', 'cuda:0', a torch.device)."""
+    if _is_torch_object(value, "device"):
+        value = str(value)
+    if isinstance(value, str):
+        kind = value.partition(":")[0]
+        if kind in _DEVICE_TYPES:
+            return kind
+    return None
+
+
+def check_size(value: Any, name: str, owner: str, minimum: int = 1) -> int:
+    """``value`` as an int, or a ValueError naming ``owner`` unless it is an int (not a bool,
+    not a float, not a string: they used to be truncated or parsed silently) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        kind = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+        raise ValueError(f"{owner}: {name} must be {kind}, got {value!r}")
+    return int(value)
 
 
 class Parameter:
@@ -179,6 +248,21 @@ def vector_views(vector: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[
             for shape, start, stop in zip(shapes, ends[:-1], ends[1:], strict=True)]
 
 
+def _state_array(raw: Any, where: str) -> np.ndarray:
+    """``raw`` as a numeric array, or a ValueError starting with ``where``: np.asarray would make
+    None or a string a 0-d object or text array (then reported as "has shape ()"), and a ragged
+    list raises NumPy's own inhomogeneous-shape error."""
+    try:
+        value = np.asarray(raw)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{where} is a {type(raw).__name__} that is not an array of numbers "
+                         f"({error})") from None
+    if value.dtype.kind not in "biufc":  # complex: reported by the dtype check
+        raise ValueError(f"{where} must be an array of numbers, got a {type(raw).__name__} "
+                         f"(dtype {value.dtype})")
+    return value
+
+
 class LoadResult(NamedTuple):
     """What ``load_state_dict(..., strict=False)`` left out, as in PyTorch."""
 
@@ -283,6 +367,9 @@ class Module:
     # -- modes and dtype ----------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> Module:
+        # bool(mode) would read train("False") as training: refuse non-booleans, as torch does.
+        if not isinstance(mode, (bool, np.bool_)):
+            raise ValueError(f"training mode is expected to be boolean, got {mode!r}")
         for module in self.modules():
             object.__setattr__(module, "training", bool(mode))
         return self
@@ -297,8 +384,32 @@ class Module:
             elif param.grad is not None:
                 param.grad.fill(0)
 
-    def to(self, dtype: Any) -> Module:
-        """Cast parameters, gradients and floating buffers to ``dtype`` in place; returns self."""
+    def to(self, *args: Any, device: Any = None, dtype: Any = None,
+           non_blocking: bool = False) -> Module:
+        """Cast parameters, gradients and floating buffers to ``dtype`` in place; returns self.
+
+        Called as torch's: ``to(dtype)``, ``to(device)``, ``to(device, dtype)`` or with keywords.
+        The only device is the CPU, so ``'cpu'`` (or ``torch.device('cpu')``) changes nothing and
+        any other device is a ValueError; ``to()`` and ``to(None)`` change nothing either.
+        ``non_blocking`` is accepted for torch's signature and has no effect."""
+        if len(args) > 2:
+            raise TypeError(f"to() takes at most 2 positional arguments, got {len(args)}")
+        for arg in args:
+            if arg is None:
+                continue
+            if _device_type(arg) is not None:
+                if device is not None:
+                    raise TypeError("to() got the device twice")
+                device = arg
+            elif dtype is not None:
+                raise TypeError("to() got the dtype twice")
+            else:
+                dtype = arg
+        if device is not None and _device_type(device) != "cpu":
+            raise ValueError(f"to(): device {str(device)!r} is not available; scratchcnn runs "
+                             "on the CPU only ('cpu')")
+        if dtype is None:
+            return self
         dtype = as_float_dtype(dtype)
         for param in self.parameters():
             if param.data.dtype != dtype:
@@ -335,6 +446,10 @@ class Module:
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadResult:
         """Copy arrays (NumPy arrays, or anything ``np.asarray`` accepts, such as CPU tensors)
         into this module's parameters and buffers, keeping their dtypes."""
+        if not isinstance(state_dict, Mapping):
+            # Otherwise a list's items were reported as "unexpected keys".
+            raise TypeError(f"Expected state_dict to be dict-like, got "
+                            f"{type(state_dict).__name__}")
         targets: dict[str, tuple[Module, str, np.ndarray]] = {}
         for module_name, module in self.named_modules():
             dot = f"{module_name}." if module_name else ""
@@ -355,7 +470,7 @@ class Module:
         for key, (_, _, current) in targets.items():
             if key not in state_dict:
                 continue
-            value = np.asarray(state_dict[key])
+            value = _state_array(state_dict[key], f"{where}: {key!r}")
             if value.shape != current.shape:
                 raise ValueError(
                     f"{where}: {key!r} has shape {value.shape} but the model expects "
@@ -458,7 +573,18 @@ def check_grad_output(
 
 
 class Sequential(Module):
-    """Modules applied in order; children are named ``"0"``, ``"1"``, ... as in PyTorch."""
+    """Modules applied in order; children are named ``"0"``, ``"1"``, ... as in PyTorch (or by
+    the keys of one mapping given instead).
+
+    Each module may appear only once in the tree: its ``backward`` uses the cache of its own last
+    ``forward``, so a second use would overwrite the first's cache and give wrong gradients
+    (PyTorch's autograd records each use; here each use needs its own instance). For the same
+    reason one ``forward`` allows one ``backward``.
+    """
+
+    # None: no forward through this Sequential with gradients on since its last backward ran;
+    # "pending": its forward ran and backward has not; "done": backward ran for that forward.
+    _backward_state: str | None = None
 
     def __init__(self, *modules: Module | Mapping[str, Module]) -> None:
         super().__init__()
@@ -471,18 +597,76 @@ class Sequential(Module):
                 raise TypeError(f"Sequential takes Modules, got {type(module).__name__}")
             setattr(self, name, module)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, Module):
+            self._check_not_present(name, value)
+        super().__setattr__(name, value)
+
+    def _check_not_present(self, name: str, value: Module) -> None:
+        """Raise a ValueError if ``value`` or any module inside it is already in this tree
+        (outside the child ``name`` it replaces), or is this Sequential itself."""
+        where: dict[int, str] = {id(self): "the Sequential itself"}
+
+        def visit(module: Module, path: str) -> None:
+            if id(module) in where:
+                raise ValueError(
+                    f"Sequential: {module.describe()} appears twice (as {where[id(module)]!r} "
+                    f"and {path!r}); each use needs its own instance, because a module's "
+                    "backward uses the cache of its own last forward, which a second use "
+                    "overwrites (the gradients would be silently wrong)"
+                )
+            where[id(module)] = path
+            for child_name, child in module._modules.items():
+                visit(child, f"{path}.{child_name}")
+
+        for child_name, child in self._modules.items():
+            if child_name != name:
+                visit(child, child_name)
+        visit(value, name)
+
     def forward(self, x: np.ndarray) -> np.ndarray:
+        object.__setattr__(self, "_backward_state", None)
         for module in self._modules.values():
             x = module(x)
+        # Under no_grad the layers keep no cache: their own backward says so.
+        object.__setattr__(self, "_backward_state", "pending" if is_grad_enabled() else None)
         return x
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray:
-        for module in reversed(self._modules.values()):
-            grad_output = module.backward(grad_output)
+        state = self._backward_state
+        if state == "done":
+            # A second backward would add every parameter's gradient again (torch refuses it:
+            # "Trying to backward through the graph a second time").
+            raise RuntimeError(
+                "Sequential.backward: backward already ran for the last forward; a second one "
+                "would add every gradient again. Call forward again first; to accumulate "
+                "gradients over several batches, run forward and backward once per batch "
+                "(they add up in .grad until zero_grad())"
+            )
+        if state == "pending":
+            object.__setattr__(self, "_backward_state", "done")
+        for index, module in enumerate(reversed(self._modules.values())):
+            try:
+                grad_output = module.backward(grad_output)
+            except BaseException:
+                if index == 0 and state == "pending":
+                    # The last layer refused grad_output (shape, dtype) before adding any
+                    # gradient: a corrected retry is still the first backward.
+                    object.__setattr__(self, "_backward_state", "pending")
+                raise
         return grad_output
 
     def append(self, module: Module) -> Sequential:
-        setattr(self, str(len(self._modules)), module)
+        # setattr would store a non-Module as a plain attribute and ignore it.
+        if not isinstance(module, Module):
+            raise TypeError(f"{type(module).__name__} is not a Module subclass")
+        name = str(len(self._modules))
+        if name in self._modules:
+            # A slice keeps its names, so len() can name a child it holds; torch would replace
+            # that child without a word.
+            raise ValueError(f"Sequential.append: the name {name!r} is already taken by "
+                             f"{self._modules[name].describe()}; use setattr with a new name")
+        setattr(self, name, module)
         return self
 
     def __len__(self) -> int:
@@ -492,7 +676,8 @@ class Sequential(Module):
         return iter(self._modules.values())
 
     def __getitem__(self, index: int | slice) -> Module:
-        modules = list(self._modules.values())
         if isinstance(index, slice):
-            return Sequential(*modules[index])
-        return modules[index]
+            # Keeps the children's names, as torch does, so a slice's state_dict keys are the
+            # whole model's.
+            return Sequential(OrderedDict(list(self._modules.items())[index]))
+        return list(self._modules.values())[index]
