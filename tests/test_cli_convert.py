@@ -268,6 +268,8 @@ def test_bad_state_dict_files_are_one_line_errors(
         (["--mean=-inf"], "--mean must be a finite number"),
         (["--std", "inf"], "--std must be a finite positive number"),
         (["--std", "0"], "--std must be a finite positive number"),
+        (["--mean", "33.3", "--std", "78.6"], "on the [0, 1] scale"),
+        (["--std", "1.5"], "on the [0, 1] scale"),
     ],
 )
 def test_non_finite_normalisation_is_refused_up_front(tmp_path, capsys, option, expected):

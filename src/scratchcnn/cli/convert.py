@@ -147,6 +147,11 @@ def import_torch(
         raise CheckpointError(f"--mean must be a finite number, got {mean}")
     if not (math.isfinite(std) and std > 0):
         raise CheckpointError(f"--std must be a finite positive number, got {std}")
+    if not 0 <= mean <= 1 or std > 1:
+        # As data.normalize requires: 0-255 statistics would make every input about -0.4.
+        raise CheckpointError(f"--mean and --std are on the [0, 1] scale of pixel / 255, got "
+                              f"{mean} and {std}; divide 0-255 statistics by 255 (MNIST: "
+                              "0.1307 and 0.3081)")
     if dtype not in (None, "float32", "float64"):
         raise CheckpointError(f"--dtype must be float32 or float64, got {dtype!r}")
     classes = _class_names(dataset)

@@ -90,7 +90,11 @@ def augment(
 
 def augment_epoch(images: np.ndarray, kind: str, seed: int, epoch: int) -> np.ndarray:
     """``augment`` with a generator seeded by (seed, epoch): the same arguments always give the
-    same images, whatever ran before."""
+    same images, whatever ran before. ``seed`` and ``epoch`` are non-negative ints."""
+    for name, value in (("seed", seed), ("epoch", epoch)):
+        # NumPy's seed sequence would only say "expected non-negative integer".
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"augment_epoch: {name} must be a non-negative int, got {value!r}")
     return augment(images, kind, np.random.default_rng([_STREAM, seed, epoch]))
 
 

@@ -128,7 +128,8 @@ def im2col(padded: np.ndarray, kernel: Pair, out_size: Pair, stride: Pair,
     for tap_index in range(kernel[0] * kernel[1]):
         cols_t[tap_index] = tap_view(padded, *divmod(tap_index, kernel[1]), out_size, stride,
                                      dilation)
-    return cols_t.reshape(-1, rows).T
+    # The tap count, not -1: an empty batch has rows = 0, from which NumPy cannot infer it.
+    return cols_t.reshape(kernel[0] * kernel[1], rows).T
 
 
 # OpenBLAS, NumPy's BLAS, computes a product of at most this many multiply-adds (M*N*K) with

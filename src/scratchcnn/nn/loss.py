@@ -54,6 +54,12 @@ class CrossEntropyLoss(Module):
                 )
         # A buffer, as in PyTorch: it appears in state_dict() and follows .to(dtype).
         self.register_buffer("weight", weight)
+        # int() would quietly turn 1.5 into 1 and ignore class 1; torch takes only an int.
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+            raise TypeError(
+                f"CrossEntropyLoss: ignore_index must be an int (a class index, -100 by default), "
+                f"got {ignore_index!r}"
+            )
         self.ignore_index = int(ignore_index)
         self.reduction = reduction
         self.label_smoothing = float(label_smoothing)
@@ -64,10 +70,17 @@ class CrossEntropyLoss(Module):
     def _check_target(self, target: Any, n: int, classes: int) -> np.ndarray:
         target = np.asarray(target)
         if target.shape != (n,) or not np.issubdtype(target.dtype, np.integer):
+            if target.shape != (n,):
+                # A dtype cast cannot fix a shape: (N, 1) labels, say, need flattening.
+                fix = f"pass one class index per sample, shape ({n},)"
+                if target.size == n:
+                    fix += " (e.g. target.ravel())"
+            else:
+                fix = "convert labels with labels.astype(np.int64)"
             raise ValueError(
                 f"{self.describe()}: target must be integer class indices of shape ({n},) for "
                 f"logits of shape ({n}, {classes}), got {target.dtype} array of shape "
-                f"{target.shape}; convert labels with labels.astype(np.int64)"
+                f"{target.shape}; {fix}"
             )
         bad = (target < 0) | (target >= classes)
         bad &= target != self.ignore_index
@@ -110,7 +123,12 @@ class CrossEntropyLoss(Module):
             loss = per_sample
         else:
             total = per_sample.sum()
-            loss = dtype.type(total / divisor) if self.reduction == "mean" else total
+            if self.reduction == "sum":
+                loss = total
+            elif divisor:
+                loss = dtype.type(total / divisor)
+            else:
+                loss = dtype.type(np.nan)  # nothing counted (all ignored): 0 / 0, as in torch
 
         if is_grad_enabled():
             self._cache = (np.exp(log_prob), safe_target, target_weight, valid, weight, divisor)
@@ -134,6 +152,12 @@ class CrossEntropyLoss(Module):
         if smoothing:
             grad_logits -= (smoothing / classes) * (valid[:, None] * weight)
         grad_logits[np.arange(n), safe_target] -= (1.0 - smoothing) * target_weight
+        if self.reduction == "mean" and not divisor:
+            # Nothing counted: torch gives ignored samples a zero gradient (not 0 * (1/0) = NaN,
+            # which one optimizer step would spread into every weight) and counted ones of
+            # weight 0 the NaN of 0 / 0.
+            grad_logits[:] = np.where(valid[:, None] > 0, np.nan, 0.0)
+            return grad_logits
         scale = grad / dtype.type(divisor)
         grad_logits *= scale[:, None] if self.reduction == "none" else scale
         return grad_logits

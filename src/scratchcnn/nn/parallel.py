@@ -168,6 +168,7 @@ class DataParallel(Module):
         self._signature = ""  # the module's signature when the replicas were made
         self._processes: ShardProcessPool | None = None
         self._sharded_batch: list[int] | None = None  # shard sizes of the last sharded forward
+        self._output_shape: tuple[int, ...] = ()  # and the shape of its output
         self._coupled = False  # whether that forward's shards met in a BatchGroup
         self._backward_done = False  # whether forward_backward ran the last batch's backward
 
@@ -395,7 +396,9 @@ class DataParallel(Module):
         self._make_replicas(len(sizes), signature(self.module))
         outputs, _ = self._run("forward", np.split(x, np.cumsum(sizes)[:-1]), coupled)
         self._sharded_batch, self._coupled = sizes, coupled
-        return np.concatenate(outputs)
+        output = np.concatenate(outputs)
+        self._output_shape = output.shape
+        return output
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
         """grad of the output -> grad of the input (None if the first layer computes none)."""
@@ -406,9 +409,11 @@ class DataParallel(Module):
         if sizes is None:
             return self.module.backward(grad_output)
         grad_output = np.asarray(grad_output)
-        if grad_output.ndim == 0 or len(grad_output) != sum(sizes):
+        # The whole shape, here: a shard's layer would report its own slice of a bad gradient.
+        if grad_output.shape != self._output_shape:
             raise ValueError(f"{self.describe()}: grad_output has shape {grad_output.shape} but "
-                             f"the last forward returned a batch of {sum(sizes)}; they must match")
+                             f"the last forward returned shape {self._output_shape}; they must "
+                             "match")
         # The forward's coupling: BatchNorm's backward uses the statistics it cached, and the
         # shards run where their forward did.
         input_grads, group_sums = self._run("backward",
@@ -474,12 +479,24 @@ class DataParallel(Module):
         processes = min(self.num_shards, len(sizes))
         split = (optimizer.split_step(list(self.module.parameters()), processes)
                  if optimizer is not None and self.workers == "processes" else None)
-        losses, group_sums = self._run("train", np.split(x, splits), coupled,
-                                       np.split(target, splits), options, split)
+        try:
+            losses, group_sums = self._run("train", np.split(x, splits), coupled,
+                                           np.split(target, splits), options, split)
+        except ValueError:
+            # A shard names its bad target by its index in the shard: the whole batch's check
+            # (with the class count the first shard's logits gave) names it in the batch.
+            if options.get("classes") is not None:
+                try:
+                    criterion._check_target(target, n, options["classes"])
+                except ValueError as whole_batch:
+                    raise whole_batch from None  # the shard's version would only confuse
+            raise
         try:
             total = np.concatenate(losses).sum()  # the unsharded criterion's sum, in its order
-            loss = (total.dtype.type(total / divisor) if criterion.reduction == "mean"
-                    else total)
+            if criterion.reduction == "sum":
+                loss = total
+            else:  # every target ignored: NaN (0 / 0) as unsharded, and the step is skipped
+                loss = total.dtype.type(total / divisor if divisor else np.nan)
             if split is not None and self._finish_split(split, group_sums, np.isfinite(loss)):
                 return loss
         except BaseException:

@@ -121,12 +121,17 @@ def cross_entropy_step(replica: Module, x: np.ndarray, target: np.ndarray,
     1 / ``options["divisor"]``, the whole batch's divisor. Each sample's gradient is computed
     exactly as the unsharded loss computes it (the same 1 / divisor factor, row by row), so the
     shards' parameter gradients are the ones a forward, loss and backward of the batch would
-    give; ``options`` also holds the loss's ``ignore_index`` and ``label_smoothing``."""
+    give; ``options`` also holds the loss's ``ignore_index`` and ``label_smoothing``. The logits'
+    class count is written into ``options["classes"]``, so that the caller can explain a bad
+    target by its place in the whole batch."""
     logits = replica(x)
+    options.setdefault("classes", logits.shape[1] if logits.ndim == 2 else None)
     criterion = CrossEntropyLoss(ignore_index=options["ignore_index"], reduction="none",
                                  label_smoothing=options["label_smoothing"])
     per_sample = criterion(logits, target)
     dtype = logits.dtype.type
-    scale = dtype(1) / dtype(options["divisor"])
+    # A divisor of 0 (no weights here, so every target of the batch ignored): every row's
+    # gradient is zero, as torch gives, where 1 / 0 would make them 0 * inf = NaN.
+    scale = dtype(1) / dtype(options["divisor"]) if options["divisor"] else dtype(0)
     replica.backward(criterion.backward(np.full(len(per_sample), scale, dtype=logits.dtype)))
     return per_sample

@@ -101,6 +101,8 @@ class Adam(Optimizer):
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = np.zeros_like(theta, order="C")
         exp_avg = state["exp_avg"]
+        if exp_avg.dtype != theta.dtype:  # one comparison: all state arrays are made together
+            self._check_state_dtype(state, theta.dtype)
         exp_avg_sq = state["exp_avg_sq"]
         g_work = work.get(0, theta)  # the (modified) gradient, later the update
         scratch = work.get(1, theta)

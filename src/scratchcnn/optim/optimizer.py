@@ -309,6 +309,9 @@ class Optimizer:
             vector = _end_to_end([p.data for p in params])
             if vector is None:
                 return False  # not laid out end to end: update parameter by parameter
+            # Only when the layout is made: gather_state would cast old state into it silently.
+            for state in states:
+                self._check_state_dtype(state, vector.dtype)
             flat = self._flat_groups[index] = FlatGroup(params, vector)
         for key in self._flat_state_keys(group):
             flat.gather_state(states, key)
@@ -402,6 +405,21 @@ class Optimizer:
         for worker in self._step_workers:
             worker.close()
         self._step_workers, self._step_workers_for = [], None
+
+    def _check_state_dtype(self, state: Mapping[str, Any], dtype: np.dtype) -> None:
+        """Raise if ``state``'s arrays are not of ``dtype``, the parameter's: after
+        ``model.double()`` (or ``.float()``) the update would silently compute in the old dtype
+        and round (torch's Adam raises there; its SGD rounds silently)."""
+        for key in self._array_state:
+            array = state.get(key)
+            if array is not None and array.dtype != dtype:
+                raise RuntimeError(
+                    f"{type(self).__name__}: a parameter is {np.dtype(dtype)} but its optimizer "
+                    f"state {key!r} is {array.dtype}: the parameters changed dtype (model.double() "
+                    "or .float()) since this optimizer's state was made. Create a new optimizer "
+                    "after changing the model's dtype, or cast the state with "
+                    "optimizer.load_state_dict(optimizer.state_dict())"
+                )
 
     def _update(
         self,

@@ -95,6 +95,8 @@ class SGD(Optimizer):
             if buf is None:
                 buf = state["momentum_buffer"] = np.array(d_p, copy=True, order="C")
             else:
+                if buf.dtype != theta.dtype:
+                    self._check_state_dtype(state, theta.dtype)
                 buf *= momentum
                 if dampening != 0:
                     buf += np.multiply(d_p, 1 - dampening, out=product)
