@@ -633,8 +633,7 @@ class Sequential(Module):
         return x
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray:
-        state = self._backward_state
-        if state == "done":
+        if self._backward_state == "done":
             # A second backward would add every parameter's gradient again (torch refuses it:
             # "Trying to backward through the graph a second time").
             raise RuntimeError(
@@ -643,17 +642,11 @@ class Sequential(Module):
                 "gradients over several batches, run forward and backward once per batch "
                 "(they add up in .grad until zero_grad())"
             )
-        if state == "pending":
+        for module in reversed(self._modules.values()):
+            grad_output = module.backward(grad_output)
+        # Only once it succeeded: a grad_output the last layer refused can be corrected and retried.
+        if self._backward_state == "pending":
             object.__setattr__(self, "_backward_state", "done")
-        for index, module in enumerate(reversed(self._modules.values())):
-            try:
-                grad_output = module.backward(grad_output)
-            except BaseException:
-                if index == 0 and state == "pending":
-                    # The last layer refused grad_output (shape, dtype) before adding any
-                    # gradient: a corrected retry is still the first backward.
-                    object.__setattr__(self, "_backward_state", "pending")
-                raise
         return grad_output
 
     def append(self, module: Module) -> Sequential:
