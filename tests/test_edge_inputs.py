@@ -1,7 +1,8 @@
-"""Edge inputs, handled as torch handles them or refused clearly: an all-ignored cross-entropy batch, a
-float ignore_index and (N, 1) targets, optimizer state left in the old dtype by model.double(),
-normalize with 0-255 statistics or torchvision-style tuples, a negative augmentation seed, empty
-batches through one-channel convolutions, and DataParallel errors in whole-batch terms."""
+"""Edge inputs, handled as torch handles them or refused clearly: an all-ignored cross-entropy
+batch, a float ignore_index and (N, 1) targets, optimizer state left in the old dtype by
+model.double(), normalize with 0-255 statistics or torchvision-style tuples, a negative
+augmentation seed, empty batches through one-channel convolutions, and DataParallel errors in
+whole-batch terms."""
 
 import warnings
 
