@@ -61,6 +61,22 @@ def test_lr_sequence_matches_torch(torch, name, config):
     assert [g["lr"] for g in opt.param_groups] == list(ours[-1])
 
 
+@pytest.mark.parametrize(("name", "config"), SCHEDULES, ids=[f"{n}-{c}" for n, c in SCHEDULES])
+def test_torch_scheduler_state_dict_resumes_the_same_schedule(torch, name, config):
+    """A schedule saved by torch mid-way (its state_dict carries torch-only keys) continues
+    here with torch's learning rates."""
+    topt = their_optimizer(torch)
+    theirs = getattr(torch.optim.lr_scheduler, name)(topt, **config)
+    lr_sequence(topt, [theirs], epochs=3)
+    opt = our_optimizer()
+    ours = getattr(lr_scheduler, name)(opt, **config)
+    ours.load_state_dict(theirs.state_dict())
+    for group, lr in zip(opt.param_groups, ours.get_last_lr(), strict=True):
+        group["lr"] = lr  # the optimizer's own state would come from its own state_dict
+    np.testing.assert_allclose(lr_sequence(opt, [ours], epochs=6),
+                               lr_sequence(topt, [theirs], epochs=6), rtol=1e-13, atol=0)
+
+
 def test_chained_schedulers_match_torch(torch):
     """Warm-up and cosine stepped together: only the recursive forms compose like this."""
     opt, topt = our_optimizer(), their_optimizer(torch)

@@ -11,6 +11,9 @@ from typing import Any
 
 from scratchcnn.optim.optimizer import Optimizer
 
+# Keys of torch.optim.lr_scheduler state_dicts with no counterpart here (see load_state_dict).
+_TORCH_ONLY_KEYS = frozenset({"_get_lr_called_within_step"})
+
 
 class LRScheduler:
     """Base class: sets ``group["initial_lr"]`` (kept in ``base_lrs``) and takes the initial
@@ -73,6 +76,8 @@ class LRScheduler:
         if not isinstance(state_dict, Mapping):
             raise ValueError(f"{where}: expected a dict, got {type(state_dict).__name__}")
         known = set(self.state_dict())
+        # torch's schedulers also save a flag of their own call stack, False between steps.
+        state_dict = {k: v for k, v in state_dict.items() if k not in _TORCH_ONLY_KEYS}
         unknown = sorted(set(state_dict) - known)
         if unknown:
             raise ValueError(
