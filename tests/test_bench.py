@@ -282,3 +282,24 @@ def test_busy_machine_warning() -> None:
     assert busy_warning({"start": [0.3, 0.2, 0.1], "end": [2.4, 1.0, 0.5]}, cores=2) is None
     assert "busy" in busy_warning({"start": [1.8, 1.0, 0.5], "end": [2.4, 1.0, 0.5]}, cores=2)
     assert "6.41 at end" in busy_warning({"start": [0.5, 0, 0], "end": [6.41, 5, 3]}, cores=2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_matmul_peak_is_measured_in_the_runs_dtype(monkeypatch, dtype) -> None:
+    """"% of peak" compares a run's GFLOP/s with products of its own dtype (float64 ones run at
+    about half float32's rate)."""
+    from scratchcnn.harness import flops
+
+    measured = []
+
+    def peak(*, dtype):
+        measured.append(np.dtype(dtype))
+        return {"gflops": 100.0 + len(measured), "size": 8, "seconds": 1.0}
+
+    monkeypatch.setattr(flops, "matmul_peak_gflops", peak)
+    monkeypatch.setattr(bench, "bench_model", lambda *args: {})
+    config = bench.BenchConfig(models=("tiny-cnn",), dtype=dtype, dataset="random", threads=1,
+                               batch_sizes=(8,), steps=1, quiet=True)
+    report = bench.run_bench(config)
+    assert measured == [np.dtype(dtype)] * 2
+    assert report["matmul_peak"]["dtype"] == dtype and report["matmul_peak"]["gflops"] == 102.0

@@ -342,12 +342,13 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     *data, dataset = load_images(config, dtype, pool)
     _log(config, f"matmul peak ({threads} threads)")
     # Measured before and after the models, keeping the better: a busy machine at one moment
-    # would otherwise understate the peak (and overstate every "% of peak").
-    peaks = [matmul_peak_gflops(dtype=np.float32)]
+    # would otherwise understate the peak (and overstate every "% of peak"). In the run's
+    # dtype: float64 products run at about half float32's rate.
+    peaks = [matmul_peak_gflops(dtype=dtype)]
     models = [bench_model(name, config, threads, dtype, tuple(data)) for name in config.models]
-    peaks.append(matmul_peak_gflops(dtype=np.float32))
+    peaks.append(matmul_peak_gflops(dtype=dtype))
     peak = {**max(peaks, key=lambda p: p["gflops"]),
-            "measurements_gflops": [p["gflops"] for p in peaks]}
+            "measurements_gflops": [p["gflops"] for p in peaks], "dtype": str(dtype)}
     return {
         "kind": "scratchcnn-bench",
         "config": asdict(config),
