@@ -125,8 +125,14 @@ def test_compare_feeds_identical_weights_and_batches_to_both_sides(monkeypatch, 
     # Identical weights at the start of training.
     for key, value in seen[0][3].items():
         assert np.array_equal(value, seen[1][3][key]), key
-    assert report["agreement"]["initial_weights_max_abs_diff"] == 0.0
-    assert report["agreement"]["first_epoch_step_loss_max_rel_diff"] < 1e-8
+    agreement = report["agreement"]
+    assert agreement["initial_weights_max_abs_diff"] == 0.0
+    assert agreement["first_epoch_step_loss_max_rel_diff"] < 1e-8
+    assert agreement["first_epoch_first_step_loss_rel_diff"] < 1e-8
+    assert agreement["first_epoch_steps_within_tolerance"] == agreement["first_epoch_steps"] == 4
+    assert agreement["first_epoch_first_step_beyond_tolerance"] is None
+    assert all(diff < 1e-8 for diff in agreement["epoch_train_loss_rel_diff"])
+    assert len(agreement["epoch_train_loss_rel_diff"]) == 2
 
 
 def _offline(monkeypatch, tmp_path):

@@ -58,7 +58,8 @@ def test_json_has_every_required_key_with_sane_values(run):
         assert side["test_loss"] == side["epochs"][-1]["test_loss"]
         assert side["train_seconds"] == pytest.approx(sum(e["seconds"] for e in side["epochs"]))
         assert _is_seconds(side["eval_seconds"])
-        assert isinstance(side["peak_memory_mb"], float) and 0 < side["peak_memory_mb"] < 4096
+        assert isinstance(side["peak_memory_mib"], float) and 0 < side["peak_memory_mib"] < 4096
+        assert "peak_memory_mb" not in side
         assert len(side["step_losses"]) == 2 and len(side["step_losses"][0]) == 6
     environment = report["environment"]
     assert set(environment) >= {"python", "numpy", "torch", "blas", "cpu", "threads"}
@@ -108,7 +109,7 @@ def _minimal_report(**dataset_extra):
             "epochs": [{"epoch": 1, "train_loss": 0.5, "test_loss": float("nan"),
                         "test_accuracy": 0.9, "seconds": 3.0}],
             "test_accuracy": 0.9, "test_loss": 0.3, "train_seconds": 3.0, "eval_seconds": 0.4,
-            "peak_memory_mb": None}
+            "peak_memory_mib": None}
     return {"dataset": {"name": "mnist", "train_size": 10, "test_size": 5, **dataset_extra},
             "model": "simple-cnn",
             "config": {"epochs": 1, "batch_size": 64, "optimizer": "adam", "lr": 0.001,
@@ -131,7 +132,7 @@ def test_summary_table_handles_one_framework_and_missing_memory():
     table = summary_table(_minimal_report()).splitlines()
     assert table[0] == "| Metric | numpy |"
     assert "| Test accuracy | 90.00% |" in table
-    assert "| Peak memory (training + eval) | n/a |" in table
+    assert "| Peak memory (training + eval, separate probe process) | n/a |" in table
 
 
 def test_fallback_warning_reaches_markdown_and_files_are_complete(tmp_path):

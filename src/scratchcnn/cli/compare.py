@@ -14,7 +14,9 @@ identical batches, then write DIR/report.json, DIR/report.md and PNG plots.
 
 With no arguments: full MNIST (found locally or downloaded), simple-cnn, 3 epochs, batch 64,
 adam lr 1e-3, seed 0, float32, all cores, output in runs/compare. On an idle 2-core machine that
-takes about 1 minute in total (measured: ~9 s per epoch for NumPy, ~6 s for PyTorch). Without
+takes about 1 minute in total (measured on full MNIST, a rough figure for a 2-core machine:
+~6.5 s per epoch for each of NumPy and PyTorch, up to ~8 s for NumPy's when the host is
+disturbed). Without
 network and without a local MNIST it falls back to the bundled mnist-sample and says so loudly;
 an explicit --dataset never falls back. For a quick look use e.g.
 --limit-train 10000 --epochs 1."""
@@ -155,5 +157,7 @@ def run(args: argparse.Namespace) -> int:
     print(summary_table(report))
     if report["dataset"].get("fallback"):
         print(f"\nWARNING: {report['dataset']['fallback']}")
+    for warning in report.get("warnings", []):
+        print(f"\n{warning}")
     print(f"\nReport: {paths['json']}, {paths['markdown']}")
     return 0

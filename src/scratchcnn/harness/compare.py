@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shlex
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +32,12 @@ DTYPES = ("float32", "float64")
 LR_SCHEDULES = ("constant", "step", "cosine")
 DEFAULT_DATASET = "mnist"
 FALLBACK_DATASET = "mnist-sample"
-# Memory probe: this many training steps, then evaluation of at most this many test images.
+# Memory probe: at most this many training steps (the first batches of epoch 1), then evaluation
+# of at most this many test images.
 PROBE_STEPS = 10
 PROBE_TEST_IMAGES = 2000
+# Two sides' step losses "agree" while they differ by at most this, relatively.
+STEP_LOSS_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -238,9 +245,13 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     """Run the whole comparison and return the report dictionary (also holding, under the
     private key ``_artifacts``, the arrays the plots need)."""
     from scratchcnn.data import BatchSampler, compute_mean_std, normalize
+    from scratchcnn.harness.flops import matmul_peak_gflops
 
     config.validate()
+    started = _now()
     threads = apply_threads(config.threads, torch="torch" in config.frameworks)
+    load_start = _load_average()
+    peaks = [matmul_peak_gflops(dtype=np.float32)]
     dataset, fallback = resolve_dataset(config)
     dataset = dataset.limit(config.limit_train, config.limit_test)
     dtype = np.dtype(config.dtype)
@@ -315,8 +326,83 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
                       f"{side.final.accuracy:.2%}, {seconds:.1f} s")
 
     memory = _measure_memory(config, threads, train_x, train_y, test_x, test_y, sampler)
+    # Measured before and after the run, keeping the better one, as bench does.
+    peaks.append(matmul_peak_gflops(dtype=np.float32))
+    host = {
+        "load_average": {"start": load_start, "end": _load_average()},
+        "matmul_peak": {**max(peaks, key=lambda p: p["gflops"]),
+                        "measurements_gflops": [p["gflops"] for p in peaks]},
+    }
+    run_info = {"started": started, "finished": _now(), **run_identity(),
+                "command": equivalent_command(config), "argv": list(sys.argv)}
     return _assemble_report(config, dataset, fallback, mean, std, threads, sides, memory,
-                            initial_difference, initial_first_layer)
+                            initial_difference, initial_first_layer, run_info, host)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def run_identity() -> dict[str, Any]:
+    """scratchcnn's version and, when it runs from a git checkout (not a pip install), the
+    commit and whether tracked files differ from it (None when unknown)."""
+    from scratchcnn import __version__
+
+    info: dict[str, Any] = {"scratchcnn_version": __version__, "git_commit": None,
+                            "git_dirty": None}
+    root = Path(__file__).resolve().parents[3]
+    if not (root / ".git").exists():
+        return info
+    # --no-optional-locks: never take the index lock (someone may be using the checkout).
+    git = ["git", "--no-optional-locks", "-C", str(root)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5, check=True).stdout.strip()
+        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=5, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return info
+    info["git_commit"], info["git_dirty"] = commit or None, bool(status.strip())
+    return info
+
+
+def equivalent_command(config: CompareConfig) -> str:
+    """A ``scratchcnn compare`` command line that reproduces ``config`` (output options aside)."""
+    words = ["scratchcnn", "compare"]
+
+    def option(flag: str, value: Any) -> None:
+        if value is not None:
+            words.extend([flag, str(value)])
+
+    option("--dataset", config.dataset)
+    option("--data-dir", config.data_dir)
+    option("--model", config.model)
+    option("--epochs", config.epochs)
+    option("--batch-size", config.batch_size)
+    option("--optimizer", config.optimizer)
+    option("--lr", config.lr)
+    option("--momentum", config.optimizer_options.get("momentum"))
+    option("--weight-decay", config.optimizer_options.get("weight_decay"))
+    option("--augment", config.augment)
+    option("--lr-schedule", config.lr_schedule)
+    option("--warmup-epochs", config.warmup_epochs or None)
+    option("--lr-step-size", config.lr_step_size)
+    option("--seed", config.seed)
+    option("--limit-train", config.limit_train)
+    option("--limit-test", config.limit_test)
+    option("--frameworks", ",".join(config.frameworks))
+    option("--dtype", config.dtype)
+    option("--threads", config.threads)
+    if not config.measure_memory:
+        words.append("--no-memory")
+    return shlex.join(words)
 
 
 def _first_weight(side: _Side) -> np.ndarray | None:
@@ -381,42 +467,123 @@ def memory_probe(payload: dict[str, Any], window) -> dict[str, Any]:
     return {"steps": len(batches), "test_images": len(arrays["test_y"])}
 
 
-def _relative_step_difference(sides: dict[str, _Side]) -> float | None:
-    """Max over the first epoch's steps of |loss_numpy - loss_torch| / |loss_torch|."""
-    if len(sides) < 2:
-        return None
-    first, second = (np.asarray(side.step_losses[0]) for side in sides.values())
-    if not len(first):
-        return None
-    return float(np.max(np.abs(first - second) / np.maximum(np.abs(second), 1e-30)))
+def _relative(first: Any, second: Any) -> np.ndarray:
+    first, second = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
+    return np.abs(first - second) / np.maximum(np.abs(second), 1e-30)
+
+
+def step_loss_agreement(first: Sequence[float], second: Sequence[float],
+                        tolerance: float = STEP_LOSS_TOLERANCE) -> dict[str, Any]:
+    """How two sides' per-step losses of one epoch agree, as |first - second| / |second|: the
+    first step's difference, how many leading steps agree within ``tolerance`` and the first step
+    that does not (1-based; None when all do), and the largest difference and its step.
+
+    One number over a whole float32 epoch says little: the losses are chaotic, so rounding
+    differences grow over some hundreds of steps until single steps differ by tens of percent,
+    while the sides still learn alike (their epoch means agree closely)."""
+    if not len(first) or len(first) != len(second):
+        return {"steps": len(first), "first_step_rel_diff": None,
+                "steps_within_tolerance": None, "first_step_beyond_tolerance": None,
+                "max_rel_diff": None, "max_rel_diff_step": None}
+    relative = _relative(first, second)
+    beyond = np.flatnonzero(~(relative <= tolerance))  # NaN counts as beyond
+    worst = int(np.argmax(np.nan_to_num(relative, nan=np.inf)))
+    return {
+        "steps": len(relative),
+        "first_step_rel_diff": float(relative[0]),
+        "steps_within_tolerance": int(beyond[0]) if len(beyond) else len(relative),
+        "first_step_beyond_tolerance": int(beyond[0]) + 1 if len(beyond) else None,
+        "max_rel_diff": float(relative[worst]),
+        "max_rel_diff_step": worst + 1,
+    }
+
+
+def _agreement(sides: dict[str, _Side], initial_difference: float | None,
+               has_dropout: bool) -> dict[str, Any]:
+    """The report's "agreement" entry; None values when only one side ran."""
+    agreement: dict[str, Any] = {"initial_weights_max_abs_diff": initial_difference,
+                                 "step_loss_tolerance": STEP_LOSS_TOLERANCE}
+    pair = list(sides.values()) if len(sides) == 2 else None
+    steps = step_loss_agreement(pair[0].step_losses[0], pair[1].step_losses[0]) if pair else {}
+    agreement.update({
+        "first_epoch_steps": steps.get("steps"),
+        "first_epoch_first_step_loss_rel_diff": steps.get("first_step_rel_diff"),
+        "first_epoch_steps_within_tolerance": steps.get("steps_within_tolerance"),
+        "first_epoch_first_step_beyond_tolerance": steps.get("first_step_beyond_tolerance"),
+        "first_epoch_step_loss_max_rel_diff": steps.get("max_rel_diff"),
+        "first_epoch_step_loss_max_rel_diff_step": steps.get("max_rel_diff_step"),
+        # The epoch-mean training loss (the "Train loss" column), epoch by epoch.
+        "epoch_train_loss_rel_diff": [
+            float(_relative(a["train_loss"], b["train_loss"]))
+            for a, b in zip(pair[0].epochs, pair[1].epochs, strict=True)
+        ] if pair else None,
+    })
+    if pair:
+        note = ("float32 runs drift apart by rounding after some hundreds of steps (the losses "
+                "are chaotic: last-bit differences grow until single steps differ visibly, while "
+                "the epoch means stay close); float64 runs agree to ~1e-8 throughout.")
+        if has_dropout:
+            note += (" This model's Dropout draws different masks on each side, so its losses "
+                     "differ from the first step on.")
+        agreement["note"] = note
+    return agreement
+
+
+def _memory_note(memory: dict[str, dict[str, Any]]) -> str:
+    probe = next(iter(memory.values()))
+    steps, images = probe["result"]["steps"], probe["result"]["test_images"]
+    methods = "; ".join(f"{name}: {entry['method']}" for name, entry in memory.items())
+    note = (
+        f"Peak memory is measured in a separate probe, not in the timed run: each framework "
+        f"trains {steps} step(s) (the first batches of epoch 1) and evaluates {images} test "
+        f"images in its own fresh Python process; reported is the peak resident memory during "
+        f"that work above the resident memory just before it (after imports, data loading and "
+        f"model construction), in MiB ({methods})."
+    )
+    if any("child processes" in entry["method"] for entry in memory.values()):
+        note += (" Where worker processes ran (NumPy's shards), the main process's peak and each "
+                 "worker's peak private memory, taken at their own moments, are added: an upper "
+                 "bound on the true combined peak.")
+    return note
 
 
 def _assemble_report(config, dataset, fallback, mean, std, threads, sides, memory,
-                     initial_difference, initial_first_layer) -> dict[str, Any]:
+                     initial_difference, initial_first_layer, run_info=None,
+                     host=None) -> dict[str, Any]:
+    from scratchcnn.harness.report import run_warnings
+
     train_size, test_size = len(dataset.train_labels), len(dataset.test_labels)
     has_dropout = any(layer == "Dropout" for layer, _ in architecture(config.model))
-    memory_method = next((m["method"] for m in memory.values()), None)
-    notes = [
-        "Both frameworks start from identical weights (the NumPy model is initialised from the "
-        "seed and copied into PyTorch), see the same normalised images in the same batch order, "
-        "and use the same optimizer hyper-parameters and thread count.",
-        "Epochs alternate between frameworks (numpy 1, torch 1, numpy 2, ...). 'seconds' is the "
-        "training time of an epoch; the test set is evaluated after each epoch, and the final "
-        "figures are those of the last epoch's evaluation.",
-    ]
-    if has_dropout:
+    both = len(sides) == 2
+    if both:
+        notes = [
+            "Both frameworks start from identical weights (the NumPy model is initialised from "
+            "the seed and copied into PyTorch), see the same normalised images in the same batch "
+            "order, and use the same optimizer hyper-parameters and thread count.",
+            "Epochs alternate between frameworks (numpy 1, torch 1, numpy 2, ...).",
+        ]
+    elif "numpy" in sides:
+        notes = ["Only the NumPy side ran (--frameworks numpy): the model is initialised from "
+                 "the seed; there is no PyTorch comparison."]
+    else:
+        notes = ["Only the PyTorch side ran (--frameworks torch): the model is initialised by "
+                 "scratchcnn from the seed and copied into PyTorch; there is no NumPy "
+                 "comparison."]
+    notes.append(
+        "The test set is evaluated before training (untrained) and after each epoch; the final "
+        "figures are those of the last epoch's evaluation. The untrained evaluation is each "
+        "side's first use of its model, so its time includes one-time start-up costs (first "
+        "calls into the libraries, first allocations, worker start-up) that the final evaluation "
+        "does not pay; epoch 1's training time carries such costs too."
+    )
+    if has_dropout and both:
         notes.append(
             "This model has Dropout: its random masks come from NumPy's generator on one side "
             "and torch's on the other, so the training trajectories differ slightly by design; "
             "evaluation runs in eval mode (no dropout) on both sides."
         )
     if memory:
-        notes.append(
-            f"Peak memory: each framework runs {PROBE_STEPS} training steps and evaluates up to "
-            f"{PROBE_TEST_IMAGES} test images in its own fresh Python process; reported is the "
-            f"peak resident memory during that work above the resident memory just before it "
-            f"(after imports, data loading and model construction), measured by {memory_method}."
-        )
+        notes.append(_memory_note(memory))
     if fallback:
         notes.insert(0, fallback)
 
@@ -432,13 +599,16 @@ def _assemble_report(config, dataset, fallback, mean, std, threads, sides, memor
             "eval_seconds": side.final.seconds,
             "train_samples_per_second": train_size * len(side.epochs) / max(train_seconds, 1e-12),
             "eval_samples_per_second": test_size / max(side.final.seconds, 1e-12),
-            "peak_memory_mb": memory.get(name, {}).get("peak_mb"),
+            # MiB (2**20 bytes): measure_in_subprocess's "peak_mb" is kB / 1024.
+            "peak_memory_mib": memory.get(name, {}).get("peak_mb"),
+            "peak_memory_method": memory.get(name, {}).get("method"),
             "step_losses": side.step_losses,
         }
     config_dict = {key: value for key, value in asdict(config).items() if key != "quiet"}
     config_dict["threads"] = threads
     config_dict["frameworks"] = list(config.frameworks)
-    return {
+    report = {
+        "run": run_info or {},
         "dataset": {
             "name": dataset.name, "train_size": train_size, "test_size": test_size,
             "source": str(dataset.source), "fallback": fallback, "classes": list(dataset.classes),
@@ -447,11 +617,12 @@ def _assemble_report(config, dataset, fallback, mean, std, threads, sides, memor
         "model": config.model,
         "config": config_dict,
         "frameworks": frameworks,
-        "agreement": {
-            "initial_weights_max_abs_diff": initial_difference,
-            "first_epoch_step_loss_max_rel_diff": _relative_step_difference(sides),
-        },
+        "agreement": _agreement(sides, initial_difference, has_dropout),
+        "memory_probe": {"steps": next(iter(memory.values()))["result"]["steps"],
+                         "test_images": next(iter(memory.values()))["result"]["test_images"],
+                         "separate_process": True} if memory else None,
         "environment": describe_environment(threads),
+        **(host or {}),
         "notes": notes,
         "_artifacts": {
             "test_images": dataset.test_images, "test_labels": dataset.test_labels,
@@ -461,3 +632,5 @@ def _assemble_report(config, dataset, fallback, mean, std, threads, sides, memor
             "initial_first_layer": initial_first_layer,
         },
     }
+    report["warnings"] = run_warnings(report)
+    return report

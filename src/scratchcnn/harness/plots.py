@@ -71,30 +71,34 @@ def _curves(plt, report):
             step_axes.set_title(f"Training loss per step (mean of {window})")
         epochs = [epoch["epoch"] for epoch in side["epochs"]]
         loss_axes.plot(epochs, [e["train_loss"] for e in side["epochs"]], "o-",
-                       label=f"{name} train", **style)
+                       label=f"{name} train (mean over the epoch)", **style)
         test_losses = [side["untrained"].get("test_loss")]
         test_losses += [e["test_loss"] for e in side["epochs"]]
-        loss_axes.plot([0, *epochs], test_losses, "s--", label=f"{name} test", **style)
+        loss_axes.plot([0, *epochs], test_losses, "s--", label=f"{name} test (after the epoch)",
+                       **style)
         accuracies = [side["untrained"]["test_accuracy"]]
         accuracies += [e["test_accuracy"] for e in side["epochs"]]
         accuracy_axes.plot([0, *epochs], 100 * np.asarray(accuracies), "o-", label=name, **style)
     step_axes.set(xlabel="step", ylabel="cross-entropy loss")
-    loss_axes.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss per epoch")
+    loss_axes.set(xlabel="epoch", ylabel="cross-entropy loss",
+                  title="Loss per epoch\n(train: running mean while learning; test: at the end)")
     accuracy_axes.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
     for axes in (step_axes, loss_axes, accuracy_axes):
         axes.grid(alpha=0.3)
         axes.legend()
     for axes in (loss_axes, accuracy_axes):
         axes.xaxis.get_major_locator().set_params(integer=True)
-    figure.suptitle(_title(report) + " (same initial weights, same batches)")
+    both = len(report["frameworks"]) > 1
+    figure.suptitle(_title(report) + (" (same initial weights, same batches)" if both else ""))
     figure.tight_layout()
     return figure
 
 
 def _timing(plt, report):
     names = list(report["frameworks"])
-    groups = [("untrained eval", lambda s: s["untrained"]["eval_seconds"]),
-              ("training (all epochs)", lambda s: s["train_seconds"]),
+    groups = [("untrained eval\n(incl. one-time start-up)",
+               lambda s: s["untrained"]["eval_seconds"]),
+              ("training, all epochs\n(epoch 1 incl. start-up)", lambda s: s["train_seconds"]),
               ("final eval", lambda s: s["eval_seconds"])]
     figure, axes = plt.subplots(figsize=(8, 4))
     width = 0.8 / max(len(names), 1)
@@ -167,14 +171,15 @@ def _misclassified(plt, artifacts):
 
 def _filters(plt, artifacts):
     """The first convolution's filters of each framework after training (one row each), plus
-    the shared initial filters; all on one colour scale per row."""
+    the initial filters (shared when both ran); all on one colour scale per row."""
     rows = [(f"{name} trained", weight) for name, weight in artifacts["first_layer"].items()
             if weight is not None]
     initial = next((w for w in artifacts["initial_first_layer"].values() if w is not None), None)
     if not rows:
         return None
     if initial is not None:
-        rows.insert(0, ("initial (both)", initial))
+        shared = sum(w is not None for w in artifacts["initial_first_layer"].values()) > 1
+        rows.insert(0, ("initial (both)" if shared else "initial", initial))
     count = min(rows[0][1].shape[0], 32)
     figure, axes_grid = plt.subplots(len(rows), count, figsize=(count * 0.7, len(rows) * 0.9),
                                      squeeze=False)
