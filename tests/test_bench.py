@@ -294,7 +294,7 @@ def test_matmul_peak_is_measured_in_the_runs_dtype(monkeypatch, dtype) -> None:
 
     def peak(*, dtype):
         measured.append(np.dtype(dtype))
-        return {"gflops": 100.0 + len(measured), "size": 8, "seconds": 1.0}
+        return {"gflops": 100.0 + len(measured), "size": 8, "dtype": str(np.dtype(dtype))}
 
     monkeypatch.setattr(flops, "matmul_peak_gflops", peak)
     monkeypatch.setattr(bench, "bench_model", lambda *args: {})

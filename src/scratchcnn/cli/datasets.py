@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         )
     # Downloading may create --data-dir (that is this command's job); listing only looks, and a
     # table of "missing" would hide that the directory itself is absent or unreadable.
-    if args.data_dir and not (idx_downloads and not os.path.lexists(args.data_dir)):
+    creates_data_dir = bool(idx_downloads) and not os.path.lexists(args.data_dir or "")
+    if args.data_dir and not creates_data_dir:
         check_data_dir(args.data_dir, idx_downloads[0] if idx_downloads else "mnist")
     for name in downloads:
         if name == "mnist-sample":

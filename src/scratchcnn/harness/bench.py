@@ -331,7 +331,7 @@ def bench_model(model_name: str, config: BenchConfig, threads: int, dtype: np.dt
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Benchmark every model of ``config``; returns the report (see ``bench_report``)."""
     from scratchcnn.harness.environment import describe_environment
-    from scratchcnn.harness.flops import matmul_peak_gflops
+    from scratchcnn.harness.flops import best_peak, matmul_peak_gflops
     from scratchcnn.nn.module import as_float_dtype
 
     config.validate()
@@ -347,8 +347,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     peaks = [matmul_peak_gflops(dtype=dtype)]
     models = [bench_model(name, config, threads, dtype, tuple(data)) for name in config.models]
     peaks.append(matmul_peak_gflops(dtype=dtype))
-    peak = {**max(peaks, key=lambda p: p["gflops"]),
-            "measurements_gflops": [p["gflops"] for p in peaks], "dtype": str(dtype)}
+    peak = best_peak(peaks)
     return {
         "kind": "scratchcnn-bench",
         "config": asdict(config),

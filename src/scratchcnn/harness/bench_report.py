@@ -150,8 +150,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- dtype {config['dtype']}; data: {report['dataset']['name']}; {config['rounds']} "
         f"alternating rounds, {config['steps']} steps per round after "
         f"{config['warmup_steps']} warm-up steps; Adam lr {config['lr']}",
-        # Reports written before the peak followed the run's dtype measured it in float32.
-        f"- measured matmul peak ({report['matmul_peak'].get('dtype', 'float32')}, "
+        f"- measured matmul peak ({report['matmul_peak']['dtype']}, "
         f"{report['matmul_peak']['size']}^2, best of start and "
         f"end of the run): {peak:.1f} GFLOP/s",
         f"- load average (1/5/15 min) at start {', '.join(f'{v:.2f}' for v in load['start'])}, "

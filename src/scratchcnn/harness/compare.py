@@ -109,6 +109,11 @@ def check_schedule(schedule: str, warmup_epochs: int, step_size: int | None) -> 
         raise ValueError(f"lr_step_size must be at least 1, got {step_size}")
 
 
+def step_size_for(epochs: int, step_size: int | None) -> int:
+    """The "step" schedule's step: ``step_size``, by default a third of ``epochs`` rounded up."""
+    return step_size or -(-epochs // 3)
+
+
 def make_lr_schedulers(
     framework: str,
     optimizer: Any,
@@ -136,7 +141,7 @@ def make_lr_schedulers(
             optimizer, start_factor=1.0 / (warmup_epochs + 1), total_iters=warmup_epochs))
     if schedule == "step":
         schedulers.append(lr_scheduler.StepLR(
-            optimizer, step_size=step_size or -(-epochs // 3), gamma=0.1))
+            optimizer, step_size=step_size_for(epochs, step_size), gamma=0.1))
     elif schedule == "cosine":
         schedulers.append(lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs))
     return schedulers
@@ -245,7 +250,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     """Run the whole comparison and return the report dictionary (also holding, under the
     private key ``_artifacts``, the arrays the plots need)."""
     from scratchcnn.data import BatchSampler, compute_mean_std, normalize
-    from scratchcnn.harness.flops import matmul_peak_gflops
+    from scratchcnn.harness.flops import best_peak, matmul_peak_gflops
 
     config.validate()
     started = _now()
@@ -330,8 +335,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     peaks.append(matmul_peak_gflops(dtype=np.float32))
     host = {
         "load_average": {"start": load_start, "end": _load_average()},
-        "matmul_peak": {**max(peaks, key=lambda p: p["gflops"]),
-                        "measurements_gflops": [p["gflops"] for p in peaks]},
+        "matmul_peak": best_peak(peaks),
     }
     run_info = {"started": started, "finished": _now(), **run_identity(),
                 "command": equivalent_command(config), "argv": list(sys.argv)}
@@ -529,9 +533,8 @@ def _agreement(sides: dict[str, _Side], initial_difference: float | None,
     return agreement
 
 
-def _memory_note(memory: dict[str, dict[str, Any]]) -> str:
-    probe = next(iter(memory.values()))
-    steps, images = probe["result"]["steps"], probe["result"]["test_images"]
+def _memory_note(memory: dict[str, dict[str, Any]], probe: dict[str, Any]) -> str:
+    steps, images = probe["steps"], probe["test_images"]
     methods = "; ".join(f"{name}: {entry['method']}" for name, entry in memory.items())
     note = (
         f"Peak memory is measured in a separate probe, not in the timed run: each framework "
@@ -582,8 +585,10 @@ def _assemble_report(config, dataset, fallback, mean, std, threads, sides, memor
             "and torch's on the other, so the training trajectories differ slightly by design; "
             "evaluation runs in eval mode (no dropout) on both sides."
         )
-    if memory:
-        notes.append(_memory_note(memory))
+    # What the probe ran (the same work for every framework).
+    probe = next(iter(memory.values()))["result"] if memory else None
+    if probe:
+        notes.append(_memory_note(memory, probe))
     if fallback:
         notes.insert(0, fallback)
 
@@ -618,9 +623,8 @@ def _assemble_report(config, dataset, fallback, mean, std, threads, sides, memor
         "config": config_dict,
         "frameworks": frameworks,
         "agreement": _agreement(sides, initial_difference, has_dropout),
-        "memory_probe": {"steps": next(iter(memory.values()))["result"]["steps"],
-                         "test_images": next(iter(memory.values()))["result"]["test_images"],
-                         "separate_process": True} if memory else None,
+        "memory_probe": {"steps": probe["steps"], "test_images": probe["test_images"],
+                         "separate_process": True} if probe else None,
         "environment": describe_environment(threads),
         **(host or {}),
         "notes": notes,

@@ -169,7 +169,9 @@ def training_description(config: dict[str, Any]) -> str:
     schedule = config.get("lr_schedule") or "constant"
     epochs = config["epochs"]
     if schedule == "step":
-        step = config.get("lr_step_size") or -(-epochs // 3)
+        from scratchcnn.harness.compare import step_size_for
+
+        step = step_size_for(epochs, config.get("lr_step_size"))
         schedule = f"step (lr x0.1 every {step} epoch(s))"
     elif schedule == "cosine":
         schedule = f"cosine (to 0 over {epochs} epoch(s))"
@@ -198,7 +200,7 @@ def _run_lines(report: dict[str, Any]) -> list[str]:
         host.append(f"1-minute load average {load['start'][0]:.2f} at start, "
                     f"{load['end'][0]:.2f} at end")
     if peak.get("gflops"):
-        host.append(f"matmul peak ({peak.get('dtype', 'float32')}, {peak.get('size')}^2, best "
+        host.append(f"matmul peak ({peak['dtype']}, {peak['size']}^2, best "
                     "of start and end) "
                     f"{peak['gflops']:.1f} GFLOP/s")
     if host:

@@ -11,6 +11,14 @@ from scratchcnn.nn.module import Module, check_grad_output, check_input, is_grad
 _REDUCTIONS = ("mean", "sum", "none")
 
 
+def reduce_losses(total: np.generic, divisor: float, reduction: str) -> np.generic:
+    """The loss from the per-sample losses' ``total``: itself for "sum", else the mean over
+    ``divisor`` (the counted samples' weights), NaN when nothing counted (0 / 0, as in torch)."""
+    if reduction == "sum":
+        return total
+    return total.dtype.type(total / divisor if divisor else np.nan)
+
+
 class CrossEntropyLoss(Module):
     """Softmax cross-entropy between logits (N, C) and integer targets (N,) in [0, C).
 
@@ -122,13 +130,7 @@ class CrossEntropyLoss(Module):
         if self.reduction == "none":
             loss = per_sample
         else:
-            total = per_sample.sum()
-            if self.reduction == "sum":
-                loss = total
-            elif divisor:
-                loss = dtype.type(total / divisor)
-            else:
-                loss = dtype.type(np.nan)  # nothing counted (all ignored): 0 / 0, as in torch
+            loss = reduce_losses(per_sample.sum(), divisor, self.reduction)
 
         if is_grad_enabled():
             self._cache = (np.exp(log_prob), safe_target, target_weight, valid, weight, divisor)

@@ -24,7 +24,7 @@ from scratchcnn.forked import processes_available
 from scratchcnn.nn.batchnorm import BatchNorm2d
 from scratchcnn.nn.collective import BatchGroup, BatchShard, different_collectives
 from scratchcnn.nn.dropout import Dropout
-from scratchcnn.nn.loss import CrossEntropyLoss
+from scratchcnn.nn.loss import CrossEntropyLoss, reduce_losses
 from scratchcnn.nn.module import Module, is_grad_enabled
 from scratchcnn.nn.process_collective import HubShard
 from scratchcnn.nn.replica import (
@@ -492,11 +492,9 @@ class DataParallel(Module):
                     raise whole_batch from None  # the shard's version would only confuse
             raise
         try:
-            total = np.concatenate(losses).sum()  # the unsharded criterion's sum, in its order
-            if criterion.reduction == "sum":
-                loss = total
-            else:  # every target ignored: NaN (0 / 0) as unsharded, and the step is skipped
-                loss = total.dtype.type(total / divisor if divisor else np.nan)
+            # The unsharded criterion's sum, in its order, and its reduction (every target
+            # ignored: NaN, and the step is skipped).
+            loss = reduce_losses(np.concatenate(losses).sum(), divisor, criterion.reduction)
             if split is not None and self._finish_split(split, group_sums, np.isfinite(loss)):
                 return loss
         except BaseException:
