@@ -154,6 +154,28 @@ def test_the_seed_bound_is_torchs(tmp_path, capsys, torch):
     assert (tmp_path / "last.npz").exists()
 
 
+# -- counts -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, option", [
+    ("compare", "--epochs"), ("compare", "--limit-test"), ("bench", "--rounds"),
+    ("bench", "--inference-images"), ("accuracy", "--limit-train"),
+])
+@pytest.mark.parametrize("value, message", [
+    ("0", "must be at least 1, got 0"), ("-2", "must be at least 1, got -2"),
+    ("2.5", "expected a whole number, got '2.5'"), ("ten", "expected a whole number, got 'ten'"),
+])
+def test_a_count_that_is_not_a_positive_whole_number_is_refused(name, option, value, message,
+                                                                tmp_path, capsys, no_slow_work):
+    with pytest.raises(SystemExit) as exited:
+        main(command(name, str(tmp_path / "out"), f"{option}={value}"))
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    # argparse names the type function in its own message: the type must say it instead.
+    assert f"argument {option}: {message}" in err and "_int" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 # -- the commands' own messages -----------------------------------------------------------------
 
 

@@ -32,6 +32,17 @@ class CommandError(Exception):
 # -- option types shared by the subcommands -------------------------------------------------
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts (--epochs, --rounds, --limit-train, ...): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def seed(text: str) -> int:
     """argparse type of --seed: an integer with 0 <= seed < SEED_LIMIT, refused at parse time
     (rather than by NumPy or torch after the data has loaded)."""

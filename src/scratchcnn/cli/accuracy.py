@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from scratchcnn.cli import seed_list, thread_count
+from scratchcnn.cli import positive_int, seed_list, thread_count
 
 DESCRIPTION = """\
 Run an accuracy target of issue 6: NumPy and its PyTorch twin trained from the same weights on
@@ -23,13 +23,6 @@ Then the README table:
 
 --limit-train/--limit-test/--epochs shrink a run for a smoke test; such results are marked as
 modified and never count as meeting (or missing) a target."""
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,10 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=thread_count,
                         help="threads for both frameworks, at most the available cores "
                         "(default: all of them)")
-    parser.add_argument("--epochs", type=_positive_int, help="override (smoke tests only)")
-    parser.add_argument("--limit-train", type=_positive_int, metavar="N",
+    parser.add_argument("--epochs", type=positive_int, help="override (smoke tests only)")
+    parser.add_argument("--limit-train", type=positive_int, metavar="N",
                         help="override (smoke tests only)")
-    parser.add_argument("--limit-test", type=_positive_int, metavar="N",
+    parser.add_argument("--limit-test", type=positive_int, metavar="N",
                         help="override (smoke tests only)")
     parser.add_argument("--dataset", choices=("mnist", "fashion-mnist", "mnist-sample"),
                         help="override (smoke tests only)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from scratchcnn.cli import thread_count
+from scratchcnn.cli import positive_int, thread_count
 from scratchcnn.models import MODEL_NAMES
 
 DESCRIPTION = """\
@@ -25,13 +25,6 @@ Expected run time with the defaults (simple-cnn) on a 2-core machine: about 30 s
 --model all takes about 4 minutes (bn-cnn, ~15x simple-cnn's work per image, over half of it).
 For a quicker look: --rounds 2 --steps 5 --batch-sizes 64 --inference-images 2000
 --skip-memory."""
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -65,11 +58,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="comma-separated model names or 'all' (default: simple-cnn)")
     parser.add_argument("--batch-sizes", type=_int_list, default=(10, 64, 256), metavar="LIST",
                         help="training batch sizes (default: 10,64,256)")
-    parser.add_argument("--rounds", type=_positive_int, default=5,
+    parser.add_argument("--rounds", type=positive_int, default=5,
                         help="alternating timed rounds per side (default 5)")
-    parser.add_argument("--steps", type=_positive_int, default=30,
+    parser.add_argument("--steps", type=positive_int, default=30,
                         help="training steps per round (default 30, after 3 warm-up steps)")
-    parser.add_argument("--inference-images", type=_positive_int, default=10_000, metavar="N")
+    parser.add_argument("--inference-images", type=positive_int, default=10_000, metavar="N")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--threads", type=thread_count,
                         help="threads for both frameworks, at most the available cores "
@@ -78,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="images to time on (default: local MNIST if found, else random "
                              "images; naming a dataset may download it)")
     parser.add_argument("--data-dir", help="directory holding the dataset's IDX files")
-    parser.add_argument("--reference-images", type=_positive_int, default=2, metavar="N",
+    parser.add_argument("--reference-images", type=positive_int, default=2, metavar="N",
                         help="images for the textbook-loop timing (default 2)")
     parser.add_argument("--skip-memory", action="store_true", help="no peak-memory subprocesses")
     parser.add_argument("--skip-reference", action="store_true",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from scratchcnn.cli import seed, thread_count
+from scratchcnn.cli import positive_int, seed, thread_count
 from scratchcnn.models import MODEL_NAMES
 
 DESCRIPTION = """\
@@ -20,13 +20,6 @@ disturbed). Without
 network and without a local MNIST it falls back to the bundled mnist-sample and says so loudly;
 an explicit --dataset never falls back. For a quick look use e.g.
 --limit-train 10000 --epochs 1."""
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _frameworks(text: str) -> tuple[str, ...]:
@@ -74,8 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="dataset (default: mnist, falling back to mnist-sample offline)")
     parser.add_argument("--data-dir", help="directory holding the dataset's IDX files")
     parser.add_argument("--model", default="simple-cnn", choices=MODEL_NAMES)
-    parser.add_argument("--epochs", type=_positive_int, default=3)
-    parser.add_argument("--batch-size", type=_positive_int, default=64)
+    parser.add_argument("--epochs", type=positive_int, default=3)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--optimizer", default="adam", choices=("sgd", "adam", "adamw"))
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     parser.add_argument("--momentum", type=float, default=None,
@@ -86,9 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=seed, default=0,
                         help="seed for initialisation, batch order and dropout, "
                         "0 to 2**64 - 1 (default 0)")
-    parser.add_argument("--limit-train", type=_positive_int, metavar="N",
+    parser.add_argument("--limit-train", type=positive_int, metavar="N",
                         help="use only the first N training images")
-    parser.add_argument("--limit-test", type=_positive_int, metavar="N",
+    parser.add_argument("--limit-test", type=positive_int, metavar="N",
                         help="use only the first N test images")
     parser.add_argument("--frameworks", type=_frameworks, default=("numpy", "torch"),
                         help="comma-separated, from numpy,torch (default: both)")
