@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scratchcnn.cli import check_output_dir, check_output_file, main
+from scratchcnn.cli import CommandError, check_output_dir, check_output_file, main
 from scratchcnn.harness.threads import apply_threads, available_cores
 
 TINY = ["--dataset", "mnist-sample", "--limit-train", "40", "--limit-test", "20"]
@@ -177,6 +177,31 @@ def test_a_count_that_is_not_a_positive_whole_number_is_refused(name, option, va
 
 
 # -- the commands' own messages -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["train", "compare"])
+def test_a_failed_run_leaves_no_empty_output_directory_behind(name, tmp_path, capsys):
+    # The loss diverges at the second step: nothing is written, and the directories the command
+    # created for its output go again; the one that was there before stays.
+    out = tmp_path / "runs" / "diverged"
+    options = ["--model", "tiny-cnn", "--batch-size", "20", "--epochs", "1", "--lr", "1e30"]
+    if name == "compare":
+        options += ["--frameworks", "numpy", "--no-memory", "--no-plots"]
+    assert main(command(name, str(out), *options)) == 3
+    assert "loss became" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_run_keeps_what_it_wrote_into_a_directory_it_created(tmp_path, monkeypatch):
+    out = tmp_path / "new"
+
+    def fails_after_writing(args):
+        (check_output_dir(args.out) / "partial.txt").write_text("kept")
+        raise CommandError("stopped")
+
+    monkeypatch.setattr("scratchcnn.cli.train.run", fails_after_writing)
+    assert main(command("train", str(out))) == 2
+    assert (out / "partial.txt").read_text() == "kept"
 
 
 def test_accuracy_table_names_a_binary_file(tmp_path, capsys):

@@ -6,6 +6,7 @@ functions, so ``scratchcnn --help`` is instant."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -83,6 +84,11 @@ def thread_count(text: str) -> int:
 
 # -- output paths, checked before the slow work that fills them -----------------------------
 
+# Directories check_output_dir/check_output_file created during this command: a command that
+# fails before writing into them removes them again (``main``), so no empty --out is left.
+_created_directories: list[Path] = []
+
+
 
 def check_output_dir(path: str | os.PathLike[str], option: str = "--out") -> Path:
     """The directory ``path``, created if missing (the command would create it anyway) and
@@ -114,8 +120,10 @@ def _usable_directory(directory: Path, where: str, option: str, own: bool) -> No
     if directory.exists() and not directory.is_dir():
         kind = "a file, not a directory" if directory.is_file() else "not a directory"
         raise CommandError(f"{where}: {subject}exists and is {kind}; {advice}")
+    missing = [path for path in (directory, *directory.parents) if not path.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        _created_directories.extend(missing)  # innermost first, the order to remove them in
     except OSError as error:
         # A file further up the path makes mkdir fail with ENOTDIR or EEXIST: name it.
         blocker = next((parent for parent in directory.parents
@@ -161,6 +169,26 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _created_directories.clear()
+    code = 1  # an exception that escapes the handlers below is a failure too
+    try:
+        code = _run_command(args)
+    finally:
+        if code != 0:
+            _remove_empty_created_directories()
+    return code
+
+
+def _remove_empty_created_directories() -> None:
+    """Remove the output directories this command created and left empty, innermost first."""
+    for directory in _created_directories:
+        with contextlib.suppress(OSError):
+            directory.rmdir()  # only if empty: whatever the command did write stays
+    _created_directories.clear()
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """``args.func(args)``'s exit code, with the errors users can act on as one-line messages."""
     try:
         return int(args.func(args) or 0)
     except (CommandError, ValueError) as error:
