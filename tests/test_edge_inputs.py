@@ -1,8 +1,8 @@
 """Edge inputs, handled as torch handles them or refused clearly: an all-ignored cross-entropy
 batch, a float ignore_index and (N, 1) targets, optimizer state left in the old dtype by
 model.double(), normalize with 0-255 statistics or torchvision-style tuples, a negative
-augmentation seed, empty batches through one-channel convolutions, and DataParallel errors in
-whole-batch terms."""
+augmentation seed, empty batches through one-channel convolutions and training BatchNorm, and
+DataParallel errors in whole-batch terms."""
 
 import warnings
 
@@ -190,12 +190,35 @@ def test_one_channel_conv_on_an_empty_batch_matches_torch(torch):
     np.testing.assert_array_equal(conv.bias.grad, twin.bias.grad.numpy())
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4)])
+def test_training_batchnorm_on_an_empty_batch_matches_torch(torch, momentum, shape):
+    layer = nn.BatchNorm2d(3, momentum=momentum, dtype=np.float64)
+    twin = torch.nn.BatchNorm2d(3, momentum=momentum).double()
+    for stats in (layer, twin):  # running statistics that a mean of nothing would spoil
+        stats.load_state_dict({"weight": np.full(3, 2.0), "bias": np.full(3, 0.5),
+                               "running_mean": np.full(3, 0.25), "running_var": np.full(3, 3.0),
+                               "num_batches_tracked": np.array(4)}
+                              if stats is layer else
+                              {k: torch.as_tensor(v) for k, v in layer.state_dict().items()})
+    out = layer(np.zeros(shape))
+    grad_input = layer.backward(np.zeros(shape))
+    x = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+    expected = twin(x)
+    expected.sum().backward()
+    assert out.shape == grad_input.shape == tuple(expected.shape) == shape
+    for key, value in twin.state_dict().items():
+        np.testing.assert_array_equal(layer.state_dict()[key], value.numpy(), err_msg=key)
+    np.testing.assert_array_equal(layer.weight.grad, twin.weight.grad.numpy())
+    np.testing.assert_array_equal(layer.bias.grad, twin.bias.grad.numpy())
+
+
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("wrap", [False, True])
-def test_every_model_accepts_an_empty_batch(rng, name, wrap):
+@pytest.mark.parametrize("training", [False, True])
+def test_every_model_accepts_an_empty_batch(rng, name, wrap, training):
     model = build_model(name, rng=np.random.default_rng(1))
-    if name == "bn-cnn":
-        model.eval()  # a training BatchNorm needs more than one value per channel
+    model.train(training)
     runner = DataParallel(model, 2) if wrap else model
     x = rng.standard_normal((4, 1, 28, 28)).astype(np.float32)
     out = runner(x[:0])

@@ -186,7 +186,9 @@ class BatchNorm2d(Module):
         scratch = _scratch(x)
         if use_batch_stats:
             count = (len(x) if shard is None else shard.batch_size) * x.shape[2] * x.shape[3]
-            if count <= 1:
+            if count == 0:
+                return self._forward_empty(x)
+            if count == 1:
                 raise ValueError(
                     f"{self.describe()}: expected more than 1 value per channel when training, "
                     f"got input of shape {x.shape}"
@@ -220,6 +222,16 @@ class BatchNorm2d(Module):
             out = x_hat.copy() if is_grad_enabled() else x_hat
         self._cache = (x_hat, inv_std, use_batch_stats) if is_grad_enabled() else None
         return out
+
+    def _forward_empty(self, x: np.ndarray) -> np.ndarray:
+        """An empty batch with batch statistics, as in PyTorch: an empty output, and zero
+        parameter gradients from backward; the running statistics keep their values (a mean of
+        nothing), but training still counts the batch in ``num_batches_tracked``."""
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked += 1
+        unit = np.ones(self.num_features, dtype=x.dtype)
+        self._cache = (x.copy(), unit, False) if is_grad_enabled() else None
+        return x.copy()
 
     def _update_running_stats(self, mean: np.ndarray, var: np.ndarray, count: int) -> None:
         self.num_batches_tracked += 1
