@@ -397,9 +397,12 @@ def _serve(make_handler: Callable[[], Handler], conn: Any, parent_end: Any,
     global _parent
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     parent_end.close()  # the fork's copy of the parent's end would hide the parent's exit
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=1, user_api="blas")
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        pass  # only DataParallel's shards need one BLAS thread, and they never split without it
+    else:
+        threadpool_limits(limits=1, user_api="blas")
     _parent = conn, parent_pid, up, down
     handler = make_handler()
     while True:

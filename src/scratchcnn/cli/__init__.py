@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import os
 import sys
 import tempfile
@@ -80,6 +81,27 @@ def thread_count(text: str) -> int:
     if problem is not None:
         raise argparse.ArgumentTypeError(problem)
     return value
+
+
+# -- optional packages, checked before the slow work that needs them ------------------------
+
+# What a plain `pip install scratchcnn` lacks: import name -> (its name, how to install it).
+OPTIONAL_PACKAGES = {
+    "torch": ("PyTorch", "pip install 'torch==2.13.0' (the CPU build; an unpinned torch pulls "
+                         "several GB of CUDA packages)"),
+    "matplotlib": ("matplotlib", "pip install 'scratchcnn[plots]'"),
+    "PIL": ("Pillow", "pip install 'scratchcnn[plots]'"),
+}
+
+
+def require(module: str, purpose: str, alternative: str = "") -> None:
+    """CommandError, before any data loads, if the optional package ``module`` is not installed:
+    ``purpose`` ("--framework torch") needs it; ``alternative`` is what to do instead."""
+    if importlib.util.find_spec(module) is not None:
+        return
+    name, install = OPTIONAL_PACKAGES[module]
+    raise CommandError(f"{name} is not installed, and {purpose} needs it; install it with "
+                       f"{install}{f', or {alternative}' if alternative else ''}")
 
 
 # -- output paths, checked before the slow work that fills them -----------------------------

@@ -8,9 +8,10 @@ import sys
 from scratchcnn.cli import positive_int, seed_list, thread_count
 
 DESCRIPTION = """\
-Run an accuracy target of issue 6: NumPy and its PyTorch twin trained from the same weights on
-the same batches, once per seed; per-seed results, mean and sample std go to JSON (rewritten
-after every seed), and the target is checked (exit status 1 if it is missed).
+Run an accuracy target, a fixed training recipe with a required accuracy: NumPy and its PyTorch
+twin trained from the same weights on the same batches, once per seed; per-seed results, mean
+and sample std go to JSON (rewritten after every seed), and the target is checked (exit status 1
+if it is missed).
 
 Targets (one command each, full datasets; --data-dir DIR where the IDX files live):
   scratchcnn accuracy mnist-simple-b64 --seeds 0,1,2 --out runs/accuracy/mnist-simple-b64.json
@@ -56,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scratchcnn.cli import CommandError, check_output_file
+    from scratchcnn.cli import CommandError, check_output_file, require
     from scratchcnn.harness import accuracy
 
     if args.table:
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {key: getattr(args, key) for key in ("epochs", "limit_train", "limit_test",
                                                      "dataset")
                  if getattr(args, key) is not None}
+    require("torch", "an accuracy target (it trains the PyTorch twin too)")
     out = args.out or f"runs/accuracy/{args.target}.json"
     check_output_file(out)
     document = accuracy.run_target(

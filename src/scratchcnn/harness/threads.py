@@ -79,9 +79,11 @@ def apply_threads(threads: int | None, *, torch: bool = True,
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
-        # Without threadpoolctl, only newly started BLAS pools honour these variables.
-        for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[variable] = str(threads)
+        # NumPy's BLAS pool has started: only threadpoolctl can resize it. All cores is what it
+        # runs anyway; anything else would be reported but not applied.
+        if threads != available_cores():
+            raise ValueError(f"cannot limit NumPy to {threads} thread(s): threadpoolctl is not "
+                             "installed; pip install threadpoolctl, or use all cores") from None
     else:
         _active_limits.append(threadpool_limits(limits=threads))
     if torch:
