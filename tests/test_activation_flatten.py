@@ -120,3 +120,11 @@ def test_relu_backward_takes_any_gradient_layout_and_returns_the_outputs(rng, gr
     grad_input = relu.backward(grad)
     np.testing.assert_array_equal(grad_input, values * (out > 0))
     assert grad_input.strides == out.strides
+
+
+def test_relu_no_grad_keeps_no_cache(rng):
+    layer = ReLU()
+    with no_grad():
+        layer(rng.standard_normal((2, 3)))
+    with pytest.raises(RuntimeError, match="call forward first"):
+        layer.backward(np.zeros((2, 3)))

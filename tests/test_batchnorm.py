@@ -381,3 +381,24 @@ def test_channels_last_inputs_take_the_folded_path(rng, monkeypatch):
     layer.backward(layer(np.ascontiguousarray(x)) * 0 + 1)
     assert calls == []
 
+
+
+def test_reset_running_stats_matches_torch(torch, rng):
+    layer, twin = make_pair(torch, rng, 3)
+    x = rng.standard_normal((4, 3, 2, 2))
+    layer(x)
+    twin(torch.from_numpy(x))
+    layer.reset_running_stats()
+    twin.reset_running_stats()
+    for key, value in twin.state_dict().items():
+        np.testing.assert_array_equal(layer.state_dict()[key], value.numpy(), err_msg=key)
+    np.testing.assert_array_equal(layer.running_var, np.ones(3))
+    np.testing.assert_array_equal(layer.running_mean, np.zeros(3))
+    assert int(layer.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_input_dtype_must_match_running_stats_without_affine(training):
+    layer = BatchNorm2d(3, affine=False).train(training)  # float32 statistics, no weight
+    with pytest.raises(TypeError, match=r"float64.*float32"):
+        layer(np.zeros((2, 3, 2, 2)))

@@ -87,3 +87,12 @@ def test_invalid_probability(p):
 def test_backward_needs_forward():
     with pytest.raises(RuntimeError, match="call forward first"):
         Dropout().backward(np.zeros(3))
+
+
+def test_p_zero_draws_no_random_numbers():
+    x = np.ones((6, 7))
+    gen = np.random.default_rng(3)
+    Dropout(0.0, rng=gen)(x)
+    after_p_zero = Dropout(0.5, rng=gen)(x)
+    alone = Dropout(0.5, rng=np.random.default_rng(3))(x)
+    np.testing.assert_array_equal(after_p_zero, alone)

@@ -252,3 +252,20 @@ def test_one_cycle_resumes_from_json_state_dicts():
     opt.load_state_dict(saved["optim"])
     assert opt.param_groups[0]["max_lr"] == 0.05
     assert trace(opt, sched, 13) == expected
+
+
+def test_one_cycle_cycles_only_beta1(torch):
+    def run(module, param, optim_cls):
+        opt = optim_cls([param], lr=0.01, betas=(0.9, 0.999))
+        sched = module.OneCycleLR(opt, max_lr=0.01, total_steps=10)
+        betas = []
+        for _ in range(sched.total_steps):
+            betas.append(tuple(float(b) for b in opt.param_groups[0]["betas"]))
+            opt.step()
+            sched.step()
+        return np.array(betas)
+
+    ours = run(lr_scheduler, Parameter(np.zeros(2)), Adam)
+    theirs = run(torch.optim.lr_scheduler, torch.nn.Parameter(torch.zeros(2)), torch.optim.Adam)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-13, atol=0)
+    assert np.all(ours[:, 1] == 0.999)

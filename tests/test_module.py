@@ -291,3 +291,34 @@ def test_vector_views_cut_a_vector_into_consecutive_arrays_that_write_through():
     np.testing.assert_array_equal(last, [7, 8, 9, 10])
     last[0] = -1.0
     assert vector[7] == -1.0
+
+
+def test_load_state_dict_unexpected_key_alone(rng):
+    model = numpy_model(rng)
+    state = {**model.state_dict(), "extra": np.zeros(1, dtype=np.float32)}
+    with pytest.raises(ValueError, match=r"unexpected keys \['extra'\]"):
+        model.load_state_dict(state)
+    result = model.load_state_dict(state, strict=False)
+    assert result.missing_keys == [] and result.unexpected_keys == ["extra"]
+
+
+def test_state_dict_copies_buffers(rng):
+    bn = BatchNorm2d(2, dtype=np.float64)
+    state = bn.state_dict()
+    bn(rng.standard_normal((3, 2, 2, 2)) + 5)  # a training forward updates running_mean
+    assert np.any(bn.running_mean != 0)
+    np.testing.assert_array_equal(state["running_mean"], np.zeros(2))
+
+
+def test_load_state_dict_fills_buffers_in_place(rng):
+    bn = BatchNorm2d(2, dtype=np.float64)
+    held = bn.running_mean
+    bn.load_state_dict({**bn.state_dict(), "running_mean": np.array([1.5, -2.0])})
+    assert bn.running_mean is held
+    np.testing.assert_array_equal(held, [1.5, -2.0])
+
+
+def test_to_takes_a_device_then_a_dtype(rng):
+    model = Linear(3, 2, rng=rng)
+    assert model.to(None, np.float64) is model
+    assert all(p.dtype == np.float64 for p in model.parameters())

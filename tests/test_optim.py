@@ -585,3 +585,80 @@ def test_forked_flat_update_falls_back_to_threads_off_shared_memory(rng):
         assert not opt._step_workers
     for p, twin in zip(params, twins, strict=True):
         np.testing.assert_array_equal(p.data, twin.data)
+
+
+def test_rebinding_a_flattened_parameter_keeps_it_updated(rng):
+    """After ``w.data = w.data.copy()`` the flat vector no longer holds w: the next step must
+    update w's new array, exactly as an optimizer that never flattened."""
+    start = [rng.standard_normal(s) for s in [(3, 4), (5,)]]
+    grads = [[rng.standard_normal(a.shape) for a in start] for _ in range(2)]
+    runs = []
+    for flatten in (True, False):
+        params = [Parameter(a.copy()) for a in start]
+        if flatten:
+            flatten_parameters(params)
+        opt = Adam(params, lr=0.1)
+        for step, step_grads in enumerate(grads):
+            if step == 1:
+                params[0].data = params[0].data.copy()
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.copy()
+            opt.step()
+        runs.append(params)
+    flat, plain = runs
+    for p, q in zip(flat, plain, strict=True):
+        np.testing.assert_array_equal(p.data, q.data)
+
+
+def test_zero_grad_to_zero_skips_parameters_without_grad(rng):
+    with_grad, without = Parameter(rng.standard_normal(3)), Parameter(rng.standard_normal(2))
+    with_grad.grad = rng.standard_normal(3)
+    SGD([with_grad, without]).zero_grad(set_to_none=False)
+    assert without.grad is None
+    np.testing.assert_array_equal(with_grad.grad, np.zeros(3))
+
+
+def test_same_parameter_twice_in_a_group_is_rejected():
+    p = Parameter(np.zeros(2))
+    with pytest.raises(ValueError, match="same parameter twice"):
+        SGD([p, p])
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["per_param", "flat"])
+@pytest.mark.parametrize("cls", [SGD, Adam], ids=["SGD", "Adam"])
+def test_gradient_of_another_dtype_is_rejected(flatten, cls):
+    params = [Parameter(np.zeros(3, np.float32)), Parameter(np.zeros(2, np.float32))]
+    if flatten:
+        flatten_parameters(params)
+    params[0].grad = np.ones(3, np.float32)
+    params[1].grad = np.ones(2, np.float64)
+    with pytest.raises(ValueError, match=r"float32 whose \.grad has shape.*float64"):
+        cls(params, lr=0.1).step()
+
+
+def test_flattened_adam_resumes_from_its_state_dict(rng):
+    # The flat step keeps its moments in whole vectors: loading must fill those, or the resumed
+    # run would restart Adam from zero moments.
+    start = [rng.standard_normal(s) for s in [(30, 31), (7,)]]
+    grads = [[rng.standard_normal(a.shape) for a in start] for _ in range(4)]
+
+    def adam_on_flat_params(values):
+        params = [Parameter(a.copy()) for a in values]
+        flatten_parameters(params)
+        return params, Adam(params, lr=0.05)
+
+    def step(params, optimizer, step_grads):
+        for param, grad in zip(params, step_grads, strict=True):
+            param.grad = grad.copy()
+        optimizer.step()
+
+    params, optimizer = adam_on_flat_params(start)
+    for step_grads in grads[:2]:
+        step(params, optimizer, step_grads)
+    resumed, resumed_optimizer = adam_on_flat_params([p.data for p in params])
+    resumed_optimizer.load_state_dict(optimizer.state_dict())
+    for step_grads in grads[2:]:
+        step(params, optimizer, step_grads)
+        step(resumed, resumed_optimizer, step_grads)
+    for original, copy in zip(params, resumed, strict=True):
+        np.testing.assert_array_equal(copy.data, original.data)

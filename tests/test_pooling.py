@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from gradcheck import assert_close, check_module_gradients
-from scratchcnn.nn import AvgPool2d, MaxPool2d, no_grad
+from scratchcnn.nn import AvgPool2d, MaxPool2d, ReLU, Sequential, no_grad
+from scratchcnn.nn.pooling import pool_before_relu
 
 
 def _random_pool_cases(kind: str, count: int, seed: int) -> list:
@@ -300,3 +301,42 @@ def test_pool_before_relu_is_exact_including_ties_and_nonpositive_windows():
     for a, b in zip(params_a, params_b, strict=True):
         np.testing.assert_array_equal(a, b)
     assert np.count_nonzero(grad_a) > 0
+
+
+def test_pool_before_relu_leaves_relu_then_avgpool_alone(rng):
+    """Averaging does not commute with ReLU: relu(avg(x)) != avg(relu(x)) when a window mixes
+    signs, so only MaxPool2d may be moved before a ReLU."""
+    model = Sequential(ReLU(), AvgPool2d(2))
+    x = rng.standard_normal((2, 3, 4, 4))
+    assert pool_before_relu(model) is model
+    np.testing.assert_array_equal(pool_before_relu(model)(x), model(x))
+
+
+def test_pool_before_relu_keeps_eval_mode():
+    assert pool_before_relu(Sequential(ReLU(), MaxPool2d(2)).eval()).training is False
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
+def test_maxpool_propagates_nan_like_torch(torch, rng, grad):
+    x = rng.standard_normal((1, 2, 4, 4))
+    x[0, 0, 1, 2] = np.nan  # the window whose maximum is elsewhere must still give NaN
+    x[0, 0, 0, 3] = 10.0
+    x[0, 1, 3, 0] = np.nan
+    layer = MaxPool2d(2)
+    if grad:
+        out = layer(x)
+    else:
+        with no_grad():
+            out = layer(x)
+    expected = torch.nn.functional.max_pool2d(torch.from_numpy(x), 2).numpy()
+    assert np.isnan(expected).sum() == 2
+    np.testing.assert_array_equal(out, expected)  # NaNs in the same places
+
+
+def test_maxpool_under_no_grad_leaves_its_input_unchanged(rng):
+    # The inference path keeps a running maximum: it must start from a copy of the first tap.
+    x = rng.standard_normal((2, 3, 6, 6))
+    before = x.copy()
+    with no_grad():
+        MaxPool2d(2)(x)
+    np.testing.assert_array_equal(x, before)
