@@ -111,7 +111,6 @@ def require(module: str, purpose: str, alternative: str = "") -> None:
 _created_directories: list[Path] = []
 
 
-
 def check_output_dir(path: str | os.PathLike[str], option: str = "--out") -> Path:
     """The directory ``path``, created if missing (the command would create it anyway) and
     checked to be writable; CommandError naming ``option`` if it cannot be. Commands call it
