@@ -284,6 +284,18 @@ def test_busy_machine_warning() -> None:
     assert "6.41 at end" in busy_warning({"start": [0.5, 0, 0], "end": [6.41, 5, 3]}, cores=2)
 
 
+def test_load_lines_without_a_load_average() -> None:
+    # A system without os.getloadavg: the report says so instead of failing to render.
+    from scratchcnn.harness.bench_report import _load_lines
+
+    assert _load_lines({"start": None, "end": None}, cores=2) == [
+        "- load average: not available on this system"]
+    busy = _load_lines({"start": [1.8, 1.0, 0.5], "end": [2.4, 1.0, 0.5]}, cores=2)
+    assert busy[0] == ("- load average (1/5/15 min) at start 1.80, 1.00, 0.50, "
+                       "at end 2.40, 1.00, 0.50")
+    assert "busy" in busy[1]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_matmul_peak_is_measured_in_the_runs_dtype(monkeypatch, dtype) -> None:
     """"% of peak" compares a run's GFLOP/s with products of its own dtype (float64 ones run at

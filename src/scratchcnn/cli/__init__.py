@@ -34,12 +34,16 @@ class CommandError(Exception):
 # -- option types shared by the subcommands -------------------------------------------------
 
 
-def positive_int(text: str) -> int:
-    """argparse type of counts (--epochs, --rounds, --limit-train, ...): an integer >= 1."""
+def _whole_number(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts (--epochs, --rounds, --limit-train, ...): an integer >= 1."""
+    value = _whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -48,10 +52,7 @@ def positive_int(text: str) -> int:
 def seed(text: str) -> int:
     """argparse type of --seed: an integer with 0 <= seed < SEED_LIMIT, refused at parse time
     (rather than by NumPy or torch after the data has loaded)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    value = _whole_number(text)
     if not 0 <= value < SEED_LIMIT:
         raise argparse.ArgumentTypeError(
             f"must be between 0 and 2**64 - 1 ({SEED_LIMIT - 1}), got {value}")
@@ -73,10 +74,7 @@ def thread_count(text: str) -> int:
     ``harness.threads.threads_problem``), refused before any data loads or training starts."""
     from scratchcnn.harness.threads import threads_problem
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    value = _whole_number(text)
     problem = threads_problem(value)
     if problem is not None:
         raise argparse.ArgumentTypeError(problem)

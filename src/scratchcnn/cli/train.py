@@ -11,7 +11,6 @@ the last completed epoch is kept.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -83,6 +82,7 @@ def resolve_config(args: argparse.Namespace, saved: dict[str, Any] | None) -> di
     """The run settings: the command line over the defaults, or the checkpoint's on --resume
     (where an option that contradicts the checkpoint is an error rather than silently ignored)."""
     from scratchcnn.cli import CommandError
+    from scratchcnn.harness.training import hyperparameter_problem
 
     given = {key: getattr(args, key) for key in DEFAULTS if getattr(args, key) is not None}
     if saved is None:
@@ -105,12 +105,10 @@ def resolve_config(args: argparse.Namespace, saved: dict[str, Any] | None) -> di
     if config["warmup_epochs"] < 0:
         raise CommandError(f"--warmup-epochs must be at least 0, got {config['warmup_epochs']}")
     # Checked here, before the data loads (which may mean a download), not by the optimizer.
-    if not (math.isfinite(config["lr"]) and config["lr"] > 0):
-        raise CommandError(f"--lr must be a positive number, got {config['lr']}")
-    for key in ("momentum", "weight_decay"):
-        if not (math.isfinite(config[key]) and config[key] >= 0):
-            raise CommandError(f"--{key.replace('_', '-')} must be a number >= 0, "
-                               f"got {config[key]}")
+    for key in ("lr", "momentum", "weight_decay"):
+        problem = hyperparameter_problem(key, config[key])
+        if problem:
+            raise CommandError(f"--{key.replace('_', '-')} {problem}")
     # A schedule is laid out over the epochs of the first invocation (cosine reaches 0 there);
     # resuming towards a larger --epochs continues that schedule rather than re-planning it.
     config.setdefault("schedule_epochs", args.epochs)

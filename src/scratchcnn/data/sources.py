@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from scratchcnn.data.idx import DatasetError
+from scratchcnn.data.idx import GZIP_MAGIC, DatasetError
 
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")
 RETRY_BACKOFF = 1.0  # seconds before the first retry; doubles each time
@@ -214,7 +214,7 @@ def identify_idx_file(path: Path) -> str | None:
     }
     try:
         with open(path, "rb") as raw:
-            compressed = raw.read(2) == b"\x1f\x8b"
+            compressed = raw.read(len(GZIP_MAGIC)) == GZIP_MAGIC
         opener = gzip.open if compressed else open
         with opener(path, "rb") as stream:
             data = stream.read(MAX_FINGERPRINT_BYTES + 1)

@@ -11,7 +11,6 @@ medians NumPy/PyTorch (< 1: NumPy faster) and the per-round ratios.
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -330,14 +329,14 @@ def bench_model(model_name: str, config: BenchConfig, threads: int, dtype: np.dt
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Benchmark every model of ``config``; returns the report (see ``bench_report``)."""
-    from scratchcnn.harness.environment import describe_environment
+    from scratchcnn.harness.environment import describe_environment, load_average
     from scratchcnn.harness.flops import best_peak, matmul_peak_gflops
     from scratchcnn.nn.module import as_float_dtype
 
     config.validate()
     dtype = as_float_dtype(config.dtype)
     threads = apply_threads(config.threads)
-    load_before = os.getloadavg()
+    load_before = load_average()
     pool = max(config.batch_sizes) * config.steps
     *data, dataset = load_images(config, dtype, pool)
     _log(config, f"matmul peak ({threads} threads)")
@@ -353,7 +352,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "config": asdict(config),
         "dataset": dataset,
         "environment": describe_environment(threads),
-        "load_average": {"start": list(load_before), "end": list(os.getloadavg())},
+        "load_average": {"start": load_before, "end": load_average()},
         "matmul_peak": peak,
         "models": models,
     }

@@ -53,6 +53,17 @@ def busy_warning(load_average: dict[str, list[float]], cores: int) -> str | None
             "on an idle machine before drawing conclusions.")
 
 
+def _load_lines(load_average: dict[str, list[float] | None], cores: int) -> list[str]:
+    """The load average at start and end, and ``busy_warning``'s, where the system has one."""
+    start, end = load_average["start"], load_average["end"]
+    if not (start and end):
+        return ["- load average: not available on this system"]
+    lines = [f"- load average (1/5/15 min) at start {', '.join(f'{v:.2f}' for v in start)}, "
+             f"at end {', '.join(f'{v:.2f}' for v in end)}"]
+    warning = busy_warning(load_average, cores)
+    return [*lines, f"- **{warning}**"] if warning else lines
+
+
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f}"
 
@@ -153,10 +164,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- measured matmul peak ({report['matmul_peak']['dtype']}, "
         f"{report['matmul_peak']['size']}^2, best of start and "
         f"end of the run): {peak:.1f} GFLOP/s",
-        f"- load average (1/5/15 min) at start {', '.join(f'{v:.2f}' for v in load['start'])}, "
-        f"at end {', '.join(f'{v:.2f}' for v in load['end'])}",
-        *([f"- **{warning}**"] if (warning := busy_warning(load, env["available_cores"]))
-          else []),
+        *_load_lines(load, env["available_cores"]),
         "- ratio = median NumPy time / median PyTorch time: below 1 means NumPy is faster "
         "(targets use it). Per-round ratios pair each NumPy round with the PyTorch round after "
         "it; a wide spread means the machine was busy.",

@@ -6,8 +6,6 @@ run with the frameworks alternating epoch by epoch so machine noise hits both.""
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 import shlex
 import subprocess
 import sys
@@ -23,8 +21,8 @@ import numpy as np
 
 from scratchcnn.data.sources import check_data_dir
 from scratchcnn.harness import training
-from scratchcnn.harness.environment import describe_environment
-from scratchcnn.harness.measure import measure_in_subprocess
+from scratchcnn.harness.environment import describe_environment, load_average
+from scratchcnn.harness.measure import adds_child_processes, measure_in_subprocess
 from scratchcnn.harness.threads import apply_threads
 from scratchcnn.models import architecture, build_model
 
@@ -87,11 +85,10 @@ class CompareConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        for name, value in self.optimizer_options.items():
-            if name in ("momentum", "weight_decay") and not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a number >= 0, got {value}")
+        for name, value in (("lr", self.lr), *self.optimizer_options.items()):
+            problem = training.hyperparameter_problem(name, value)
+            if problem:
+                raise ValueError(f"{name} {problem}")
         check_schedule(self.lr_schedule, self.warmup_epochs, self.lr_step_size)
         from scratchcnn.data.augment import check_augmentation
 
@@ -256,7 +253,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     config.validate()
     started = _now()
     threads = apply_threads(config.threads, torch="torch" in config.frameworks)
-    load_start = _load_average()
+    load_start = load_average()
     peaks = [matmul_peak_gflops(dtype=np.float32)]
     dataset, fallback = resolve_dataset(config)
     dataset = dataset.limit(config.limit_train, config.limit_test)
@@ -335,7 +332,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     # Measured before and after the run, keeping the better one, as bench does.
     peaks.append(matmul_peak_gflops(dtype=np.float32))
     host = {
-        "load_average": {"start": load_start, "end": _load_average()},
+        "load_average": {"start": load_start, "end": load_average()},
         "matmul_peak": best_peak(peaks),
     }
     run_info = {"started": started, "finished": _now(), **run_identity(),
@@ -346,13 +343,6 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return list(os.getloadavg())
-    except OSError:
-        return None
 
 
 def run_identity() -> dict[str, Any]:
@@ -544,7 +534,7 @@ def _memory_note(memory: dict[str, dict[str, Any]], probe: dict[str, Any]) -> st
         f"that work above the resident memory just before it (after imports, data loading and "
         f"model construction), in MiB ({methods})."
     )
-    if any("child processes" in entry["method"] for entry in memory.values()):
+    if any(adds_child_processes(entry["method"]) for entry in memory.values()):
         note += (" Where worker processes ran (NumPy's shards), the main process's peak and each "
                  "worker's peak private memory, taken at their own moments, are added: an upper "
                  "bound on the true combined peak.")

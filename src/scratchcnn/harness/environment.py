@@ -52,6 +52,14 @@ def blas_info() -> dict[str, Any]:
         return {"library": "unknown", "version": None, "threads": None}
 
 
+def load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages, or None where the system has none."""
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
 def describe_environment(threads: int | None = None) -> dict[str, Any]:
     """Versions, BLAS, CPU and threads. torch is reported as None when it isn't installed; it is
     only imported here if something else imported it already (its version comes from metadata)."""

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 _MB = 1024 * 1024
+# How PeakMemory's method says it added the worker processes' memory.
+CHILDREN_METHOD = " + child processes' private memory sampled every 2 ms"
 
 
 class Stopwatch:
@@ -145,8 +147,14 @@ class PeakMemory:
         else:
             peak_kb, self.method = _status_kb("VmHWM") or 0, "VmHWM (peak RSS), reset at start"
         if children_kb:
-            self.method += " + child processes' private memory sampled every 2 ms"
+            self.method += CHILDREN_METHOD
         self.mb = (max(peak_kb - self._baseline_kb, 0) + children_kb) / 1024
+
+
+def adds_child_processes(method: str | None) -> bool:
+    """Whether a peak measured by ``method`` adds worker processes' own peaks, taken at their own
+    moments: an upper bound on the combined peak."""
+    return CHILDREN_METHOD in (method or "")
 
 
 ProbeFunction = Callable[[dict[str, Any], Callable[[], contextlib.AbstractContextManager]], Any]

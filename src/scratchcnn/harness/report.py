@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from scratchcnn.atomic import atomic_write_text
+from scratchcnn.harness.measure import adds_child_processes
 
 
 def public_report(report: dict[str, Any]) -> dict[str, Any]:
@@ -132,7 +133,7 @@ def summary_table(report: dict[str, Any]) -> str:
         for name in names:
             side = report["frameworks"][name]
             cell = _fmt(_lookup(side, path), kind)
-            if kind == "mib" and "child processes" in (side.get("peak_memory_method") or ""):
+            if kind == "mib" and adds_child_processes(side.get("peak_memory_method")):
                 cell += " (upper bound)"
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")

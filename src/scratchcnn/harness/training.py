@@ -52,6 +52,17 @@ def check_framework(framework: str) -> str:
     return framework
 
 
+def hyperparameter_problem(name: str, value: float) -> str | None:
+    """What is wrong with ``value`` as the optimizer setting ``name`` (None: nothing, or a
+    setting without a rule): the learning rate must be finite and positive, momentum and weight
+    decay finite and >= 0. Callers name the setting their way (``lr`` or ``--lr``)."""
+    if name == "lr" and not (math.isfinite(value) and value > 0):
+        return f"must be a positive number, got {value}"
+    if name in ("momentum", "weight_decay") and not (math.isfinite(value) and value >= 0):
+        return f"must be a number >= 0, got {value}"
+    return None
+
+
 def make_optimizer(framework: str, params: Iterable[Any], name: str, lr: float, **options: Any):
     """``scratchcnn.optim.<Name>`` or ``torch.optim.<Name>`` with identical hyper-parameters.
 
@@ -64,7 +75,7 @@ def make_optimizer(framework: str, params: Iterable[Any], name: str, lr: float, 
         raise ValueError(
             f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}"
         )
-    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+    if not isinstance(lr, int | float) or hyperparameter_problem("lr", lr):
         raise ValueError(f"learning rate must be a positive number, got {lr!r}")
     if framework == "numpy":
         from scratchcnn import optim
