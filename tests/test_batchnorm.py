@@ -7,8 +7,6 @@ import pytest
 from gradcheck import assert_close, check_module_gradients
 from scratchcnn.nn import BatchNorm2d, no_grad
 from scratchcnn.nn import functional as F
-from scratchcnn.nn.batchnorm import _merge_moments
-from scratchcnn.nn.collective import BatchShard
 
 
 def channels_last(x: np.ndarray) -> np.ndarray:
@@ -160,47 +158,24 @@ def test_no_grad_keeps_no_cache(rng):
         layer.backward(np.zeros((3, 2, 2, 2)))
 
 
-@pytest.mark.parametrize("sizes", [(1, 7), (5, 5), (3, 1, 9)])
-def test_merged_shard_moments_are_the_whole_batch_moments(rng, sizes):
-    """Chan et al.'s merge of per-shard (count, mean, variance), on data far from zero mean with
-    shards of different means: the between-shard term matters."""
-    shards = [rng.standard_normal((size, 3)) * rng.uniform(0.5, 2, 3) + 100 + 10 * rank
-              for rank, size in enumerate(sizes)]
-    moments = np.stack([np.stack([np.full(3, len(part)), part.mean(axis=0), part.var(axis=0)])
-                        for part in shards])
-    mean, var = _merge_moments(moments)
-    whole = np.concatenate(shards)
-    np.testing.assert_allclose(mean, whole.mean(axis=0), rtol=1e-14)
-    np.testing.assert_allclose(var, whole.var(axis=0), rtol=1e-11)
-
-
 # --- Bit-identity with the reference algorithm --------------------------------------------------
 # The fast paths fold rows and reuse buffers; they must not change a single bit. The reference is
 # the layer's arithmetic as it was written before them (plain NumPy broadcasting, one fresh array
 # per operation): same operations, same order, same reductions.
 
-class FixedShard(BatchShard):
-    """Rank 0, ``size`` samples of a batch of ``batch_size``, whose other shard contributes a
-    fixed function of this one's partial, so a sharded call is reproducible without threads."""
+def with_peer(partial: np.ndarray) -> np.ndarray:
+    """The batch sums of a call whose other rank holds half as much again as this one: a fixed
+    function of this call's partial sums, so a synchronised call is reproducible in one process
+    (M = 120 of the test's shape becomes 180, still a whole number)."""
+    return partial + partial * np.asarray(0.5, partial.dtype)
 
-    def __init__(self, size: int, batch_size: int) -> None:
-        super().__init__(0, slice(0, size), batch_size, 2)
 
-    def combine_sum(self, partial: np.ndarray) -> np.ndarray:
-        return partial + partial * np.asarray(0.75, partial.dtype)
+class BatchNormWithPeer(BatchNorm2d):
+    """BatchNorm2d whose sums over the batch add ``with_peer``'s imagined rank, as
+    SyncBatchNorm adds the real ones'."""
 
-    def all_gather(self, partial: np.ndarray) -> np.ndarray:
-        # BatchNorm2d gathers (count, mean, variance): the other shard holds the rest of the
-        # batch, with its mean shifted by 0.5 and its variance 1.25x this shard's.
-        size = self.rows.stop - self.rows.start
-        other_count = partial[0] * np.asarray((self.batch_size - size) / size, partial.dtype)
-        other = np.stack([other_count,
-                          partial[1] + np.asarray(0.5, partial.dtype),
-                          partial[2] * np.asarray(1.25, partial.dtype)])
-        return np.stack([partial, other])
-
-    def draw_once(self, draw):
-        return draw()
+    def _sum_over_batch(self, partial_sums: np.ndarray) -> np.ndarray:
+        return with_peer(partial_sums)
 
 
 def reference_sums(v, times=None):
@@ -219,26 +194,21 @@ def reference_sums(v, times=None):
     return F.sum_rows_of_products(v_rows, times_rows)
 
 
-def reference_forward(layer, x, shard=None, grad_enabled=True):
-    """BatchNorm2d.forward's arithmetic, frozen; updates ``layer``'s running statistics."""
+def reference_forward(layer, x, combine=None, grad_enabled=True):
+    """BatchNorm2d.forward's arithmetic, frozen; updates ``layer``'s running statistics.
+    ``combine``: the sums over the batch from this call's partial sums (None: the same)."""
+    combine = combine or (lambda partial: partial)
     use_batch_stats = layer.training or layer.running_mean is None
+    count = None
     if use_batch_stats:
-        count = (len(x) if shard is None else shard.batch_size) * x.shape[2] * x.shape[3]
-        shard_count = len(x) * x.shape[2] * x.shape[3]
-        mean = reference_sums(x) / shard_count
+        sums = combine(np.append(reference_sums(x), x.dtype.type(x.size // x.shape[1])))
+        count = int(sums[-1])
+        mean = sums[:-1] / sums[-1]
         x_hat = x - mean.reshape(-1, 1, 1)
-        var = reference_sums(x_hat, x_hat) / shard_count
-        if shard is not None:
-            moments = shard.all_gather(np.stack([np.full_like(mean, shard_count), mean, var]))
-            counts, means, variances = moments[:, 0], moments[:, 1], moments[:, 2]
-            total = counts.sum(axis=0)
-            shard_mean = mean
-            mean = (counts * means).sum(axis=0) / total
-            var = (counts * (variances + np.square(means - mean))).sum(axis=0) / total
-            x_hat -= (mean - shard_mean).reshape(-1, 1, 1)
+        var = combine(reference_sums(x_hat, x_hat)) / count
         inv_std = 1.0 / np.sqrt(var + layer.eps)
         x_hat *= inv_std.reshape(-1, 1, 1)
-        if layer.training and layer.running_mean is not None and (shard is None or shard.rank == 0):
+        if layer.training and layer.running_mean is not None:
             layer.num_batches_tracked += 1
             factor = (1.0 / float(layer.num_batches_tracked) if layer.momentum is None
                       else layer.momentum)
@@ -256,21 +226,18 @@ def reference_forward(layer, x, shard=None, grad_enabled=True):
             out += layer.bias.data.reshape(-1, 1, 1)
     else:
         out = x_hat.copy() if grad_enabled else x_hat
-    return out, (x_hat, inv_std, use_batch_stats)
+    return out, (x_hat, inv_std, count)
 
 
-def reference_backward(layer, grad, cache, shard=None):
+def reference_backward(layer, grad, cache, combine=None):
     """BatchNorm2d.backward's arithmetic, frozen: (grad_input, grad_weight, grad_bias)."""
-    x_hat, inv_std, used_batch_stats = cache
+    combine = combine or (lambda partial: partial)
+    x_hat, inv_std, count = cache
     grad_bias = reference_sums(grad)
     grad_weight = reference_sums(grad, x_hat)
     scale = inv_std if not layer.affine else inv_std * layer.weight.data
-    if used_batch_stats:
-        sum_dy, sum_dy_x_hat = grad_bias, grad_weight
-        if shard is not None:
-            sum_dy, sum_dy_x_hat = shard.combine_sum(np.stack([grad_bias, grad_weight]))
-        n = len(x_hat) if shard is None else shard.batch_size
-        count = n * x_hat.shape[2] * x_hat.shape[3]
+    if count is not None:
+        sum_dy, sum_dy_x_hat = combine(np.stack([grad_bias, grad_weight]))
         grad_input = x_hat * (sum_dy_x_hat / count).reshape(-1, 1, 1)
         np.subtract(grad, grad_input, out=grad_input)
         grad_input -= (sum_dy / count).reshape(-1, 1, 1)
@@ -341,26 +308,26 @@ def test_fast_paths_are_bit_identical_to_the_reference(rng, dtype, shape, option
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("grad_layout", list(LAYOUTS))
-def test_sharded_and_mixed_layouts_are_bit_identical_to_the_reference(rng, dtype, grad_layout):
-    """A shard's whole-batch sums, and an upstream gradient laid out unlike the input."""
+def test_synchronised_and_mixed_layouts_are_bit_identical_to_the_reference(rng, dtype,
+                                                                          grad_layout):
+    """Sums that other ranks add to (SyncBatchNorm's one difference), and an upstream gradient
+    laid out unlike the input."""
     shape = (4, 16, 6, 5)
-    layer = BatchNorm2d(16, dtype=dtype)
-    layer.weight.data[...] = rng.uniform(0.5, 1.5, 16)
-    layer.bias.data[...] = rng.standard_normal(16)
-    twin = BatchNorm2d(16, dtype=dtype)
-    twin.load_state_dict(layer.state_dict())
-    for shard in (None, FixedShard(size=4, batch_size=9)):
-        layer.batch_shard = shard
+    for kind, combine in ((BatchNorm2d, None), (BatchNormWithPeer, with_peer)):
+        layer = kind(16, dtype=dtype)
+        layer.weight.data[...] = rng.uniform(0.5, 1.5, 16)
+        layer.bias.data[...] = rng.standard_normal(16)
+        twin = BatchNorm2d(16, dtype=dtype)
+        twin.load_state_dict(layer.state_dict())
         x = channels_last(rng.standard_normal(shape).astype(dtype) + 2)
         grad = LAYOUTS[grad_layout](rng.standard_normal(shape).astype(dtype))
         out = layer(x)
-        expected, cache = reference_forward(twin, x, shard)
+        expected, cache = reference_forward(twin, x, combine)
         assert_bits_equal(out, expected, "output")
-        expected_grads = reference_backward(twin, grad, cache, shard)
+        expected_grads = reference_backward(twin, grad, cache, combine)
         assert_bits_equal(layer.backward(grad), expected_grads[0], "grad_input")
         assert_bits_equal(layer.weight.grad, expected_grads[1], "weight grad")
         assert_bits_equal(layer.bias.grad, expected_grads[2], "bias grad")
-        layer.zero_grad()
         for key, value in twin.state_dict().items():
             assert np.array_equal(layer.state_dict()[key], value), key
 

@@ -156,16 +156,16 @@ def test_one_framework_run_does_not_claim_a_comparison(numpy_only):
     plt.close("all")
 
 
-def test_memory_note_states_the_probe_steps_and_process_and_upper_bound(numpy_only):
+def test_memory_note_states_the_probe_steps_and_process(numpy_only):
     report = numpy_only
     # 96 images at batch 32: the probe trains 3 steps, not PROBE_STEPS.
     assert report["memory_probe"] == {"steps": 3, "test_images": 40, "separate_process": True}
     note = next(note for note in report["notes"] if note.startswith("Peak memory"))
     assert "trains 3 step(s)" in note and "separate probe" in note
     assert f"{compare.PROBE_STEPS} training steps" not in note
-    assert "upper bound" in note
+    assert "upper bound" not in note  # one process each: nothing added up
     table = summary_table(report)
-    assert "separate probe process" in table and "MiB (upper bound)" in table
+    assert "separate probe process" in table and "MiB (upper bound)" not in table
 
 
 # 6. Timestamp, version, command, load average, matmul peak, allocator; disturbed-host warnings.

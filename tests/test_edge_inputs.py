@@ -1,8 +1,7 @@
 """Edge inputs, handled as torch handles them or refused clearly: an all-ignored cross-entropy
 batch, a float ignore_index and (N, 1) targets, optimizer state left in the old dtype by
 model.double(), normalize with 0-255 statistics or torchvision-style tuples, a negative
-augmentation seed, empty batches through one-channel convolutions and training BatchNorm, and
-DataParallel errors in whole-batch terms."""
+augmentation seed, empty batches through one-channel convolutions and training BatchNorm."""
 
 import warnings
 
@@ -13,16 +12,8 @@ from scratchcnn import nn, optim
 from scratchcnn.data import normalize
 from scratchcnn.data.augment import augment_epoch
 from scratchcnn.models import build_model
-from scratchcnn.nn import parallel
-from scratchcnn.nn.parallel import DataParallel
 
 MODELS = ["simple-cnn", "tiny-cnn", "scratch-notebook-cnn", "lenet5", "bn-cnn"]
-WORKERS = pytest.mark.parametrize("workers", ["threads", "processes"])
-
-
-def needs_sharding() -> None:
-    if not parallel.threadpoolctl_available():
-        pytest.skip("DataParallel runs unsharded without threadpoolctl")
 
 
 # -- 1. every target ignored ----------------------------------------------------------------------
@@ -61,28 +52,6 @@ def test_an_adam_step_after_an_all_ignored_batch_keeps_the_weights_finite(rng):
     assert all(np.isfinite(p.data).all() for p in model.parameters())
 
 
-@WORKERS
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-def test_data_parallel_all_ignored_batch_gives_zero_gradients_and_skips_the_step(
-        rng, workers, label_smoothing):
-    needs_sharding()
-    model = build_model("tiny-cnn", rng=np.random.default_rng(1))
-    runner = DataParallel(model, 2, workers=workers)
-    optimizer = optim.Adam(model.parameters())
-    before = [p.data.copy() for p in model.parameters()]
-    images = rng.standard_normal((8, 1, 28, 28)).astype(np.float32)
-    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            loss = runner.train_step(images, np.full(8, -100), criterion, optimizer)
-    finally:
-        runner.close()
-    assert np.isnan(loss)
-    for param, old in zip(model.parameters(), before, strict=True):
-        assert param.grad is not None and not param.grad.any()
-        np.testing.assert_array_equal(param.data, old)  # the NaN loss skipped the step
-    assert optimizer.state == {}
 
 
 # -- 2. ignore_index and target shape -------------------------------------------------------------
@@ -214,37 +183,14 @@ def test_training_batchnorm_on_an_empty_batch_matches_torch(torch, momentum, sha
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("wrap", [False, True])
 @pytest.mark.parametrize("training", [False, True])
-def test_every_model_accepts_an_empty_batch(rng, name, wrap, training):
+def test_every_model_accepts_an_empty_batch(rng, name, training):
     model = build_model(name, rng=np.random.default_rng(1))
     model.train(training)
-    runner = DataParallel(model, 2) if wrap else model
     x = rng.standard_normal((4, 1, 28, 28)).astype(np.float32)
-    out = runner(x[:0])
+    out = model(x[:0])
     assert out.shape == (0, 10) and out.dtype == np.float32
-    runner.backward(np.zeros_like(out))
+    model.backward(np.zeros_like(out))
     for param in model.parameters():
         assert param.grad is not None and param.grad.shape == param.data.shape
         assert not param.grad.any()
-
-
-# -- 7. DataParallel errors in whole-batch terms --------------------------------------------------
-
-@WORKERS
-def test_data_parallel_errors_name_the_whole_batch(workers):
-    needs_sharding()
-    runner = DataParallel(nn.Sequential(nn.Linear(4, 10)), 2, workers=workers)
-    x = np.ones((5, 4), np.float32)
-    try:
-        runner(x)
-        with pytest.raises(ValueError, match=r"shape \(5, 9\) but .* shape \(5, 10\)"):
-            runner.backward(np.ones((5, 9), np.float32))
-        for target, value, index in [([0, 1, 2, 3, 12], 12, 4), ([0, 1, 2, -3, 1], -3, 3)]:
-            with pytest.raises(ValueError, match=rf"got {value} \(at index {index}\)"):
-                runner.forward_backward(x, np.array(target), nn.CrossEntropyLoss())
-        # The runner still works afterwards.
-        loss = runner.forward_backward(x, np.array([0, 1, 2, 3, 4]), nn.CrossEntropyLoss())
-        assert np.isfinite(loss)
-    finally:
-        runner.close()

@@ -539,54 +539,6 @@ def test_flattened_gradients_land_in_the_optimizers_flat_vector(rng):
     assert model.weight.grad.dtype == np.float64
 
 
-def test_threaded_and_forked_flat_updates_are_bit_identical_to_one_thread(rng):
-    shapes = [(300, 301), (7,), (3, 5)]  # 2 blocks of the flat update in float32
-    start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-    runs = []
-    # 3 threads: more than blocks. Processes: forked workers update the later blocks in place.
-    settings = [(1, "threads"), (2, "threads"), (3, "threads"), (2, "processes"),
-                (3, "processes")]
-    for threads, workers in settings:
-        params = [Parameter(a.copy()) for a in start]
-        flatten_parameters(params)
-        opt = AdamW(params, lr=0.01, amsgrad=True, maximize=True)
-        opt.num_threads, opt.workers = threads, workers
-        gen = np.random.default_rng(3)
-        for step in range(4):
-            opt.param_groups[0]["lr"] = 0.01 / (step + 1)  # options travel with every step
-            for p in params:
-                p.grad = gen.standard_normal(p.shape).astype(np.float32)
-            opt.step()
-        runs.append((params, opt))
-        if workers == "processes":
-            assert len(opt._step_workers) == 1  # two blocks: one for here, one for a worker
-            opt.close()
-    reference, reference_opt = runs[0]
-    for params, opt in runs[1:]:
-        for p, q in zip(reference, params, strict=True):
-            np.testing.assert_array_equal(p.data, q.data)
-            for key, value in reference_opt.state[p].items():
-                np.testing.assert_array_equal(opt.state[q][key], value)
-    assert not np.array_equal(reference[0].data, start[0])
-
-
-def test_forked_flat_update_falls_back_to_threads_off_shared_memory(rng):
-    """Parameters end to end in an ordinary array: a worker's writes would not reach them."""
-    vector = rng.standard_normal(400).astype(np.float32)
-    params = [Parameter(vector[:300]), Parameter(vector[300:])]
-    twins = [Parameter(p.data.copy()) for p in params]
-    flatten_parameters(twins)
-    for group, workers in ((params, "processes"), (twins, "threads")):
-        opt = Adam(group, lr=0.1)
-        opt.num_threads, opt.workers = 2, workers
-        for p in group:
-            p.grad = np.ones_like(p.data)
-        opt.step()
-        assert not opt._step_workers
-    for p, twin in zip(params, twins, strict=True):
-        np.testing.assert_array_equal(p.data, twin.data)
-
-
 def test_rebinding_a_flattened_parameter_keeps_it_updated(rng):
     """After ``w.data = w.data.copy()`` the flat vector no longer holds w: the next step must
     update w's new array, exactly as an optimizer that never flattened."""

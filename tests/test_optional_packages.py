@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import pytest
 
-from scratchcnn import nn, optim
 from scratchcnn.cli import main
 from scratchcnn.harness.threads import apply_threads, available_cores
 
@@ -93,25 +91,3 @@ def test_without_threadpoolctl_only_all_cores_can_be_applied(monkeypatch):
     if available_cores() > 1:
         with pytest.raises(ValueError, match="pip install threadpoolctl"):
             apply_threads(1, torch=False)
-
-
-def test_worker_processes_run_without_threadpoolctl(monkeypatch, rng):
-    # The forked optimizer worker inherits the missing module; had it died, step() would raise.
-    missing(monkeypatch, "threadpoolctl")
-    start = [rng.standard_normal(shape).astype(np.float32) for shape in [(300, 301), (7,)]]
-    runs = []
-    for workers in ("processes", "threads"):
-        params = [nn.Parameter(array.copy()) for array in start]
-        nn.flatten_parameters(params)
-        optimizer = optim.Adam(params, lr=0.01)
-        optimizer.num_threads, optimizer.workers = 2, workers
-        for _ in range(3):
-            for param in params:
-                param.grad = np.ones_like(param.data)
-            optimizer.step()
-        if workers == "processes":
-            assert len(optimizer._step_workers) == 1  # the later block was a worker's
-            optimizer.close()
-        runs.append(params)
-    for forked, threaded in zip(*runs, strict=True):
-        np.testing.assert_array_equal(forked.data, threaded.data)

@@ -78,7 +78,6 @@ def module_flops(model: Any, input_shape: tuple[int, ...] = MNIST_INPUT) -> int:
     of them so that a BatchNorm without running statistics has more than one value per channel
     even after global pooling; every layer's flags are restored afterwards."""
     from scratchcnn.nn import Conv2d, Linear, Sequential, no_grad
-    from scratchcnn.nn.replica import module_flags, set_module_flags
 
     total = 0
 
@@ -96,13 +95,14 @@ def module_flops(model: Any, input_shape: tuple[int, ...] = MNIST_INPUT) -> int:
         return out
 
     dtype = next((param.data.dtype for param in model.parameters()), np.dtype(np.float32))
-    flags = module_flags(model)
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         with no_grad():
             run(model, np.zeros((2, *input_shape), dtype=dtype))
     finally:
-        set_module_flags(list(model.modules()), flags)
+        for module, training in modes:
+            module.train(training)
     return total
 
 

@@ -8,16 +8,13 @@ step is forward, cross-entropy loss (mean over the batch), backward, optimizer s
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from scratchcnn.nn.module import Sequential
 
 FRAMEWORKS = ("numpy", "torch")
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
@@ -117,109 +114,39 @@ def train_epoch(
     Steps are numbered from 1 within the epoch in ``NonFiniteLossError``.
     """
     _check_arrays(images, labels)
-    with contextlib.ExitStack() as stack:
-        if check_framework(framework) == "numpy":
-            runner = stack.enter_context(_numpy_training_runner(model, images.shape[1:]))
-            step_fn = _numpy_steps(runner, optimizer, images, labels)
-        else:
-            step_fn = _torch_steps(model, optimizer, images, labels)
-        model.train()
-        total, count = 0.0, 0
-        for step, batch in enumerate(batches, start=1):
-            loss = step_fn(batch)
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(framework, epoch, step, loss)
-            total += loss * len(batch)
-            count += len(batch)
-            if progress is not None:
-                progress(loss)
-    return total / max(count, 1)
-
-
-# Largest batch shard the NumPy side runs at once. Inference: ~64 images, whose activations
-# stay in cache (simple-cnn, 10,000 images: 0.29 s, against 0.33 s with 128). Training: 128,
-# since every further shard's backward adds a pass over the parameter gradients (batch 256:
-# scratch-notebook-cnn 11.5 -> 9.6 ms a step, lenet5 20.1 -> 18.6, simple-cnn alike).
-EVAL_MAX_SHARD_SIZE = 64
-TRAIN_MAX_SHARD_SIZE = 128
-# Smallest shard worth a worker: one whose forward pass costs SHARD_WORTH_FLOPS, but never more
-# than MIN_SHARD_SIZE samples; smaller batches run whole (see nn.parallel). A hand-off costs
-# ~0.3-1 ms: simple-cnn (2.4 MFLOP an image) at batch 10 took 4.2 ms a step sharded against
-# 3.2 ms whole, so it shards from 16 images; bn-cnn (37 MFLOP an image) shards from 4, which
-# made its step at batch 16 16% faster and at batch 10 2-11% (in-process A/Bs).
-SHARD_WORTH_FLOPS = 40e6
-MIN_SHARD_SIZE = 16
-# Worker processes, not threads: they share no GIL (see nn.shard_process).
-SHARD_WORKERS = "processes"
-
-
-# The last runner made, kept so that its worker processes outlive one epoch or evaluation (a fork
-# costs ~20 ms, a bench round is 30 steps): (model, what it was made for, runner). One entry:
-# a runner for another model replaces it, and its workers stop.
-_last_runner: tuple[Any, tuple[int, str, tuple[int, ...]], Any] | None = None
-
-
-def _numpy_runner(model: Any, max_shard_size: int | None, sample_shape: tuple[int, ...]) -> Any:
-    """``model`` run on batch shards of at most ``max_shard_size`` samples (of
-    ``sample_shape``) in ``configured_threads()`` workers, PyTorch's thread count (see
-    nn.parallel; with one thread and a small batch it is a plain call), with each ReLU ->
-    MaxPool2d pair run pool-first (exact, see ``nn.pooling.pool_before_relu``)."""
-    from scratchcnn.harness.threads import configured_threads
-    from scratchcnn.nn.parallel import DataParallel
-    from scratchcnn.nn.pooling import pool_before_relu
-
-    global _last_runner
-    made_for = (configured_threads(), repr(model), tuple(sample_shape))
-    if _last_runner is not None and _last_runner[0] is model and _last_runner[1] == made_for:
-        runner = _last_runner[2]
+    if check_framework(framework) == "numpy":
+        step_fn = _numpy_steps(model, optimizer, images, labels)
     else:
-        if _last_runner is not None:
-            _last_runner[2].close()
-        runner = DataParallel(pool_before_relu(model), num_shards=made_for[0],
-                              min_shard_size=min_shard_size(model, sample_shape),
-                              workers=SHARD_WORKERS)
-        _last_runner = (model, made_for, runner)
-    runner.max_shard_size = max_shard_size
-    return runner
-
-
-def min_shard_size(model: Any, sample_shape: tuple[int, ...]) -> int:
-    """The fewest samples worth a shard of ``model``: enough for SHARD_WORTH_FLOPS of forward
-    pass, at most MIN_SHARD_SIZE."""
-    from scratchcnn.harness.flops import module_flops
-
-    flops = module_flops(model, sample_shape)
-    return max(1, min(MIN_SHARD_SIZE, math.ceil(SHARD_WORTH_FLOPS / max(flops, 1))))
-
-
-@contextlib.contextmanager
-def _numpy_training_runner(model: Any, sample_shape: tuple[int, ...]) -> Iterator[Any]:
-    """The runner for training, with the first layer's input gradient switched off meanwhile:
-    the input is data, so PyTorch does not compute it either."""
-    first = model[0] if isinstance(model, Sequential) and len(model) else model
-    previous = first.needs_input_grad
-    first.needs_input_grad = False
-    try:
-        yield _numpy_runner(model, TRAIN_MAX_SHARD_SIZE, sample_shape)
-    finally:
-        first.needs_input_grad = previous
+        step_fn = _torch_steps(model, optimizer, images, labels)
+    model.train()
+    total, count = 0.0, 0
+    for step, batch in enumerate(batches, start=1):
+        loss = step_fn(batch)
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(framework, epoch, step, loss)
+        total += loss * len(batch)
+        count += len(batch)
+        if progress is not None:
+            progress(loss)
+    return total / max(count, 1)
 
 
 def _numpy_steps(model, optimizer, images, labels) -> Callable[[np.ndarray], float]:
     from scratchcnn import nn
-    from scratchcnn.harness.threads import configured_threads
 
     criterion = nn.CrossEntropyLoss()
-    optimizer.num_threads = configured_threads()  # PyTorch's thread count, as for the model
-    optimizer.workers = SHARD_WORKERS
 
     def step(batch: np.ndarray) -> float:
+        # The loop the README shows; a non-finite loss skips the update, so the caller raises
+        # with the weights still good.
         optimizer.zero_grad()
-        # Forward, loss, backward and optimizer step in one pass over the shards
-        # (DataParallel.train_step: the same bits as the four calls, with one hand-off per step,
-        # and the gradients' sum and the update split between the workers). A non-finite loss
-        # skips the update: the caller raises with the weights still good.
-        return float(model.train_step(images[batch], labels[batch], criterion, optimizer))
+        loss = criterion(model(images[batch]), labels[batch])
+        value = float(loss)
+        if not math.isfinite(value):
+            return value
+        model.backward(criterion.backward())
+        optimizer.step()
+        return value
 
     return step
 
@@ -260,12 +187,7 @@ def evaluate(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     check_framework(framework)
     model.eval()
-    if framework == "numpy":
-        logits_of = _numpy_logits
-        model = _numpy_runner(model, EVAL_MAX_SHARD_SIZE, images.shape[1:])
-        model.eval()
-    else:
-        logits_of = _torch_logits
+    logits_of = _numpy_logits if framework == "numpy" else _torch_logits
     start = time.perf_counter()
     loss_sum = 0.0
     predictions = np.empty(len(labels), dtype=np.int64)

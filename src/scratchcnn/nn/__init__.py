@@ -20,7 +20,6 @@ from scratchcnn.nn.module import (
     no_grad,
     set_grad_enabled,
 )
-from scratchcnn.nn.parallel import DataParallel
 from scratchcnn.nn.pooling import AvgPool2d, MaxPool2d
 
 __all__ = [
@@ -28,7 +27,6 @@ __all__ = [
     "BatchNorm2d",
     "Conv2d",
     "CrossEntropyLoss",
-    "DataParallel",
     "Dropout",
     "Flatten",
     "Linear",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from scratchcnn.nn.collective import BatchShard
 from scratchcnn.nn.module import Module, check_grad_output, check_input, is_grad_enabled
 from scratchcnn.random import as_generator, resolve_rng
 
@@ -22,13 +21,7 @@ class Dropout(Module):
     runs repeatable. It is drawn in logical (row-major) order, so the same seed gives the same
     mask whatever the memory layout.
     PyTorch draws from its own generator: masks never coincide across frameworks.
-
-    Sharded (``DataParallel`` sets ``batch_shard`` while it runs this layer on a part of a batch,
-    see ``nn.collective``): one shard draws the whole batch's numbers, exactly as the unsharded
-    call would, and each shard keeps its own rows, so masks do not depend on the sharding.
     """
-
-    batch_shard: BatchShard | None = None
 
     def __init__(self, p: float = 0.5, inplace: bool = False, *,
                  rng: np.random.Generator | int | None = None) -> None:
@@ -53,7 +46,7 @@ class Dropout(Module):
             mask = None
             out = x
         else:
-            keep = self._uniform(x) >= self.p
+            keep = resolve_rng(self.rng).random(x.shape, dtype=x.dtype) >= self.p
             scale = x.dtype.type(0.0 if self.p == 1.0 else 1.0 / (1.0 - self.p))
             mask = keep * scale
             out = np.multiply(x, mask, out=x if self.inplace else None)
@@ -61,15 +54,6 @@ class Dropout(Module):
         self._mask = mask if grad_enabled else None
         self._cache = (x.shape, x.dtype) if grad_enabled else None
         return out
-
-    def _uniform(self, x: np.ndarray) -> np.ndarray:
-        """Uniform [0, 1) numbers of ``x``'s shape and dtype, drawn in row-major order."""
-        rng = resolve_rng(self.rng)
-        shard = self.batch_shard
-        if shard is None:
-            return rng.random(x.shape, dtype=x.dtype)
-        whole = (shard.batch_size, *x.shape[1:])
-        return shard.draw_once(lambda: rng.random(whole, dtype=x.dtype))[shard.rows]
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray:
         shape, dtype = self._cache or (None, None)

@@ -10,7 +10,9 @@ Everything here works on channels-last (NHWC) arrays, the layout the layers comp
 * ``im2col`` copies it into the (N*OH*OW, KH*KW*C) matrix a convolution multiplies, and
   ``matmul_rows`` multiplies such a tall, narrow matrix in BLAS-friendly pieces of rows;
 * ``sum_rows`` is a fast, accurate column sum (a bias gradient), ``add_to_rows`` a fast bias add,
-  ``apply_to_rows`` any such per-column binary ufunc (BatchNorm2d's centring and scaling).
+  ``apply_to_rows`` any such per-column binary ufunc;
+* ``channel_sums``, ``channel_sums_of_products`` and ``apply_per_channel`` are BatchNorm2d's
+  per-channel passes over (N, C, H, W) arrays, through the row helpers when channels-last.
 """
 
 from __future__ import annotations
@@ -205,3 +207,63 @@ def apply_to_rows(ufunc: np.ufunc, matrix: np.ndarray, vector: np.ndarray,
     shape = (m // fold, fold * k)  # copy=False: raises rather than working on a copy
     ufunc(matrix.reshape(shape, copy=False), np.tile(vector, fold),
           out=out.reshape(shape, copy=False))
+
+
+# -- per-channel passes over (N, C, H, W) arrays (BatchNorm2d) ----------------------------------
+
+_CHANNEL_REDUCE_AXES = (0, 2, 3)  # every axis but the channel axis: statistics are per channel
+
+
+def per_channel(v: np.ndarray) -> np.ndarray:
+    """A (C,) vector as (C, 1, 1), to broadcast against (N, C, H, W)."""
+    return v.reshape(-1, 1, 1)
+
+
+def channel_rows(a: np.ndarray) -> np.ndarray | None:
+    """The (N*H*W, C) matrix of a channels-last (N, C, H, W) array (a view), else None."""
+    a_nhwc = to_nhwc(a)
+    return a_nhwc.reshape(-1, a_nhwc.shape[3]) if a_nhwc.flags.c_contiguous else None
+
+
+def channels_last_like(*arrays: np.ndarray) -> np.ndarray | None:
+    """A new channels-last array shaped like ``arrays[0]`` when all of them are channels-last:
+    writing results into it (``out=``) avoids one fresh array per operation. None otherwise,
+    so that every operation allocates its result in the layout NumPy picks, as before."""
+    if any(channel_rows(a) is None for a in arrays):
+        return None
+    return to_nchw(np.empty(to_nhwc(arrays[0]).shape, arrays[0].dtype))
+
+
+def apply_per_channel(ufunc: np.ufunc, a: np.ndarray, vector: np.ndarray,
+                      out: np.ndarray | None = None, *,
+                      spare: np.ndarray | None = None) -> np.ndarray:
+    """``ufunc(a, vector[c])`` on every channel c of (N, C, H, W) ``a``, into ``out`` (e.g. ``a``:
+    in place), else into a new array, which may be ``spare`` (a channels-last buffer free for
+    reuse). Channels-last arrays of one dtype go through ``apply_to_rows``: the same
+    operations, but NumPy's inner loop then runs over ~8192 values, not C (up to 2x faster)."""
+    rows = channel_rows(a)
+    if rows is not None and a.dtype == vector.dtype:
+        target = out if out is not None else spare if spare is not None else channels_last_like(a)
+        target_rows = channel_rows(target)
+        if target_rows is not None and target.dtype == a.dtype:
+            apply_to_rows(ufunc, rows, vector, target_rows)
+            return target
+    # Anything else exactly as NumPy broadcasts it (the same result dtype and layout as before).
+    return ufunc(a, per_channel(vector), out=out)
+
+
+def channel_sums(v: np.ndarray) -> np.ndarray:
+    """Per-channel sums (C,) of (N, C, H, W) ``v`` over N, H, W. A channels-last array is an
+    (N*H*W, C) matrix, whose rows NumPy would add one C-wide row at a time; ``sum_rows``
+    folds them into ~1024-wide rows first: ~4x faster, and a two-level sum, more accurate."""
+    rows = channel_rows(v)
+    return v.sum(axis=_CHANNEL_REDUCE_AXES) if rows is None else sum_rows(rows)
+
+
+def channel_sums_of_products(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-channel sums (C,) of ``a * b`` over N, H, W; without the product array when both are
+    channels-last (``sum_rows_of_products``)."""
+    rows_a, rows_b = channel_rows(a), channel_rows(b)
+    if rows_a is None or rows_b is None:
+        return np.multiply(a, b).sum(axis=_CHANNEL_REDUCE_AXES)
+    return sum_rows_of_products(rows_a, rows_b)

@@ -26,8 +26,6 @@ from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import numpy as np
 
-from scratchcnn.forked import shared_empty
-
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 P = ParamSpec("P")
@@ -227,11 +225,9 @@ def flatten_parameters(params: Iterable[Parameter]) -> np.ndarray:
         raise ValueError(
             f"flatten_parameters: parameters must share one dtype, got {sorted(map(str, dtypes))}"
         )
-    # In shared memory where workers can be forked: an optimizer's worker process may then
-    # update part of it in place (see scratchcnn.optim.optimizer).
     dtype = dtypes.pop()
     total = sum(param.size for param in ordered)
-    vector, grad_vector = shared_empty((total,), dtype), shared_empty((total,), dtype)
+    vector, grad_vector = np.empty(total, dtype), np.empty(total, dtype)
     np.concatenate([param.data.ravel() for param in ordered], out=vector)
     shapes = [param.shape for param in ordered]
     for param, data, grad in zip(ordered, vector_views(vector, shapes),

@@ -29,19 +29,11 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import wait
 from typing import Any, ClassVar
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from scratchcnn.forked import (
-    ForkedWorker,
-    Handler,
-    is_shared,
-    processes_available,
-    shared_empty,
-)
 from scratchcnn.nn.module import Parameter, vector_views
 
 ParamsT = Iterable[Parameter] | Iterable[Mapping[str, Any]] | Iterable[tuple[str, Parameter]]
@@ -113,8 +105,7 @@ class FlatGroup:
         if adopted is not None and adopted.shape == flat.shape and adopted.dtype == flat.dtype:
             self.grad, self.grad_views = adopted, buffers
         else:
-            # Shared memory (where workers can be forked): a worker process may update a share.
-            self.grad = shared_empty(flat.shape, flat.dtype)
+            self.grad = np.empty(flat.shape, flat.dtype)
             self.grad_views = self._split(self.grad)
         self.state: dict[str, np.ndarray] = {}
         self.state_views: dict[str, list[np.ndarray]] = {}
@@ -139,11 +130,6 @@ class FlatGroup:
     def _split(self, flat: np.ndarray) -> list[np.ndarray]:
         return vector_views(flat, [view.shape for view in self.views])
 
-    def shared(self) -> bool:
-        """Whether a forked process would share every vector (parameters, gradient, state)."""
-        return all(is_shared(array) for array in (self.param.data, self.grad,
-                                                  *self.state.values()))
-
     def holds(self, params: list[Parameter]) -> bool:
         """Whether every parameter's ``.data`` is still this group's view (nothing rebound it),
         and its ``grad_buffer`` still this group's gradient view if it has one."""
@@ -156,7 +142,7 @@ class FlatGroup:
         is not yet; a missing one starts at zero, as each optimizer initialises it)."""
         views = self.state_views.get(key)
         if views is None:
-            self.state[key] = shared_empty(self.param.data.shape, self.param.data.dtype)
+            self.state[key] = np.empty(self.param.data.shape, self.param.data.dtype)
             self.state[key].fill(0)
             views = self.state_views[key] = self._split(self.state[key])
         for state, view in zip(states, views, strict=True):
@@ -181,14 +167,6 @@ class Optimizer:
     # Whether the flat-group path applies (see the module docstring): subclasses whose
     # ``_update`` is elementwise and whose state arrays ``_flat_state_keys`` names set it.
     _supports_flat: ClassVar[bool] = False
-    # Threads a flat group's update is split across (not a torch option; the training harness
-    # sets it to PyTorch's thread count). Results do not depend on it: the update is elementwise.
-    num_threads: int = 1
-    # "threads", or "processes": the blocks beyond the first thread's go to forked workers, which
-    # do not share the GIL (for a few hundred thousand floats, two threads gained only ~10%).
-    # Used only when the group's vectors are shared memory (``nn.flatten_parameters`` makes them
-    # so); otherwise, and where processes cannot be forked, threads.
-    workers: str = "threads"
 
     def __init__(self, params: ParamsT, defaults: Mapping[str, Any]) -> None:
         if isinstance(params, (Parameter, np.ndarray)):
@@ -201,9 +179,6 @@ class Optimizer:
         self.param_groups: list[dict[str, Any]] = []
         self._work = Workspace()
         self._flat_groups: dict[int, FlatGroup] = {}
-        self._works: list[Workspace] = [self._work]  # one per thread of a flat update
-        self._step_workers: list[ForkedWorker] = []
-        self._step_workers_for: tuple[int, tuple[str, ...]] | None = None
         groups = list(params)
         if not groups:
             raise ValueError(f"{type(self).__name__} got an empty parameter list")
@@ -321,90 +296,10 @@ class Optimizer:
             if param.grad is not view:  # backward wrote it in place (see FlatGroup)
                 np.copyto(view, param.grad)
         step = steps.pop()
-        threads = min(self.num_threads, _block_count(flat))
-        pieces = _block_count(flat, threads)
-        while len(self._works) < threads:
-            self._works.append(Workspace())
-
-        def update(thread: int) -> None:
-            update_blocks(self, flat, _part(group, step, pieces, thread, threads),
-                          self._works[thread])
-
-        if threads > 1 and self.workers == "processes" and processes_available() \
-                and flat.shared():
-            self._update_in_processes(flat, group, step, pieces, threads, update)
-        elif threads > 1:  # ufuncs release the GIL: the blocks run in parallel
-            from scratchcnn.nn.parallel import _shared_executor
-
-            futures = [_shared_executor().submit(update, k) for k in range(1, threads)]
-            try:
-                update(0)
-            finally:
-                wait(futures)
-            for future in futures:
-                future.result()
-        else:
-            update(0)
+        update_blocks(self, flat, _part(group, step, _block_count(flat), 0, 1), self._work)
         for state in states:
             state["step"] = step + 1
         return True
-
-    def _update_in_processes(self, flat: FlatGroup, group: dict[str, Any], step: int,
-                             pieces: int, threads: int, update: Callable[[int], None]) -> None:
-        """``update(0)`` here while worker k updates thread k's blocks (the same blocks, so the
-        same bits, as with threads); workers are forked again if the group's vectors changed."""
-        made_for = (id(flat), tuple(flat.state))
-        if self._step_workers_for != made_for or len(self._step_workers) != threads - 1:
-            self.close()
-            self._step_workers = [
-                ForkedWorker(lambda: _flat_update_handler(self, flat), "scratchcnn-optim")
-                for _ in range(threads - 1)]
-            self._step_workers_for = made_for
-        try:
-            for thread, worker in enumerate(self._step_workers, start=1):
-                worker.request(_part(group, step, pieces, thread, threads))
-            update(0)
-            for worker in self._step_workers:
-                worker.reply()
-        except BaseException:
-            self.close()  # a worker may be mid-request: start afresh on the next step
-            raise
-
-    def split_step(self, params: list[Parameter], processes: int) -> SplitStep | None:
-        """A plan for running the next ``step()`` across ``processes`` processes, each adding up
-        the gradients of its own blocks first (see ``SplitStep``), if that step would be one
-        flat update of exactly ``params``: this optimizer's only group, laid out end to end
-        with its gradient buffers (``flatten_parameters``) and its state, in shared memory,
-        every ``.grad`` None (so backward writes into the buffers) and one step count. None
-        otherwise, and before the first step, which lays out the state."""
-        if (self.workers != "processes" or len(self.param_groups) != 1
-                or not processes_available()):
-            return None
-        group = self.param_groups[0]
-        flat = self._flat_groups.get(0)
-        keys = self._flat_state_keys(group)
-        if (flat is None or tuple(flat.state) != keys or len(params) != len(flat.views)
-                or not flat.shared()):
-            return None
-        steps = set()
-        for index, (param, mine) in enumerate(zip(params, group["params"], strict=False)):
-            state = self.state.get(param)
-            if (param is not mine or param.grad is not None or state is None
-                    or param.data is not flat.views[index]
-                    or param.grad_buffer is not flat.grad_views[index]
-                    or any(state.get(key) is not flat.state_views[key][index] for key in keys)):
-                return None
-            steps.add(state["step"])
-        if len(steps) != 1:
-            return None
-        return SplitStep(self, flat, steps.pop(), processes)
-
-    def close(self) -> None:
-        """Stop the worker processes of ``workers = "processes"``, if any (the next step starts
-        new ones; they also end with this process)."""
-        for worker in self._step_workers:
-            worker.close()
-        self._step_workers, self._step_workers_for = [], None
 
     def _check_state_dtype(self, state: Mapping[str, Any], dtype: np.dtype) -> None:
         """Raise if ``state``'s arrays are not of ``dtype``, the parameter's: after
@@ -585,65 +480,3 @@ def update_blocks(optimizer: Optimizer, flat: FlatGroup, part: dict[str, Any], w
         for addend in addends:
             grad += addend[span]
         optimizer._update(param, grad, group, {"step": step, **arrays}, work)
-
-
-def _flat_update_handler(optimizer: Optimizer, flat: FlatGroup) -> Handler:
-    """In a worker forked from ``optimizer``: update the blocks of ``flat`` a request names (the
-    vectors are shared memory, so the parent sees the result)."""
-    work = Workspace()
-
-    def handle(message: dict[str, Any], _: list[np.ndarray]) -> tuple[dict[str, Any], list]:
-        update_blocks(optimizer, flat, message, work)
-        return {}, []
-
-    return handle
-
-
-class SplitStep:
-    """One flat step of ``optimizer`` (see ``Optimizer.split_step``) shared by ``processes``
-    processes that each hold part of the batch's gradients: the caller's (process 0's) already in
-    the gradient vector, process k's in a vector of its own laid out alike. Process k takes every
-    ``processes``-th cache-sized block from block k on, adds every worker's gradients into them
-    in worker order, and updates them (``run``, or ``run_split_part`` in a worker), so the sum
-    and the update both run in parallel where ``DataParallel`` then ``step()`` would add up every
-    gradient in one process first. The same additions and elementwise arithmetic, so the same
-    bits, however the blocks are dealt.
-    A worker can take its part only if it was forked after the flat group's vectors were made
-    (``made_for``)."""
-
-    def __init__(self, optimizer: Optimizer, flat: FlatGroup, step: int, processes: int) -> None:
-        self.optimizer, self.flat, self.step, self.processes = optimizer, flat, step, processes
-        self.group = optimizer.param_groups[0]
-        self.pieces = _block_count(flat, processes)
-
-    def made_for(self) -> tuple[Any, ...]:
-        """What a worker forked for this step holds: the optimizer, its flat group and the
-        group's state vectors (the objects themselves: ids of dead ones could come back)."""
-        return self.optimizer, self.flat, tuple(self.flat.state)
-
-    def made_for_same(self, made_for: tuple[Any, ...]) -> bool:
-        """Whether workers forked for ``made_for`` (an earlier ``made_for()``) can run this."""
-        return (len(made_for) == 3 and made_for[0] is self.optimizer
-                and made_for[1] is self.flat and made_for[2] == tuple(self.flat.state))
-
-    def part(self, process: int) -> dict[str, Any]:
-        """What process ``process`` is to do, for ``run_split_part``."""
-        return _part(self.group, self.step, self.pieces, process, self.processes)
-
-    def run(self, addends: Sequence[np.ndarray]) -> None:
-        """Process 0's part, ``addends`` being the workers' gradient vectors."""
-        update_blocks(self.optimizer, self.flat, self.part(0), self.optimizer._work, addends)
-
-    def finish(self) -> None:
-        """Once every part ran: each ``.grad`` is the summed gradient and the step counts
-        advance, as after ``step()``."""
-        for param, grad in zip(self.group["params"], self.flat.grad_views, strict=True):
-            param.grad = grad
-            self.optimizer.state[param]["step"] = self.step + 1
-
-
-def run_split_part(optimizer: Optimizer, part: dict[str, Any], work: Workspace,
-                   addends: Sequence[np.ndarray]) -> None:
-    """In a worker forked after ``optimizer``'s flat group was made (``SplitStep.made_for``): its
-    ``part`` of a ``SplitStep``, adding ``addends`` (every worker's gradient vector)."""
-    update_blocks(optimizer, optimizer._flat_groups[0], part, work, addends)
