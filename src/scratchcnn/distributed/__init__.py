@@ -1,0 +1,276 @@
+"""``torch.distributed``'s names on MPI (mpi4py): ranks, all-reduce, broadcast, barrier.
+
+The model of parallelism is SPMD, as in PyTorch DDP and Horovod: ``mpiexec -n N python train.py``
+starts N copies of one ordinary training script (the *ranks*, numbered 0 .. N-1); each calls
+``init_process_group()``, trains on its part of every batch, and the ranks meet only in
+collectives such as ``all_reduce`` (every rank ends with the element-wise sum of every rank's
+array). ``nn.parallel.DistributedDataParallel`` and ``nn.SyncBatchNorm`` are built on these.
+
+A process that mpiexec did not start is a world of one (rank 0, size 1): it never imports mpi4py,
+needs no MPI installed, and every collective leaves its array as it is. So one script runs both
+ways, ``python train.py`` and ``mpiexec -n 2 python train.py``.
+
+Collectives work in place on C-contiguous NumPy arrays, which every rank passes with the same
+shape and dtype, in the same order (MPI matches calls by order, not by name).
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from scratchcnn.distributed._environment import MPI_INSTALL, launched_by_mpiexec
+
+__all__ = [
+    "ReduceOp",
+    "all_reduce",
+    "barrier",
+    "broadcast",
+    "destroy_process_group",
+    "get_rank",
+    "get_world_size",
+    "init_process_group",
+    "is_available",
+    "is_initialized",
+    "launched_by_mpiexec",
+]
+
+
+class ReduceOp(enum.Enum):
+    """How ``all_reduce`` combines the ranks' arrays, element by element (torch's names).
+    AVG is the SUM divided by the world size (floating arrays only)."""
+
+    SUM = "sum"
+    PRODUCT = "product"
+    MIN = "min"
+    MAX = "max"
+    AVG = "avg"
+
+
+@dataclass
+class _ProcessGroup:
+    """The default (and only) group: every rank of the job. ``comm`` is mpi4py's
+    ``MPI.COMM_WORLD``, or None in a world of one (no MPI at all)."""
+
+    comm: Any
+    rank: int
+    size: int
+    blas_limits: Any = None  # threadpoolctl's limiter, undone by destroy_process_group
+    previous_excepthook: Any = None
+
+
+_group: _ProcessGroup | None = None
+
+
+def is_available() -> bool:
+    """Whether mpi4py can be found (it is not imported: importing it starts MPI)."""
+    import importlib.util
+
+    return importlib.util.find_spec("mpi4py") is not None
+
+
+def is_initialized() -> bool:
+    """Whether ``init_process_group`` has run (and ``destroy_process_group`` not since)."""
+    return _group is not None
+
+
+def init_process_group(
+    backend: str | None = None,
+    init_method: str | None = None,
+    timeout: Any = None,
+    world_size: int = -1,
+    rank: int = -1,
+    *,
+    blas_threads: int | None = 1,
+    abort_on_exception: bool = True,
+) -> None:
+    """Join the job's process group, as ``torch.distributed.init_process_group``.
+
+    The ranks and the world size come from mpiexec; ``world_size`` and ``rank``, if given, must
+    agree with them. ``backend`` must be "mpi" (or None); ``init_method`` None or "env://" (the
+    rendezvous is mpiexec's); ``timeout`` is accepted for torch's signature and ignored (MPI
+    collectives have none: a stuck job is ended by the fault handling below instead).
+
+    With more than one rank:
+
+    * ``blas_threads`` (default 1): this rank's BLAS and OpenMP thread pools are limited to that
+      many threads (threadpoolctl), since N ranks x several BLAS threads on N cores thrash;
+      None leaves them alone. ``destroy_process_group`` restores them.
+    * ``abort_on_exception`` (default True): an uncaught exception in this rank prints its
+      traceback, each line prefixed ``[rank r]``, and aborts the whole job (``MPI_Abort``), so
+      that the other ranks do not wait forever in their next collective. (A rank killed by a
+      signal ends the job too: mpiexec sees it die. A rank that leaves with ``sys.exit(code)``
+      raises no exception: use ``os._exit(code)`` to leave while the others still run.)
+
+    Outside mpiexec this process is the whole world (rank 0 of 1) and mpi4py is not imported.
+    Launched by mpiexec without a working mpi4py: a RuntimeError naming the fix.
+    """
+    global _group
+    if _group is not None:
+        raise RuntimeError("trying to initialize the default process group twice!")
+    if backend is not None and str(backend).lower() != "mpi":
+        raise ValueError(f"backend {backend!r} is not supported: scratchcnn.distributed runs "
+                         "on MPI only (backend='mpi')")
+    if init_method not in (None, "env://"):
+        raise ValueError(f"init_method {init_method!r} is not supported: the ranks find each "
+                         "other through mpiexec (leave init_method out)")
+    if not launched_by_mpiexec():
+        group = _ProcessGroup(comm=None, rank=0, size=1)
+    else:
+        mpi = _import_mpi()
+        comm = mpi.COMM_WORLD
+        group = _ProcessGroup(comm=comm, rank=comm.Get_rank(), size=comm.Get_size())
+    for name, given, actual in (("world_size", world_size, group.size),
+                                ("rank", rank, group.rank)):
+        if given != -1 and given != actual:
+            raise ValueError(f"init_process_group: {name}={given}, but mpiexec made this "
+                             f"process {name} {actual}; leave {name} out")
+    if group.size > 1:
+        if blas_threads is not None:
+            from threadpoolctl import threadpool_limits
+
+            group.blas_limits = threadpool_limits(limits=blas_threads)
+        if abort_on_exception:
+            group.previous_excepthook = sys.excepthook
+            sys.excepthook = _abort_job_on_exception
+    _group = group
+
+
+def _import_mpi() -> Any:
+    """mpi4py's MPI module (importing it initialises MPI), or a one-line RuntimeError."""
+    try:
+        from mpi4py import MPI
+    except Exception as error:  # ImportError, or a broken MPI library (OSError, RuntimeError)
+        raise RuntimeError(
+            f"this process was started by mpiexec, but mpi4py cannot be loaded "
+            f"({type(error).__name__}: {error}); install it with {MPI_INSTALL}"
+        ) from None
+    return MPI
+
+
+def _abort_job_on_exception(kind: type[BaseException], error: BaseException,
+                            trace: TracebackType | None) -> None:
+    """``sys.excepthook`` of a rank: its traceback, each line prefixed with the rank, then
+    ``MPI_Abort``, which makes mpiexec end every rank (the others may be waiting for this one
+    in a collective, and would wait forever)."""
+    group = _group
+    prefix = f"[rank {group.rank if group else '?'}] "
+    if issubclass(kind, KeyboardInterrupt):
+        lines = ["interrupted\n"]  # Ctrl-C reaches every rank: N tracebacks would say nothing
+    else:
+        lines = traceback.format_exception(kind, error, trace)
+    text = "".join(lines)
+    sys.stderr.write("".join(prefix + line for line in text.splitlines(keepends=True)))
+    sys.stderr.flush()
+    sys.stdout.flush()
+    if group is not None and group.comm is not None:
+        group.comm.Abort(1)
+
+
+def _require_group(caller: str) -> _ProcessGroup:
+    if _group is None:
+        raise RuntimeError(f"{caller}: the default process group has not been initialized; "
+                           "call scratchcnn.distributed.init_process_group() first")
+    return _group
+
+
+def get_rank() -> int:
+    """This process's rank, 0 .. world size - 1."""
+    return _require_group("get_rank").rank
+
+
+def get_world_size() -> int:
+    """The number of ranks in the job (1 outside mpiexec)."""
+    return _require_group("get_world_size").size
+
+
+def _check_array(array: Any, caller: str) -> np.ndarray:
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{caller}: expected a NumPy array (changed in place), got "
+                        f"{type(array).__name__}")
+    if not array.flags.c_contiguous or not array.flags.writeable:
+        raise ValueError(f"{caller}: the array must be C-contiguous and writeable (it is "
+                         "changed in place); pass np.ascontiguousarray(a) and copy the result "
+                         "back")
+    return array
+
+
+def _wait(request: Any) -> None:
+    """``request.Wait()`` without holding a core: MPI's blocking waits poll a core at 100%,
+    which a rank waiting for rank 0 (running PyTorch on every core, say) would take from it.
+    Test, then sleep a little longer each time, up to 2 ms."""
+    pause = 0.0
+    while not request.Test():
+        time.sleep(pause)
+        pause = min(2 * pause + 1e-5, 2e-3)
+
+
+def all_reduce(array: np.ndarray, op: ReduceOp = ReduceOp.SUM, group: None = None) -> None:
+    """Combine ``array`` over the ranks with ``op``, in place: afterwards every rank holds the
+    same result (for SUM: the element-wise sum of every rank's array). A world of one leaves it
+    unchanged. ``group`` must be None (only the default group exists)."""
+    group_ = _require_group("all_reduce")
+    _check_array(array, "all_reduce")
+    _check_group_argument(group, "all_reduce")
+    if not isinstance(op, ReduceOp):
+        raise TypeError(f"all_reduce: op must be a ReduceOp (e.g. ReduceOp.SUM), got {op!r}")
+    if op is ReduceOp.AVG and array.dtype.kind != "f":
+        raise TypeError(f"all_reduce: ReduceOp.AVG needs a floating array, got {array.dtype}")
+    if group_.size == 1:
+        return
+    from mpi4py import MPI
+
+    mpi_op = {ReduceOp.SUM: MPI.SUM, ReduceOp.AVG: MPI.SUM, ReduceOp.PRODUCT: MPI.PROD,
+              ReduceOp.MIN: MPI.MIN, ReduceOp.MAX: MPI.MAX}[op]
+    # Blocking: in training the ranks arrive together, and Open MPI's blocking all-reduce is
+    # its fastest (see nn/parallel.py for the numbers).
+    group_.comm.Allreduce(MPI.IN_PLACE, array, op=mpi_op)
+    if op is ReduceOp.AVG:
+        array /= group_.size
+
+
+def broadcast(array: np.ndarray, src: int = 0, group: None = None) -> None:
+    """Overwrite ``array`` on every rank with rank ``src``'s, in place (a waiting rank sleeps
+    rather than polling a core)."""
+    group_ = _require_group("broadcast")
+    _check_array(array, "broadcast")
+    _check_group_argument(group, "broadcast")
+    if isinstance(src, bool) or not isinstance(src, (int, np.integer)) or not (
+            0 <= src < group_.size):
+        raise ValueError(f"broadcast: src must be a rank in [0, {group_.size - 1}], got {src!r}")
+    if group_.size > 1:
+        _wait(group_.comm.Ibcast(array, root=int(src)))
+
+
+def barrier(group: None = None) -> None:
+    """Wait until every rank has called ``barrier`` (a waiting rank sleeps rather than polling
+    a core). Nothing to wait for in a world of one."""
+    group_ = _require_group("barrier")
+    _check_group_argument(group, "barrier")
+    if group_.size > 1:
+        _wait(group_.comm.Ibarrier())
+
+
+def _check_group_argument(group: Any, caller: str) -> None:
+    if group is not None:
+        raise ValueError(f"{caller}: only the default group exists here; leave group out")
+
+
+def destroy_process_group(group: None = None) -> None:
+    """Leave the process group: BLAS threads and ``sys.excepthook`` are restored. MPI itself
+    stays up (it cannot start twice in one process), so ``init_process_group`` may run again."""
+    global _group
+    _check_group_argument(group, "destroy_process_group")
+    group_ = _require_group("destroy_process_group")
+    if group_.blas_limits is not None:
+        group_.blas_limits.restore_original_limits()
+    if group_.previous_excepthook is not None and sys.excepthook is _abort_job_on_exception:
+        sys.excepthook = group_.previous_excepthook
+    _group = None

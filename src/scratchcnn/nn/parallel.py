@@ -1,0 +1,195 @@
+"""Data parallel training over MPI ranks, as ``torch.nn.parallel.DistributedDataParallel``.
+
+Every rank runs the same training loop on its own part of each batch (SPMD); the only
+coordination is one all-reduce of the gradients at the end of ``backward``:
+
+    model = DistributedDataParallel(build_model(...))   # rank 0's weights on every rank
+    optimizer.zero_grad()
+    loss = loss_fn(model(x_local), y_local)              # this rank's part of the batch
+    model.backward(loss_fn.backward())                   # gradients of the whole batch's loss
+    optimizer.step()                                     # the same step on every rank
+
+The layers never know how many ranks there are. A model with BatchNorm2d also needs
+``SyncBatchNorm.convert_sync_batchnorm(model)`` (before wrapping) for its statistics to be the
+whole batch's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from scratchcnn import distributed as dist
+from scratchcnn.nn.module import (
+    Module,
+    Parameter,
+    flatten_parameters,
+    is_grad_enabled,
+    vector_views,
+)
+
+
+def _end_to_end_vector(arrays: list[np.ndarray]) -> np.ndarray | None:
+    """The 1-d view that the C-contiguous ``arrays`` form if they follow each other in memory,
+    in order, in one allocation (as ``flatten_parameters`` lays them out), else None."""
+    first = arrays[0]
+    address = first.__array_interface__["data"][0]
+    for array in arrays:
+        if (not array.flags.c_contiguous or array.dtype != first.dtype
+                or _root(array) is not _root(first)
+                or array.__array_interface__["data"][0] != address):
+            return None
+        address += array.nbytes
+    total = sum(array.size for array in arrays)
+    return as_strided(first, shape=(total,), strides=(first.itemsize,))
+
+
+def _root(array: np.ndarray) -> np.ndarray:
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
+
+
+class DistributedDataParallel(Module):
+    """Wrap ``module`` so that ``backward`` leaves on every rank the gradient of the loss over
+    the whole global batch (all ranks' parts together), as one process would compute it.
+
+    Shapes: ``forward(x)`` takes this rank's part of the batch, (n_r, ...), and returns
+    ``module(x)``; ``backward(grad_output, **kwargs)`` returns ``module.backward(...)``.
+
+    At construction, the parameters are laid end to end (``flatten_parameters``, unless they
+    already are), with their gradients in one vector of P + 1 elements: P gradients, then a
+    slot for the sample count. Rank 0's parameters and buffers are copied to every rank.
+
+    The gradients: with a mean loss, rank r's backward gives g_r = (1/n_r) sum over its n_r
+    samples, and the whole batch's gradient is
+
+        g = (1/N) sum_i grad_i = sum_r (n_r / N) g_r,      N = sum_r n_r.
+
+    So each rank multiplies g_r by n_r, puts n_r in the last slot, and one all-reduce (SUM) of
+    the P + 1 vector gives sum_r n_r g_r and N together; dividing by N gives g on every rank.
+    With equal parts (n_r = N / R on R ranks) this is torch's plain average (1/R) sum_r g_r;
+    with unequal ones (the last batch of an epoch, 22/21/21) it is still exactly the
+    one-process gradient, where a plain average would over-weight the smaller parts. (A loss
+    with reduction="sum" wants sum_r g_r instead: scale it, or use a mean.) n_r counts the
+    samples of every forward whose backward ran since the last all-reduce, so gradient
+    accumulation under ``no_sync()`` is weighted the same way. A parameter whose ``.grad`` is
+    None on a rank counts as zeros there; after backward every parameter has a ``.grad``.
+
+    ``.grad`` is a view of the gradient vector (as torch DDP's ``gradient_as_bucket_view``):
+    copy it to keep it past the next backward.
+
+    ``broadcast_buffers``: as in torch, every ``forward`` with gradients on (outside
+    ``no_sync``) first copies rank 0's buffers (BatchNorm's running statistics) to every rank.
+
+    The state_dict keys carry the prefix ``module.`` as in torch: save
+    ``ddp.module.state_dict()`` to load it into the bare model later.
+    """
+
+    def __init__(self, module: Module, *, broadcast_buffers: bool = True) -> None:
+        super().__init__()
+        if not isinstance(module, Module):
+            raise TypeError(f"DistributedDataParallel wraps a Module, got {type(module).__name__}")
+        if not dist.is_initialized():
+            raise RuntimeError("DistributedDataParallel: the default process group has not "
+                               "been initialized; call scratchcnn.distributed."
+                               "init_process_group() first (in one process it needs no MPI)")
+        self.module = module
+        self.broadcast_buffers = bool(broadcast_buffers)
+        params = list(module.parameters())
+        if not params:
+            raise ValueError("DistributedDataParallel: the module has no parameters")
+        if len({param.dtype for param in params}) != 1:
+            raise ValueError("DistributedDataParallel: the parameters must share one dtype")
+        if _end_to_end_vector([param.data for param in params]) is None:
+            flatten_parameters(params)
+        self._params: list[Parameter] = params
+        size = sum(param.size for param in params)
+        # The P gradients, then this rank's sample count: reduced together in one collective.
+        self._gradients = np.zeros(size + 1, params[0].dtype)
+        self._grad_views = vector_views(self._gradients[:size], [p.shape for p in params])
+        for param, view in zip(params, self._grad_views, strict=True):
+            param.grad_buffer = view
+        self._sync = True
+        self._last_batch_size = 0
+        self._samples_since_sync = 0
+        dist.broadcast(_end_to_end_vector([param.data for param in params]), src=0)
+        self._broadcast_buffers()
+
+    def _broadcast_buffers(self) -> None:
+        """Rank 0's buffers on every rank: packed into one vector per dtype, so one broadcast
+        (bn-cnn: 12 buffers, 2 broadcasts) instead of one per buffer."""
+        if dist.get_world_size() == 1:
+            return
+        buffers = [buffer for _, buffer in self.module.named_buffers()]
+        for dtype in sorted({buffer.dtype for buffer in buffers}, key=str):
+            same = [buffer for buffer in buffers if buffer.dtype == dtype]
+            packed = np.concatenate([buffer.ravel() for buffer in same])
+            dist.broadcast(packed, src=0)
+            for buffer, piece in zip(same, vector_views(packed, [b.shape for b in same]),
+                                     strict=True):
+                buffer[...] = piece
+
+    def extra_repr(self) -> str:
+        return f"broadcast_buffers={self.broadcast_buffers}"
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        if is_grad_enabled():
+            if self.broadcast_buffers and self._sync:
+                self._broadcast_buffers()
+            self._last_batch_size = len(inputs[0]) if inputs else 0
+        return self.module(*inputs, **kwargs)
+
+    def backward(self, grad_output: Any, **kwargs: Any) -> Any:
+        grad_input = self.module.backward(grad_output, **kwargs)
+        self._samples_since_sync += self._last_batch_size
+        self._last_batch_size = 0
+        if self._sync:
+            self._all_reduce_gradients(self._samples_since_sync)
+            self._samples_since_sync = 0
+        return grad_input
+
+    def _all_reduce_gradients(self, count: int) -> None:
+        """Replace every rank's gradients by sum_r n_r g_r / N (see the class docstring)."""
+        if dist.get_world_size() == 1:
+            return
+        params, views = self._params, self._grad_views
+        gradients = self._gradients[:-1]
+        # Normally backward wrote every gradient into its view; anything else (a .grad set by
+        # hand, or a layout changed since construction) is copied in, None as zeros.
+        in_place = all(p.grad is view for p, view in zip(params, views, strict=True))
+        if not in_place:
+            for param, view in zip(params, views, strict=True):
+                if param.grad is None:
+                    view.fill(0)
+                elif param.grad is not view:
+                    np.copyto(view, param.grad)
+        if count == 0:
+            gradients.fill(0)  # nothing to weigh (and 0 * NaN would be NaN)
+        else:
+            gradients *= count
+        self._gradients[-1] = count
+        dist.all_reduce(self._gradients, op=dist.ReduceOp.SUM)
+        total = self._gradients[-1]
+        if total > 0:
+            gradients *= 1.0 / total
+        for param, view in zip(params, views, strict=True):
+            if param.grad is None:
+                param.grad = view
+            elif param.grad is not view:
+                np.copyto(param.grad, view)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Inside it, ``backward`` skips the all-reduce: gradients accumulate locally (with
+        their sample counts) until the first backward after it, which reduces them all."""
+        previous = self._sync
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = previous
