@@ -66,9 +66,10 @@ def _is_open_mpi(program: str) -> bool:
 
 
 def mpiexec_command(ranks: int, argv: Sequence[str], *, python: str = sys.executable,
-                    module: str = "scratchcnn") -> tuple[list[str], dict[str, str]]:
+                    module: str | None = "scratchcnn") -> tuple[list[str], dict[str, str]]:
     """The command line and environment that run ``python -m module *argv`` as ``ranks`` MPI
-    ranks. An OSError naming the fix when mpiexec or mpi4py is missing."""
+    ranks (``module=None``: ``python *argv``, e.g. a script's path and its arguments). An
+    OSError naming the fix when mpiexec or mpi4py is missing."""
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
         raise ValueError(f"mpiexec_command: ranks must be a positive int, got {ranks!r}")
     program = find_mpiexec(python)
@@ -85,14 +86,16 @@ def mpiexec_command(ranks: int, argv: Sequence[str], *, python: str = sys.execut
         # No binding to cores: rank 0 may run PyTorch on every core while the others wait.
         # Oversubscribing lets N exceed the cores Open MPI counts (it refuses otherwise).
         options = ["--bind-to", "none", "--oversubscribe"]
-    command = [program, "-n", str(ranks), *options, python, "-m", module, *argv]
+    run = ["-m", module] if module is not None else []
+    command = [program, "-n", str(ranks), *options, python, *run, *argv]
     env = {**os.environ, **ONE_THREAD, LAUNCH_MARKER: "1"}
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     return command, env
 
 
-def run_under_mpiexec(ranks: int, argv: Sequence[str], *, module: str = "scratchcnn") -> int:
+def run_under_mpiexec(ranks: int, argv: Sequence[str], *,
+                      module: str | None = "scratchcnn") -> int:
     """Run ``python -m module *argv`` as ``ranks`` MPI ranks and return mpiexec's exit code
     (non-zero when any rank failed). Their output goes straight to ours. Ctrl-C (SIGINT) and
     SIGTERM sent to this process are passed to mpiexec, which ends every rank; an interrupted

@@ -61,24 +61,28 @@ class DistributedDataParallel(Module):
     Shapes: ``forward(x)`` takes this rank's part of the batch, (n_r, ...), and returns
     ``module(x)``; ``backward(grad_output, **kwargs)`` returns ``module.backward(...)``.
 
-    At construction, the parameters are laid end to end (``flatten_parameters``, unless they
-    already are), with their gradients in one vector of P + 1 elements: P gradients, then a
-    slot for the sample count. Rank 0's parameters and buffers are copied to every rank.
+    At construction the parameters are laid end to end (``flatten_parameters``, unless they
+    already are), their gradients in one vector of P elements that backward writes directly
+    (``Parameter.grad_buffer``), and rank 0's parameters and buffers are copied to every rank.
 
-    The gradients: with a mean loss, rank r's backward gives g_r = (1/n_r) sum over its n_r
-    samples, and the whole batch's gradient is
+    The gradients: with a mean loss, rank r's loss gradient is (1/n_r) times its samples'
+    gradients, while the whole batch's loss weighs every sample by 1/N, N = sum_r n_r. So
 
-        g = (1/N) sum_i grad_i = sum_r (n_r / N) g_r,      N = sum_r n_r.
+        g = (1/N) sum_i grad_i = sum_r (n_r / N) g_r.
 
-    So each rank multiplies g_r by n_r, puts n_r in the last slot, and one all-reduce (SUM) of
-    the P + 1 vector gives sum_r n_r g_r and N together; dividing by N gives g on every rank.
-    With equal parts (n_r = N / R on R ranks) this is torch's plain average (1/R) sum_r g_r;
-    with unequal ones (the last batch of an epoch, 22/21/21) it is still exactly the
-    one-process gradient, where a plain average would over-weight the smaller parts. (A loss
-    with reduction="sum" wants sum_r g_r instead: scale it, or use a mean.) n_r counts the
-    samples of every forward whose backward ran since the last all-reduce, so gradient
-    accumulation under ``no_sync()`` is weighted the same way. A parameter whose ``.grad`` is
-    None on a rank counts as zeros there; after backward every parameter has a ``.grad``.
+    ``forward`` learns N (an all-reduce of one number), ``backward`` scales ``grad_output`` by
+    n_r / N before the module's backward, and one all-reduce (SUM) of the P-vector gives g on
+    every rank. With equal parts (n_r = N / R on R ranks) this is torch's plain average
+    (1/R) sum_r g_r; with unequal ones (the last batch of an epoch, 22/21/21) it is still
+    exactly the one-process gradient, where a plain average would over-weight the smaller
+    parts. Scaling the output gradient rather than the parameter gradients matters for
+    ``SyncBatchNorm``: its backward adds every rank's sum(dy) and sum(dy * x_hat), which are
+    the whole batch's only if every rank's dy carries the same 1/N. (A loss with
+    reduction="sum" needs no scaling: divide its gradient by n_r / N yourself, or use a mean.)
+    Under ``no_sync()`` each backward is scaled by its own forward's n_r / N, so the gradient
+    accumulated over several batches is the sum of their one-process mean-loss gradients.
+    A parameter whose ``.grad`` is None on a rank counts as zeros there; after a synchronised
+    backward every parameter has a ``.grad``.
 
     ``.grad`` is a view of the gradient vector (as torch DDP's ``gradient_as_bucket_view``):
     copy it to keep it past the next backward.
@@ -108,15 +112,13 @@ class DistributedDataParallel(Module):
         if _end_to_end_vector([param.data for param in params]) is None:
             flatten_parameters(params)
         self._params: list[Parameter] = params
-        size = sum(param.size for param in params)
-        # The P gradients, then this rank's sample count: reduced together in one collective.
-        self._gradients = np.zeros(size + 1, params[0].dtype)
-        self._grad_views = vector_views(self._gradients[:size], [p.shape for p in params])
+        self._gradients = np.zeros(sum(param.size for param in params), params[0].dtype)
+        self._grad_views = vector_views(self._gradients, [param.shape for param in params])
         for param, view in zip(params, self._grad_views, strict=True):
             param.grad_buffer = view
         self._sync = True
-        self._last_batch_size = 0
-        self._samples_since_sync = 0
+        # n_r / N of the last forward with gradients on: what its backward scales by.
+        self._share: float | None = None
         dist.broadcast(_end_to_end_vector([param.data for param in params]), src=0)
         self._broadcast_buffers()
 
@@ -138,45 +140,37 @@ class DistributedDataParallel(Module):
         return f"broadcast_buffers={self.broadcast_buffers}"
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
-        if is_grad_enabled():
+        if is_grad_enabled() and dist.get_world_size() > 1:
             if self.broadcast_buffers and self._sync:
                 self._broadcast_buffers()
-            self._last_batch_size = len(inputs[0]) if inputs else 0
+            local = len(inputs[0]) if inputs else 0
+            counts = np.array([local], dtype=np.int64)
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+            self._share = local / int(counts[0]) if counts[0] else 0.0
         return self.module(*inputs, **kwargs)
 
     def backward(self, grad_output: Any, **kwargs: Any) -> Any:
+        if self._share is not None:
+            grad_output = np.asarray(grad_output)
+            grad_output = grad_output * grad_output.dtype.type(self._share)
+            self._share = None
         grad_input = self.module.backward(grad_output, **kwargs)
-        self._samples_since_sync += self._last_batch_size
-        self._last_batch_size = 0
-        if self._sync:
-            self._all_reduce_gradients(self._samples_since_sync)
-            self._samples_since_sync = 0
+        if self._sync and dist.get_world_size() > 1:
+            self._all_reduce_gradients()
         return grad_input
 
-    def _all_reduce_gradients(self, count: int) -> None:
-        """Replace every rank's gradients by sum_r n_r g_r / N (see the class docstring)."""
-        if dist.get_world_size() == 1:
-            return
+    def _all_reduce_gradients(self) -> None:
+        """Replace every rank's gradients by their sum over the ranks, in one all-reduce."""
         params, views = self._params, self._grad_views
-        gradients = self._gradients[:-1]
         # Normally backward wrote every gradient into its view; anything else (a .grad set by
         # hand, or a layout changed since construction) is copied in, None as zeros.
-        in_place = all(p.grad is view for p, view in zip(params, views, strict=True))
-        if not in_place:
+        if not all(param.grad is view for param, view in zip(params, views, strict=True)):
             for param, view in zip(params, views, strict=True):
                 if param.grad is None:
                     view.fill(0)
                 elif param.grad is not view:
                     np.copyto(view, param.grad)
-        if count == 0:
-            gradients.fill(0)  # nothing to weigh (and 0 * NaN would be NaN)
-        else:
-            gradients *= count
-        self._gradients[-1] = count
         dist.all_reduce(self._gradients, op=dist.ReduceOp.SUM)
-        total = self._gradients[-1]
-        if total > 0:
-            gradients *= 1.0 / total
         for param, view in zip(params, views, strict=True):
             if param.grad is None:
                 param.grad = view
@@ -185,8 +179,9 @@ class DistributedDataParallel(Module):
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
-        """Inside it, ``backward`` skips the all-reduce: gradients accumulate locally (with
-        their sample counts) until the first backward after it, which reduces them all."""
+        """Inside it, ``backward`` skips the gradients' all-reduce (and ``forward`` the buffers'
+        broadcast): gradients accumulate locally until the first backward after it, which
+        reduces them all (for gradient accumulation over several batches)."""
         previous = self._sync
         self._sync = False
         try:
