@@ -266,17 +266,17 @@ def test_repr_and_state_dict_keys_match_torch(torch, args):
                                     dict(padding="valid")])
 @pytest.mark.parametrize("in_channels", [1, 3])
 def test_large_im2col_goes_in_pieces_with_the_same_results(rng, monkeypatch, kwargs, in_channels):
-    """Above MAX_COLS_BYTES the cols matrix is built a few samples at a time (also for dL/dW in
+    """Above F.MAX_COLS_BYTES the cols matrix is built a few samples at a time (also for dL/dW in
     backward): the same results up to rounding (the input gradient, bit for bit)."""
-    from scratchcnn.nn import conv as conv_module
+    from scratchcnn.nn import functional as F
 
     x = rng.standard_normal((7, in_channels, 9, 8))
     upstream = None
     results = []
     for limit, piece in ((None, None), (1, 3 * 9 * 8 * 9 * in_channels * 8)):  # ~3 samples
         if limit is not None:
-            monkeypatch.setattr(conv_module, "MAX_COLS_BYTES", limit)
-            monkeypatch.setattr(conv_module, "_COLS_PIECE_BYTES", piece)
+            monkeypatch.setattr(F, "MAX_COLS_BYTES", limit)
+            monkeypatch.setattr(F, "COLS_PIECE_BYTES", piece)
         layer = Conv2d(in_channels, 4, 3, dtype=np.float64, rng=np.random.default_rng(1),
                        **kwargs)
         out = layer(x)
@@ -296,9 +296,9 @@ def test_large_im2col_goes_in_pieces_with_the_same_results(rng, monkeypatch, kwa
                                     dict(padding="valid")])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_input_gradient_in_pieces_is_bit_identical(rng, monkeypatch, kwargs, dtype):
-    """The input gradient is computed a few samples at a time (``_GRAD_PIECE_BYTES``): one sample
+    """The input gradient is computed a few samples at a time (``F.GRAD_PIECE_BYTES``): one sample
     per piece, or 3 with a shorter last piece, gives the whole batch's bits."""
-    from scratchcnn.nn import conv as conv_module
+    from scratchcnn.nn import functional as F
 
     x = rng.standard_normal((7, 3, 9, 8)).astype(dtype)
     layer = Conv2d(3, 4, 3, dtype=dtype, rng=np.random.default_rng(1), **kwargs)
@@ -307,7 +307,7 @@ def test_input_gradient_in_pieces_is_bit_identical(rng, monkeypatch, kwargs, dty
     sample_bytes = out.shape[2] * out.shape[3] * 4 * np.dtype(dtype).itemsize
     grads = []
     for piece_bytes in (2**40, 1, 3 * sample_bytes):
-        monkeypatch.setattr(conv_module, "_GRAD_PIECE_BYTES", piece_bytes)
+        monkeypatch.setattr(F, "GRAD_PIECE_BYTES", piece_bytes)
         layer(x)
         grads.append(layer.backward(upstream))
     assert grads[0].dtype == dtype

@@ -214,7 +214,7 @@ def test_sequential_chains_forward_and_backward_and_indexes(rng):
     x, upstream = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
     hidden = np.maximum(x @ first.weight.data.T + first.bias.data, 0)
     np.testing.assert_allclose(model(x), hidden @ second.weight.data.T + second.bias.data)
-    grad_x = model.backward(upstream)
+    grad_x = model.backward(upstream, input_grad=True)
     np.testing.assert_allclose(grad_x, ((upstream @ second.weight.data) * (hidden > 0))
                                @ first.weight.data)
     named = Sequential({"encoder": Linear(2, 2), "act": ReLU()})

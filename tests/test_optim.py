@@ -479,10 +479,12 @@ def test_adam_whole_group_steps_match_torch_and_the_per_parameter_path(torch, rn
 
 
 def test_optimizers_never_rebind_parameter_arrays(rng):
-    """As in torch, a step updates ``param.data`` in place: arrays a caller holds stay live."""
+    """As in torch, a step updates ``param.data`` in place: arrays a caller holds stay live
+    (taken once the optimizers exist: Adam lays the parameters end to end when created)."""
     params = [Parameter(rng.standard_normal(s)) for s in [(3, 4), (5,), (2, 2, 2)]]
+    optimizers = (SGD(params, lr=0.1, momentum=0.9), Adam(params), AdamW(params))
     held = [p.data for p in params]
-    for optimizer in (SGD(params, lr=0.1, momentum=0.9), Adam(params), AdamW(params)):
+    for optimizer in optimizers:
         for _ in range(3):
             for p in params:
                 p.grad = rng.standard_normal(p.shape)

@@ -8,7 +8,6 @@ import pytest
 
 from gradcheck import assert_close, check_module_gradients
 from scratchcnn.nn import AvgPool2d, MaxPool2d, ReLU, Sequential, no_grad
-from scratchcnn.nn.pooling import pool_before_relu
 
 
 def _random_pool_cases(kind: str, count: int, seed: int) -> list:
@@ -260,40 +259,66 @@ def _relu_pool_model():
                       Flatten(), Linear(3 * 3 * 3, 4, rng=gen))
 
 
-def test_pool_before_relu_reorders_only_relu_maxpool_pairs_and_keeps_names():
+def test_sequential_runs_relu_maxpool_pairs_pool_first_and_keeps_names():
     from scratchcnn.nn import ReLU
-    from scratchcnn.nn.pooling import pool_before_relu
 
     model = _relu_pool_model()
-    fused = pool_before_relu(model)
-    assert [type(m).__name__ for m in fused] == ["Conv2d", "MaxPool2d", "ReLU", "MaxPool2d",
-                                                 "ReLU", "Flatten", "Linear"]
-    assert [type(m) for m in model][1:3] == [ReLU, MaxPool2d]  # the original is untouched
-    assert list(fused.state_dict()) == list(model.state_dict())
-    assert all(a is b for a, b in zip(fused.parameters(), model.parameters(), strict=True))
-    plain = _relu_pool_model()[5:]  # no ReLU -> MaxPool2d pair: returned as is
-    assert pool_before_relu(plain) is plain
+    assert [type(m).__name__ for m in model.execution_order()] == [
+        "Conv2d", "MaxPool2d", "ReLU", "MaxPool2d", "ReLU", "Flatten", "Linear"]
+    assert [type(m) for m in model][1:3] == [ReLU, MaxPool2d]  # iteration: registration order
+    assert list(model.state_dict())[:2] == ["0.weight", "0.bias"]
+    assert sorted(map(id, model.execution_order())) == sorted(map(id, model))  # same objects
+    plain = _relu_pool_model()[5:]  # no ReLU -> MaxPool2d pair: registration order
+    assert plain.execution_order() == list(plain)
 
 
-def test_pool_before_relu_is_exact_including_ties_and_nonpositive_windows():
-    """Values, input and parameter gradients bit-identical to the original order, on inputs
+def test_execution_order_follows_children_set_later():
+    from scratchcnn.nn import Conv2d, ReLU
+
+    model = Sequential(ReLU(), AvgPool2d(2))
+    assert [type(m) for m in model.execution_order()] == [ReLU, AvgPool2d]
+    setattr(model, "1", MaxPool2d(2))  # replace the child
+    assert [type(m) for m in model.execution_order()] == [MaxPool2d, ReLU]
+    model.append(Conv2d(1, 1, 1))
+    assert len(model.execution_order()) == 3
+    inplace = Sequential(ReLU(inplace=True), MaxPool2d(2))  # its input's clamping is observable
+    assert inplace.execution_order() == list(inplace)
+
+
+def _registration_order_loss_and_grads(model, x, labels):
+    """Loss and input gradient with every child run in registration order, by hand."""
+    from scratchcnn.nn import CrossEntropyLoss
+
+    criterion = CrossEntropyLoss()
+    for layer in model:
+        x = layer(x)
+    loss = criterion(x, labels)
+    grad = criterion.backward()
+    for layer in reversed(list(model)):
+        grad = layer.backward(grad)
+    return loss, grad
+
+
+def test_pool_first_is_exact_including_ties_and_nonpositive_windows():
+    """Values, input and parameter gradients bit-identical to the registration order, on inputs
     with tied maxima (positive, zero and negative) and windows that are entirely negative."""
     from scratchcnn.nn import CrossEntropyLoss
-    from scratchcnn.nn.pooling import pool_before_relu
 
     gen = np.random.default_rng(11)
     x = gen.integers(-2, 3, size=(6, 2, 6, 6)).astype(np.float64)  # many ties, zeros
     x[0] = -1.0
     labels = gen.integers(0, 4, size=6)
     results = []
-    for transform in (lambda m: m, pool_before_relu):
+    for pool_first in (False, True):
         model = _relu_pool_model().to(np.float64)
         model[0].weight.data[...] = np.round(model[0].weight.data * 4) / 4  # exact tied sums
         model[0].bias.data[...] = 0.0
-        run = transform(model)
-        criterion = CrossEntropyLoss()
-        loss = criterion(run(x), labels)
-        grad_input = run.backward(criterion.backward())
+        if pool_first:
+            criterion = CrossEntropyLoss()
+            loss = criterion(model(x), labels)
+            grad_input = model.backward(criterion.backward(), input_grad=True)
+        else:
+            loss, grad_input = _registration_order_loss_and_grads(model, x, labels)
         results.append((loss, grad_input, [p.grad.copy() for p in model.parameters()]))
     (loss_a, grad_a, params_a), (loss_b, grad_b, params_b) = results
     assert loss_a == loss_b
@@ -303,17 +328,13 @@ def test_pool_before_relu_is_exact_including_ties_and_nonpositive_windows():
     assert np.count_nonzero(grad_a) > 0
 
 
-def test_pool_before_relu_leaves_relu_then_avgpool_alone(rng):
+def test_relu_then_avgpool_runs_in_order(rng):
     """Averaging does not commute with ReLU: relu(avg(x)) != avg(relu(x)) when a window mixes
     signs, so only MaxPool2d may be moved before a ReLU."""
     model = Sequential(ReLU(), AvgPool2d(2))
     x = rng.standard_normal((2, 3, 4, 4))
-    assert pool_before_relu(model) is model
-    np.testing.assert_array_equal(pool_before_relu(model)(x), model(x))
-
-
-def test_pool_before_relu_keeps_eval_mode():
-    assert pool_before_relu(Sequential(ReLU(), MaxPool2d(2)).eval()).training is False
+    assert model.execution_order() == list(model)
+    np.testing.assert_array_equal(model(x), model[1](model[0](x)))
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])

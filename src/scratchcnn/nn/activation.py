@@ -17,6 +17,8 @@ class ReLU(Module):
     channels-last view stays channels-last and nothing is copied to contiguous.
     """
 
+    samples_independent = True
+
     def __init__(self, inplace: bool = False) -> None:
         super().__init__()
         self.inplace = bool(inplace)

@@ -17,13 +17,6 @@ from scratchcnn.nn.module import (
     is_grad_enabled,
 )
 
-# Largest im2col matrix built at once (see Conv2d); larger ones go a few samples at a time.
-MAX_COLS_BYTES = 16 * 2**20
-# The size of each of those pieces: a few MB, so a piece is still in cache for its product.
-_COLS_PIECE_BYTES = 4 * 2**20
-# The output gradient's rows per piece of the input-gradient pass (see Conv2d.backward).
-_GRAD_PIECE_BYTES = 512 * 2**10
-
 
 class Conv2d(Module):
     """``torch.nn.Conv2d`` with ``groups=1`` and zero padding.
@@ -36,18 +29,20 @@ class Conv2d(Module):
                                                      * x_pad[n, c, i*s + kh*d, j*s + kw*d].
     Computed channels-last: the padded input is unfolded into cols (N*OH*OW, KH*KW*C) and
     multiplied once by the weight as a (KH*KW*C, O) matrix. When cols would exceed
-    ``MAX_COLS_BYTES`` (bn-cnn's 32-channel 28x28 layers: 58 MB at batch 64), it is built and
-    multiplied a few samples at a time instead, never whole, and rebuilt the same way for dL/dW:
-    cache-sized pieces are ~1.5x faster than one matrix streamed through memory, and use less.
+    ``F.MAX_COLS_BYTES`` (bn-cnn's 32-channel 28x28 layers: 58 MB at batch 64), it is built and
+    multiplied a few samples at a time instead, never whole, and rebuilt the same way for dL/dW.
 
     Backward, with g = dL/d(out) as (N*OH*OW, O):
     dL/dW = cols^T g, dL/db = sum of g over N, OH, OW, and dL/dx = col2im(g W^T): each kernel tap's
-    slice of g W^T is added back onto the input positions that tap read.
+    slice of g W^T is added back onto the input positions that tap read. A model's first layer
+    skips dL/dx (``input_grad=False``, see module.py): col2im is most of its backward.
 
     ``padding`` may be an int, a pair, ``"valid"`` (no padding) or ``"same"`` (output size = input
     size, stride 1 only; an odd total goes one extra row/column at the bottom/right, like PyTorch).
     The output is an NCHW-shaped view of channels-last memory (see module.py).
     """
+
+    samples_independent = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
@@ -127,21 +122,17 @@ class Conv2d(Module):
         padded = F.pad_nhwc(x_nhwc, top, bottom, left, right) if any(self._pad) else x_nhwc
         # (O, C, KH, KW) -> (KH, KW, C, O) matches cols' column order; the copy is small.
         weight_matrix = self.weight.data.transpose(2, 3, 1, 0).reshape(-1, self.out_channels)
-        cols_row_bytes = out_h * out_w * weight_matrix.shape[0] * padded.itemsize
-        if n * cols_row_bytes <= MAX_COLS_BYTES:
+        per_piece = F.cols_piece_samples(padded, weight_matrix.shape[0], (out_h, out_w))
+        if per_piece == 0:
             # The one im2col copy: rows are output pixels, columns are (kh, kw, c) taps, so the
             # reduction over taps is one BLAS matrix product (run in pieces of rows that BLAS
             # multiplies without repacking, see F.matmul_rows).
-            cols = self._im2col(padded, (out_h, out_w))
+            cols = F.im2col(padded, self.kernel_size, (out_h, out_w), self.stride, self.dilation)
             out = F.matmul_rows(cols, weight_matrix)
-            per_piece = 0
         else:
             cols = None
-            per_piece = max(1, _COLS_PIECE_BYTES // cols_row_bytes)
-            out = np.empty((n * out_h * out_w, self.out_channels), dtype=padded.dtype)
-            for rows, samples in self._pieces(n, per_piece, out_h * out_w):
-                F.matmul_rows(self._im2col(padded[samples], (out_h, out_w)), weight_matrix,
-                              out=out[rows])
+            out = F.im2col_matmul(padded, weight_matrix, per_piece, self.kernel_size,
+                                  (out_h, out_w), self.stride, self.dilation)
         if self.bias is not None:
             F.add_to_rows(out, self.bias.data)
 
@@ -155,67 +146,36 @@ class Conv2d(Module):
             self._clear_cache()
         return F.to_nchw(out.reshape(n, out_h, out_w, self.out_channels))
 
-    def _im2col(self, padded: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
-        """cols of ``padded``: (N*OH*OW, KH*KW*C)."""
-        return F.im2col(padded, self.kernel_size, out_size, self.stride, self.dilation)
-
-    @staticmethod
-    def _pieces(n: int, per_piece: int, rows_per_sample: int) -> list[tuple[slice, slice]]:
-        """(rows of cols and out, samples) for consecutive groups of ``per_piece`` samples."""
-        return [(slice(start * rows_per_sample, min(start + per_piece, n) * rows_per_sample),
-                 slice(start, start + per_piece)) for start in range(0, n, per_piece)]
-
-    def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
-        """(N, O, OH, OW) -> (N, C, H, W), or None when ``needs_input_grad`` is False; adds dL/dW
-        and dL/db into the parameters' ``.grad``."""
+    def backward(self, grad_output: np.ndarray, *, input_grad: bool = True) -> np.ndarray | None:
+        """(N, O, OH, OW) -> (N, C, H, W), or None when ``input_grad`` (or the layer's
+        ``needs_input_grad``) is False; adds dL/dW and dL/db into the parameters' ``.grad``."""
         if (self._cols is None and self._padded is None) or self._weight_matrix is None:
             raise RuntimeError(f"{self.describe()}: backward called without a preceding forward "
                                "(or after a forward under no_grad()); call forward first")
         cols, weight_matrix = self._cols, self._weight_matrix
         grad_output = check_grad_output(self, grad_output, self._output_shape,
-                                          weight_matrix.dtype)
-        n, o, out_h, out_w = self._output_shape
+                                        weight_matrix.dtype)
+        _, o, out_h, out_w = self._output_shape
         kh, kw = self.kernel_size
-        c = self.in_channels
         grad_2d = F.to_nhwc(grad_output).reshape(-1, o)  # free if grad_output is channels-last
 
         if cols is not None:
             grad_weight_2d = cols.T @ grad_2d
         else:  # cols rebuilt piece by piece, as in forward
             assert self._padded is not None
-            grad_weight_2d = np.zeros(weight_matrix.shape, dtype=weight_matrix.dtype)
-            for rows, samples in self._pieces(n, self._samples_per_piece, out_h * out_w):
-                grad_weight_2d += self._im2col(self._padded[samples], (out_h, out_w)).T @ \
-                    grad_2d[rows]
-        grad_weight = grad_weight_2d.reshape(kh, kw, c, o).transpose(3, 2, 0, 1)
+            grad_weight_2d = F.im2col_t_matmul(self._padded, grad_2d, self._samples_per_piece,
+                                               self.kernel_size, (out_h, out_w), self.stride,
+                                               self.dilation)
+        grad_weight = grad_weight_2d.reshape(kh, kw, self.in_channels, o).transpose(3, 2, 0, 1)
         self.weight.accumulate_grad(grad_weight)
         if self.bias is not None:
             self.bias.accumulate_grad(F.sum_rows(grad_2d))
 
-        if not self.needs_input_grad:
-            return None  # first layer: col2im would be most of this backward's time, for nothing
-
-        # col2im, one kernel tap at a time: (N*OH*OW, O) @ (O, C) gives the gradient of the input
-        # pixels that tap read, added onto them in place. Per-tap products write contiguous
-        # blocks, which add faster than strided slices of one (N*OH*OW, KH*KW*C) product; each
-        # goes into one reused buffer, with its (O, C) weight block made contiguous first (for
-        # LeNet's 6 channels ~10% faster than transposed views and fresh arrays). A few samples
-        # at a time, so a piece's gradient, products and input rows (~1 MB for 512 KB of
-        # gradient) stay in a 2 MB L2 across the taps; the same bits, each sample's sums
-        # unchanged. 512 KB pieces made one-thread training steps 2-4% faster than 128 KB ones.
-        grad_padded = np.zeros(self._padded_shape, dtype=weight_matrix.dtype)
-        tap_weights = np.ascontiguousarray(weight_matrix.reshape(kh * kw, c, o).transpose(0, 2, 1))
-        rows_per_sample = out_h * out_w
-        per_piece = max(1, _GRAD_PIECE_BYTES // (rows_per_sample * o * grad_2d.itemsize))
-        product = np.empty((min(n, per_piece) * rows_per_sample, c), dtype=weight_matrix.dtype)
-        for rows, samples in self._pieces(n, per_piece, rows_per_sample):
-            piece_grad, piece_padded = grad_2d[rows], grad_padded[samples]
-            piece_product = product[:len(piece_grad)]
-            for tap_index in range(kh * kw):
-                F.matmul_rows(piece_grad, tap_weights[tap_index], out=piece_product)
-                tap = F.tap_view(piece_padded, *divmod(tap_index, kw), (out_h, out_w),
-                                 self.stride, self.dilation)
-                tap += piece_product.reshape(len(piece_padded), out_h, out_w, c)
+        if not (input_grad and self.needs_input_grad):
+            return None
+        grad_padded = F.col2im_per_tap(grad_2d, weight_matrix, self._padded_shape,
+                                       self.kernel_size, (out_h, out_w), self.stride,
+                                       self.dilation)
         top, _, left, _ = self._pad
         h, w = self._input_hw
         return F.to_nchw(grad_padded[:, top:top + h, left:left + w, :])

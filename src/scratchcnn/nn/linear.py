@@ -28,8 +28,11 @@ class Linear(Module):
     weight (out_features, in_features), bias (out_features,).
 
     Forward:  Y = X W^T + b
-    Backward: dW = dY^T X,  db = sum over rows of dY,  dX = dY W
+    Backward: dW = dY^T X,  db = sum over rows of dY,  dX = dY W  (dX skipped when
+    ``input_grad`` is False: a model's first layer, see module.py)
     """
+
+    samples_independent = True
 
     def __init__(
         self,
@@ -67,8 +70,9 @@ class Linear(Module):
         self._input = x if is_grad_enabled() else None
         return out
 
-    def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
-        """(N, out_features) -> (N, in_features), or None when ``needs_input_grad`` is False."""
+    def backward(self, grad_output: np.ndarray, *, input_grad: bool = True) -> np.ndarray | None:
+        """(N, out_features) -> (N, in_features), or None when ``input_grad`` (or the layer's
+        ``needs_input_grad``) is False."""
         x = self._input
         expected = None if x is None else (*x.shape[:-1], self.out_features)
         grad = check_grad_output(self, grad_output, expected, self.weight.dtype)
@@ -80,7 +84,7 @@ class Linear(Module):
         self.weight.accumulate_grad_product(grad_2d.T, x_2d)  # dL/dW = gradᵀ · x
         if self.bias is not None:
             self.bias.accumulate_grad(grad_2d.sum(axis=0))
-        if not self.needs_input_grad:
+        if not (input_grad and self.needs_input_grad):
             return None
         return grad @ self.weight.data
 

@@ -11,10 +11,8 @@ from typing import Any
 import numpy as np
 
 from scratchcnn.nn import functional as F
-from scratchcnn.nn.activation import ReLU
 from scratchcnn.nn.module import (
     Module,
-    Sequential,
     check_grad_output,
     check_input,
     is_grad_enabled,
@@ -24,6 +22,8 @@ from scratchcnn.nn.module import (
 class _Pool2d(Module):
     """Geometry shared by the pooling layers: kernel, stride (default: the kernel), padding,
     dilation and ceil_mode, validated as PyTorch does."""
+
+    samples_independent = True
 
     def __init__(self, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
                  ceil_mode: bool) -> None:
@@ -117,7 +117,7 @@ class MaxPool2d(_Pool2d):
         taps = [F.tap_view(padded, *divmod(tap_index, kw), out_size, self._stride,
                            self._dilation) for tap_index in range(kh * kw)]
         if is_grad_enabled():
-            best, self._argmax = _first_max_and_argmax(taps)
+            best, self._argmax = F.first_max_and_argmax(taps)
             self._remember_shapes(x, padded, out_size)
         else:  # inference needs no argmax: a running maximum makes a third of the passes
             best = taps[0].copy()
@@ -230,65 +230,3 @@ class AvgPool2d(_Pool2d):
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
-
-
-def pool_before_relu(model: Module) -> Module:
-    """An execution order of ``model`` that runs every ``ReLU`` directly followed by a
-    ``MaxPool2d`` *after* the pool instead: the same layer objects (and names, so the same
-    parameters and state_dict), with 4x fewer elements through the ReLU for a 2x2 pool.
-
-    Exact, values and gradients: ReLU is monotone, so max(relu(window)) = relu(max(window)); a
-    window whose maximum is <= 0 gives 0 and a zero gradient either way, and a positive maximum
-    wins at the same (first) position, ties included, because the ReLU only lowers non-maxima to
-    0. ``model`` itself is not changed; anything but a Sequential is returned as is.
-    """
-    if not isinstance(model, Sequential):
-        return model
-    items = list(model.named_children())
-    swapped = False
-    for index in range(len(items) - 1):
-        (_, first), (_, second) = items[index], items[index + 1]
-        if type(first) is ReLU and type(second) is MaxPool2d:
-            items[index], items[index + 1] = items[index + 1], items[index]
-            swapped = True
-    if not swapped:
-        return model
-    reordered = Sequential(dict(items))
-    reordered.training = model.training
-    return reordered
-
-
-def _first_max_and_argmax(taps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Elementwise maximum of the (N, OH, OW, C) tap views and the index of the first tap that
-    attains it (row-major window order, PyTorch's tie rule), as a new array and a uint8 array.
-
-    A pairwise tournament: each round merges neighbours (earlier, later), and the later one wins
-    only if strictly greater, so the first maximum survives. It does no window copy and, unlike a
-    running maximum with masked updates, needs only cheap unmasked passes. np.maximum propagates
-    NaN like PyTorch (the index of a NaN may differ).
-    """
-    index_dtype = np.min_scalar_type(len(taps) - 1)
-    level: list[tuple[np.ndarray, Any]] = [(tap, k) for k, tap in enumerate(taps)]
-    while len(level) > 1:
-        merged = []
-        for (earlier, earlier_index), (later, later_index) in zip(level[0::2], level[1::2],
-                                                                  strict=False):
-            later_wins = later > earlier
-            if isinstance(earlier_index, int):  # first round: two adjacent single taps
-                index = later_wins.view(np.uint8).astype(index_dtype, copy=False)
-                if earlier_index:
-                    index = index + index_dtype.type(earlier_index)
-            else:
-                # earlier + wins * (later - earlier), never negative (later taps have larger
-                # indices): ~40x faster than np.where on a boolean mask.
-                index = np.subtract(later_index, earlier_index, dtype=index_dtype)
-                index *= later_wins.view(np.uint8)
-                index += earlier_index
-            merged.append((np.maximum(earlier, later), index))
-        if len(level) % 2:
-            merged.append(level[-1])
-        level = merged
-    best, argmax = level[0]
-    if len(taps) == 1:  # a 1x1 kernel: copy, so the output never aliases the input
-        return best.copy(), np.zeros(best.shape, dtype=index_dtype)
-    return best, argmax

@@ -8,17 +8,12 @@ may be views into one flat vector).
 State is keyed by the ``Parameter`` object itself (identity), so two layers whose parameters share
 a name never share state.
 
-Flat groups (a subclass opts in with ``_supports_flat`` and ``_flat_state_keys``): when a group's
-parameters lie end to end in one array (``scratchcnn.nn.flatten_parameters`` lays them out so;
-the optimizer itself never rebinds ``param.data``), a step in which every parameter has a
-gradient and the same step count updates the whole group at once, as one contiguous vector cut
-into cache-sized blocks (split across ``num_threads`` threads, or with ``workers =
-"processes"`` across forked worker processes, see ``scratchcnn.forked``), instead of parameter by
-parameter. The arithmetic is elementwise and identical, so results are bit-for-bit those of the
-per-parameter path, which runs whenever a step does not qualify (parameters not end to end, some
-gradient None, unequal step counts, mixed dtypes). ``DataParallel.train_step`` can instead share
-such a step among its worker processes, each adding up its own blocks' gradients first
-(``split_step``, ``SplitStep``).
+A subclass whose update is elementwise sets ``_supports_flat``: it then lays each group's
+parameters end to end when it is created and updates a whole group as one vector (see
+``scratchcnn.optim.flat``; the same bits as parameter by parameter). As with torch's fused
+kernels, nothing changes for the user but one thing: ``param.data`` arrays taken *before*
+creating such an optimizer no longer alias the parameters (the Parameter objects, their values,
+``state_dict`` and everything reached through the model are unchanged).
 
 ``state_dict()`` holds only NumPy arrays, plain numbers, booleans and
 tuples of numbers, so it can be written with ``np.savez`` (arrays) plus JSON (everything else).
@@ -26,15 +21,14 @@ tuples of numbers, so it can be written with ``np.savez`` (arrays) plus JSON (ev
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
-from scratchcnn.nn.module import Parameter, vector_views
+from scratchcnn.nn.module import Parameter
+from scratchcnn.optim.flat import FlatGroup, Workspace, lay_out_end_to_end, step_as_vector
 
 ParamsT = Iterable[Parameter] | Iterable[Mapping[str, Any]] | Iterable[tuple[str, Parameter]]
 
@@ -43,116 +37,6 @@ ParamsT = Iterable[Parameter] | Iterable[Mapping[str, Any]] | Iterable[tuple[str
 _TORCH_ONLY_OPTIONS = frozenset(
     {"foreach", "fused", "differentiable", "capturable", "decoupled_weight_decay"}
 )
-
-
-class Workspace:
-    """Scratch arrays reused across steps, so an update allocates no temporaries.
-
-    ``get(slot, like)`` returns an array shaped like ``like`` that is a view into one flat buffer
-    per (slot, dtype), grown to the largest parameter seen. Contents are garbage on return.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[int, np.dtype], np.ndarray] = {}
-
-    def get(self, slot: int, like: np.ndarray) -> np.ndarray:
-        key = (slot, like.dtype)
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.size < like.size:
-            buffer = np.empty(like.size, dtype=like.dtype)
-            self._buffers[key] = buffer
-        return buffer[: like.size].reshape(like.shape)
-
-
-# Flat updates run block by block, each block's arrays together small enough for L2.
-_BLOCK_BYTES = 256 * 1024
-
-
-def _root(array: np.ndarray) -> Any:
-    while isinstance(array.base, np.ndarray):
-        array = array.base
-    return array
-
-
-def _end_to_end(arrays: list[np.ndarray]) -> np.ndarray | None:
-    """The 1-d vector the C-contiguous ``arrays`` form if they lie end to end, in order, in one
-    allocation (same root array and dtype, each starting where the previous one ends), else
-    None. The result is a view: writing to it writes to the arrays."""
-    first = arrays[0]
-    address = first.__array_interface__["data"][0]
-    for array in arrays:
-        if (array.dtype != first.dtype or not array.flags.c_contiguous
-                or not array.flags.writeable or _root(array) is not _root(first)
-                or array.__array_interface__["data"][0] != address):
-            return None
-        address += array.nbytes
-    total = sum(array.size for array in arrays)
-    return as_strided(first, shape=(total,), strides=(first.itemsize,))
-
-
-class FlatGroup:
-    """One parameter group laid end to end: ``param.data`` is the flat vector ``flat`` whose
-    slices ``views[i]`` are the parameters' ``.data``; ``grad`` holds their gradients each step,
-    and ``state[key]`` / ``state_views[key]`` hold each per-parameter state array the same way.
-    ``grad`` is the parameters' ``grad_buffer`` vector when those lie end to end too
-    (``flatten_parameters``), which backward then writes directly; else gradients are copied in."""
-
-    def __init__(self, params: list[Parameter], flat: np.ndarray) -> None:
-        self.param = Parameter(flat)
-        self.views = [p.data for p in params]
-        buffers = [p.grad_buffer for p in params]
-        adopted = None if any(b is None for b in buffers) else _end_to_end(buffers)
-        if adopted is not None and adopted.shape == flat.shape and adopted.dtype == flat.dtype:
-            self.grad, self.grad_views = adopted, buffers
-        else:
-            self.grad = np.empty(flat.shape, flat.dtype)
-            self.grad_views = self._split(self.grad)
-        self.state: dict[str, np.ndarray] = {}
-        self.state_views: dict[str, list[np.ndarray]] = {}
-        self._chunks: dict[tuple[int, tuple[str, ...]], list[tuple[Any, ...]]] = {}
-
-    def chunks(self, count: int) -> list[tuple[Parameter, np.ndarray, dict[str, np.ndarray],
-                                                slice]]:
-        """``count`` consecutive pieces (parameter, grad, state arrays, and where they lie in
-        the vectors) of the vectors, cut at multiples of 64 elements so every piece starts
-        cache-line aligned like the whole."""
-        key = (count, tuple(self.state))
-        if key not in self._chunks:
-            size = self.param.data.size
-            bounds = [min(size, -(-size * k // count // 64) * 64) for k in range(count + 1)]
-            self._chunks[key] = [
-                (Parameter(self.param.data[start:stop]), self.grad[start:stop],
-                 {name: array[start:stop] for name, array in self.state.items()},
-                 slice(start, stop))
-                for start, stop in itertools.pairwise(bounds) if stop > start]
-        return self._chunks[key]
-
-    def _split(self, flat: np.ndarray) -> list[np.ndarray]:
-        return vector_views(flat, [view.shape for view in self.views])
-
-    def holds(self, params: list[Parameter]) -> bool:
-        """Whether every parameter's ``.data`` is still this group's view (nothing rebound it),
-        and its ``grad_buffer`` still this group's gradient view if it has one."""
-        return len(params) == len(self.views) and all(
-            p.data is view and (p.grad_buffer is None or p.grad_buffer is grad_view)
-            for p, view, grad_view in zip(params, self.views, self.grad_views, strict=True))
-
-    def gather_state(self, states: list[dict[str, Any]], key: str) -> None:
-        """Make ``states[i][key]`` the i-th view of one flat vector (copying in any array that
-        is not yet; a missing one starts at zero, as each optimizer initialises it)."""
-        views = self.state_views.get(key)
-        if views is None:
-            self.state[key] = np.empty(self.param.data.shape, self.param.data.dtype)
-            self.state[key].fill(0)
-            views = self.state_views[key] = self._split(self.state[key])
-        for state, view in zip(states, views, strict=True):
-            current = state.get(key)
-            if current is not view:
-                if current is None:
-                    view.fill(0)
-                else:
-                    np.copyto(view, current)
-                state[key] = view
 
 
 class Optimizer:
@@ -164,8 +48,9 @@ class Optimizer:
     _array_state: ClassVar[tuple[str, ...]] = ()
     _scalar_state: ClassVar[tuple[str, ...]] = ()
     _required_state: ClassVar[tuple[str, ...]] = ()  # what a non-empty state must contain
-    # Whether the flat-group path applies (see the module docstring): subclasses whose
-    # ``_update`` is elementwise and whose state arrays ``_flat_state_keys`` names set it.
+    # Whether groups are laid end to end and stepped as one vector (see the module docstring):
+    # subclasses whose ``_update`` is elementwise and whose state arrays ``_flat_state_keys``
+    # names set it.
     _supports_flat: ClassVar[bool] = False
 
     def __init__(self, params: ParamsT, defaults: Mapping[str, Any]) -> None:
@@ -219,6 +104,8 @@ class Optimizer:
         if any(id(p) in taken for p in params):
             raise ValueError(f"{name}: some parameters appear in more than one parameter group")
         self._check_group(group)
+        if self._supports_flat:
+            lay_out_end_to_end(params)
         self.param_groups.append(group)
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -252,7 +139,7 @@ class Optimizer:
                         f"{param.data.shape} and dtype {param.data.dtype} whose .grad has shape "
                         f"{grad.shape} and dtype {grad.dtype}; they must match"
                     )
-            if self._supports_flat and self._flat_step(index, group):
+            if self._supports_flat and step_as_vector(self, self._flat_groups, index, group):
                 continue
             for param in group["params"]:
                 if param.grad is None:
@@ -266,40 +153,6 @@ class Optimizer:
     def _flat_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         """The per-parameter state arrays an update of ``group`` uses (flat groups only)."""
         return ()
-
-    def _flat_step(self, index: int, group: dict[str, Any]) -> bool:
-        """One update of the whole group as one vector, if the step qualifies; False otherwise
-        (the caller then updates parameter by parameter)."""
-        params = group["params"]
-        if not params or any(p.grad is None for p in params):
-            return False
-        if len({p.data.dtype for p in params}) != 1:
-            return False
-        states = [self.state.get(p) or {} for p in params]
-        steps = {state.get("step", 0) for state in states}
-        if len(steps) != 1:
-            return False
-        flat = self._flat_groups.get(index)
-        if flat is None or not flat.holds(params):
-            vector = _end_to_end([p.data for p in params])
-            if vector is None:
-                return False  # not laid out end to end: update parameter by parameter
-            # Only when the layout is made: gather_state would cast old state into it silently.
-            for state in states:
-                self._check_state_dtype(state, vector.dtype)
-            flat = self._flat_groups[index] = FlatGroup(params, vector)
-        for key in self._flat_state_keys(group):
-            flat.gather_state(states, key)
-        for param, state in zip(params, states, strict=True):
-            self.state[param] = state
-        for view, param in zip(flat.grad_views, params, strict=True):
-            if param.grad is not view:  # backward wrote it in place (see FlatGroup)
-                np.copyto(view, param.grad)
-        step = steps.pop()
-        update_blocks(self, flat, _part(group, step, _block_count(flat), 0, 1), self._work)
-        for state in states:
-            state["step"] = step + 1
-        return True
 
     def _check_state_dtype(self, state: Mapping[str, Any], dtype: np.dtype) -> None:
         """Raise if ``state``'s arrays are not of ``dtype``, the parameter's: after
@@ -443,40 +296,3 @@ class Optimizer:
             )
         lines.append(")")
         return "\n".join(lines)
-
-
-def _plain(value: Any) -> Any:
-    """A group option as JSON can carry it (tuples as lists, NumPy scalars as Python ones)."""
-    if isinstance(value, (tuple, list)):
-        return [_plain(item) for item in value]
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _block_count(flat: FlatGroup, threads: int = 1) -> int:
-    """How many blocks a flat update split across ``threads`` cuts the vectors into:
-    cache-sized, so that the update's dozen passes re-read a block from L2 instead of streaming
-    whole vectors from memory each time (~30% faster for 400k floats), and as many for each
-    thread (scratch-notebook-cnn's 7 blocks, 4 for one thread and 3 for the other, became 8)."""
-    blocks = -(-flat.param.data.nbytes // _BLOCK_BYTES)
-    return max(1, -(-blocks // threads) * threads)
-
-
-def _part(group: dict[str, Any], step: int, pieces: int, thread: int,
-          threads: int) -> dict[str, Any]:
-    """Thread ``thread`` of ``threads``'s share of a flat update, as JSON can carry it to a
-    worker process: the group's options, the step count, and the blocks (``update_blocks``)."""
-    options = {key: _plain(value) for key, value in group.items() if key != "params"}
-    return {"group": options, "step": step, "pieces": pieces, "thread": thread,
-            "threads": threads}
-
-
-def update_blocks(optimizer: Optimizer, flat: FlatGroup, part: dict[str, Any], work: Workspace,
-                  addends: Sequence[np.ndarray] = ()) -> None:
-    """Update ``part``'s blocks of ``flat`` (see ``_part``): every ``threads``-th block from
-    ``thread`` on. ``addends`` (vectors laid out like the gradient vector) are first added, in
-    order, into each block's gradient."""
-    group, step = part["group"], part["step"]
-    for param, grad, arrays, span in flat.chunks(part["pieces"])[part["thread"]::part["threads"]]:
-        for addend in addends:
-            grad += addend[span]
-        optimizer._update(param, grad, group, {"step": step, **arrays}, work)

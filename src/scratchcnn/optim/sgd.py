@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 
 from scratchcnn.nn.module import Parameter
-from scratchcnn.optim.optimizer import Optimizer, ParamsT, Workspace
+from scratchcnn.optim.flat import Workspace
+from scratchcnn.optim.optimizer import Optimizer, ParamsT
 
 
 class SGD(Optimizer):
