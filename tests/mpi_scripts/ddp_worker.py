@@ -62,10 +62,10 @@ def train(model_name: str, distributed: bool) -> dict[str, np.ndarray]:
 
 
 def syncbn_data() -> dict[str, np.ndarray]:
-    """A batch of 12 split 7/5, a grad_output, and the layer's weight and bias."""
+    """A batch of 13 (split 7/6 on two ranks), a grad_output, the layer's weight and bias."""
     rng = np.random.default_rng(2)
-    return {"x": rng.standard_normal((12, 4, 5, 5)) * 3 + 1,
-            "grad": rng.standard_normal((12, 4, 5, 5)),
+    return {"x": rng.standard_normal((13, 4, 5, 5)) * 3 + 1,
+            "grad": rng.standard_normal((13, 4, 5, 5)),
             "weight": rng.standard_normal(4), "bias": rng.standard_normal(4)}
 
 
@@ -91,7 +91,7 @@ def main() -> None:
             np.savez(out / f"{model_name}-rank{rank}.npz", **state)
     elif mode == "syncbn":
         data = syncbn_data()
-        local = split_batch(np.arange(12), rank, world)
+        local = split_batch(np.arange(13), rank, world)
         layer = nn.SyncBatchNorm(4, dtype=np.float64)
         result = syncbn_step(layer, data["x"][local], data["grad"][local])
         np.savez(Path(sys.argv[2]) / f"syncbn-rank{rank}.npz", **result)
