@@ -17,7 +17,7 @@ class ReLU(Module):
     channels-last view stays channels-last and nothing is copied to contiguous.
     """
 
-    samples_independent = True
+    splits_exactly = True  # elementwise
 
     def __init__(self, inplace: bool = False) -> None:
         super().__init__()

@@ -42,7 +42,7 @@ class Conv2d(Module):
     The output is an NCHW-shaped view of channels-last memory (see module.py).
     """
 
-    samples_independent = True
+    splits_exactly = True  # its products go in pieces of rows whose sums do not depend on N
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,

@@ -16,9 +16,10 @@ a layer whose ``backward`` takes the keyword ``input_grad`` (Conv2d, Linear) ski
 
 A Sequential also runs a few exact rewrites by itself, so the plain training loop is the fast
 one: a ReLU directly followed by a MaxPool2d runs after the pool (4x fewer elements for 2x2
-windows, the same values and gradients), and a large batch under ``no_grad()`` runs in pieces of
-``INFERENCE_PIECE`` samples, whose activations stay in cache, when every layer computes each
-sample on its own (the same bits as one pass).
+windows, the same values and gradients), and a large batch under ``no_grad()`` runs through the
+leading layers whose bits do not depend on the batch size (``Module.splits_exactly``: the
+convolutions and pools, and in eval mode BatchNorm2d and Dropout too) in pieces of
+``INFERENCE_PIECE`` samples, whose activations stay in cache; the rest on the whole batch.
 
 Activations are logically NCHW like PyTorch's. A layer may return an array whose *memory* is
 channels-last (a transposed view, like ``torch.channels_last``), because that is the faster layout
@@ -292,9 +293,10 @@ class Module:
     # False: ``backward`` never computes dL/d(input) (Conv2d and Linear return None), whatever
     # the caller asks. Rarely needed: a Sequential already skips its first layer's by default.
     needs_input_grad: bool = True
-    # Whether ``forward`` computes each sample from that sample alone even in training mode
-    # (in eval mode every layer here does), so a Sequential may run a batch in pieces.
-    samples_independent: ClassVar[bool] = False
+    # Whether ``forward`` gives the same bits for a batch split into pieces as for the whole,
+    # so that a Sequential may run it in pieces under no_grad: True in either mode, False never,
+    # None in eval mode only (where torch.nn-style layers compute each sample on its own).
+    splits_exactly: ClassVar[bool | None] = None
 
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", OrderedDict())
@@ -604,7 +606,7 @@ class Sequential(Module):
     order.
     """
 
-    samples_independent = True  # a container: modules() checks every layer inside it
+    splits_exactly = True  # a container: _splits_exactly checks every layer inside it
 
     # None: no forward through this Sequential with gradients on since its last backward ran;
     # "pending": its forward ran and backward has not; "done": backward ran for that forward.
@@ -663,21 +665,22 @@ class Sequential(Module):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         object.__setattr__(self, "_backward_state", None)
-        if not is_grad_enabled() and self._runs_in_pieces(x):
-            # Each piece's activations stay in cache from one layer to the next; every layer
-            # computes each sample on its own, so the result is the same bits.
-            return np.concatenate([self.forward(x[start:start + INFERENCE_PIECE])
-                                   for start in range(0, len(x), INFERENCE_PIECE)])
-        for module in self.execution_order():
-            x = module(x)
+        order = self.execution_order()
+        if not is_grad_enabled() and isinstance(x, np.ndarray) and x.ndim >= 2 \
+                and len(x) > INFERENCE_PIECE:
+            # The leading layers that split exactly run piece by piece, so each piece's
+            # activations stay in cache from one layer to the next; the rest (the classifier's
+            # Linear layers, whose bits would change) run on the whole batch.
+            split = next((index for index, module in enumerate(order)
+                          if not _splits_exactly(module)), len(order))
+            if split > 0:
+                x = np.concatenate([_run(order[:split], x[start:start + INFERENCE_PIECE])
+                                    for start in range(0, len(x), INFERENCE_PIECE)])
+                order = order[split:]
+        x = _run(order, x)
         # Under no_grad the layers keep no cache: their own backward says so.
         object.__setattr__(self, "_backward_state", "pending" if is_grad_enabled() else None)
         return x
-
-    def _runs_in_pieces(self, x: Any) -> bool:
-        return (isinstance(x, np.ndarray) and x.ndim >= 2 and len(x) > INFERENCE_PIECE
-                and all(module.samples_independent or not module.training
-                        for module in self.modules()))
 
     def backward(self, grad_output: np.ndarray, *,
                  input_grad: bool = False) -> np.ndarray | None:
@@ -729,6 +732,19 @@ class Sequential(Module):
             # whole model's.
             return Sequential(OrderedDict(list(self._modules.items())[index]))
         return list(self._modules.values())[index]
+
+
+def _run(modules: list[Module], x: np.ndarray) -> np.ndarray:
+    for module in modules:
+        x = module(x)
+    return x
+
+
+def _splits_exactly(module: Module) -> bool:
+    """Whether ``module`` and every module inside it give the same bits for a batch in pieces
+    (see ``Module.splits_exactly``)."""
+    return all(inner.splits_exactly or (inner.splits_exactly is None and not inner.training)
+               for inner in module.modules())
 
 
 def _pool_before_relu(children: list[Module]) -> list[Module]:

@@ -23,7 +23,7 @@ class _Pool2d(Module):
     """Geometry shared by the pooling layers: kernel, stride (default: the kernel), padding,
     dilation and ceil_mode, validated as PyTorch does."""
 
-    samples_independent = True
+    splits_exactly = True  # each window is one sample's
 
     def __init__(self, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
                  ceil_mode: bool) -> None:
