@@ -1,12 +1,16 @@
-"""Downloads against a real HTTP server on 127.0.0.1: after every outcome the destination holds
-either the complete, verified file or nothing at all (no partial or temporary files)."""
+"""Downloads against real HTTP servers on 127.0.0.1: after every outcome the destination holds
+either the complete, verified file or nothing at all (no partial or temporary files), and a bad
+network (refused, unknown host, a mirror that stalls) is given up on within the time limits."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
 import http.server
+import socket
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,9 +18,27 @@ import numpy as np
 import pytest
 
 from scratchcnn.data import DatasetError, download_dataset, load_dataset, sources, write_idx
-from scratchcnn.data.sources import IDX_STEMS, RemoteFile, download_file, mirrors_for
+from scratchcnn.data.sources import IDX_STEMS, RemoteFile, Timeouts, download_file, mirrors_for
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch) -> None:
+    """Keep every test off the network: no proxy or timeouts from the environment, and every
+    host name but 127.0.0.1 and localhost fails to resolve without asking a DNS server."""
+    for variable in (*PROXY_VARIABLES, *(v.upper() for v in PROXY_VARIABLES),
+                     sources.TIMEOUTS_VARIABLE):
+        monkeypatch.delenv(variable, raising=False)
+    resolve = socket.getaddrinfo
+
+    def resolve_locally(host, *args, **kwargs):
+        if host in ("127.0.0.1", "localhost"):
+            return resolve(host, *args, **kwargs)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve_locally)
 
 
 class LocalServer:
@@ -174,14 +196,14 @@ def test_timeout_moves_on(server, tmp_path):
     server.stall["/slow/train-labels-idx1-ubyte.gz"] = 5.0
     server.files["/fast/train-labels-idx1-ubyte.gz"] = LABELS
     path = download_file(remote_for(LABELS), [server.url + "/slow/", server.url + "/fast/"],
-                         tmp_path, quiet=True, timeout=0.3, retries=1, backoff=0)
+                         tmp_path, quiet=True, timeouts=Timeouts(stall=0.3), retries=1, backoff=0)
     assert path.read_bytes() == LABELS
     assert_only(tmp_path, {path.name})
 
 
 def test_interrupt_mid_download_removes_the_temporary_file(tmp_path, monkeypatch):
-    def interrupted_fetch(url, temporary, timeout, quiet):
-        temporary.write_bytes(LABELS[:10])
+    def interrupted_fetch(url, output, timeouts, deadline, quiet):
+        output.write(LABELS[:10])
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sources, "_fetch", interrupted_fetch)
@@ -254,3 +276,242 @@ def test_builtin_decompressed_checksums_match_real_mnist():
     for remote in sources.REMOTE_DATASETS["mnist"].files:
         with gzip.open(SHARED_MNIST / remote.filename) as stream:
             assert hashlib.sha256(stream.read()).hexdigest() == remote.sha256_decompressed
+
+
+# ----------------------------------------------------------------- a first run on a bad network
+
+# Small limits keep these tests fast; test_default_timeouts_meet_the_targets checks the real ones.
+FAST = Timeouts(connect=0.5, stall=0.5, deadline=1.2)
+# Generous room for thread scheduling on a busy machine, yet well below any limit doubling.
+SLACK = 0.6
+UNRESOLVABLE = "http://mirror.scratchcnn.invalid/"
+
+
+class MisbehavingMirror:
+    """A mirror on 127.0.0.1 that misbehaves as ``behaviour`` says: "silent" accepts connections
+    and never answers; "headers" sends the response headers, then nothing; "half-body" sends the
+    headers and half the body, then nothing; "slow" sends the whole body in ``pieces`` parts,
+    ``gap`` seconds apart. Connections are held open until the test ends."""
+
+    def __init__(self, behaviour: str, body: bytes = LABELS, pieces: int = 8,
+                 gap: float = 0.0) -> None:
+        self.behaviour, self.body, self.pieces, self.gap = behaviour, body, pieces, gap
+        self.connections = 0
+        self.released = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)  # so that the accepting thread notices the release
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/"
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self) -> MisbehavingMirror:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.released.set()
+        self.thread.join()
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self.released.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        with connection:
+            if self.behaviour != "silent":
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += connection.recv(4096)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: "
+                                   + str(len(self.body)).encode() + b"\r\n\r\n")
+            if self.behaviour == "half-body":
+                connection.sendall(self.body[: len(self.body) // 2])
+            if self.behaviour == "slow":
+                size = -(-len(self.body) // self.pieces)
+                for start in range(0, len(self.body), size):
+                    connection.sendall(self.body[start:start + size])
+                    time.sleep(self.gap)
+                return
+            self.released.wait()
+
+
+@pytest.fixture
+def refusing_url() -> Iterator[str]:
+    """A port on 127.0.0.1 that refuses connections: bound, so nothing else takes it, but not
+    listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
+
+
+def timed_failure(mirrors: list[str], directory: Path, **options) -> tuple[float, str]:
+    """Seconds until download_file gave up on ``mirrors``, and its error message."""
+    start = time.monotonic()
+    with pytest.raises(DatasetError) as caught:
+        download_file(remote_for(LABELS), mirrors, directory, **options)
+    return time.monotonic() - start, str(caught.value)
+
+
+def wait_for_abandoned_workers() -> None:
+    for thread in threading.enumerate():
+        if thread.name.startswith("download "):
+            thread.join(timeout=5)
+
+
+def test_default_timeouts_meet_the_targets():
+    defaults = Timeouts()
+    most_mirrors = max(len(dataset.mirrors) for dataset in sources.REMOTE_DATASETS.values())
+    # Refused and unknown hosts are not waited for nor retried; a DNS server that never answers
+    # costs one connect timeout per mirror.
+    assert most_mirrors * defaults.connect <= 10
+    # Stalling mirrors: no attempt starts after the deadline, and one that received part of the
+    # body by then is given up on at its next stall.
+    assert defaults.deadline + defaults.stall + sources.POLL_INTERVAL <= 30
+    # ...and before the deadline, each built-in mirror can stall once.
+    assert defaults.deadline >= most_mirrors * defaults.stall
+
+
+def test_refused_and_unknown_hosts_fall_back_at_once(refusing_url, tmp_path):
+    # The default timeouts and backoff: a retry of a refused connection would cost seconds here.
+    elapsed, message = timed_failure([refusing_url, UNRESOLVABLE, refusing_url], tmp_path,
+                                     quiet=True)
+    assert elapsed < 2, f"took {elapsed:.1f} s (target: 10 s)"
+    assert message.count("Connection refused") == 2
+    assert "cannot connect to mirror.scratchcnn.invalid (Name or service not known)" in message
+    assert "attempt 2" not in message
+    assert_only(tmp_path, set())
+
+
+@pytest.mark.parametrize("behaviour", ["silent", "headers", "half-body"])
+def test_stalling_mirrors_are_given_up_on_by_the_deadline(behaviour, tmp_path):
+    with MisbehavingMirror(behaviour) as first, MisbehavingMirror(behaviour) as second, \
+            MisbehavingMirror(behaviour) as third, MisbehavingMirror(behaviour) as fourth:
+        mirrors = [first.url, second.url, third.url, fourth.url]
+        elapsed, message = timed_failure(mirrors, tmp_path, quiet=True, timeouts=FAST)
+        counts = [mirror.connections for mirror in (first, second, third, fourth)]
+    # Two stall timeouts, then the third mirror is cut at the deadline; if it was receiving the
+    # body, at its stall timeout instead. The fourth is never tried.
+    assert 2 * FAST.stall <= elapsed <= FAST.deadline + FAST.stall + SLACK, f"{elapsed:.2f} s"
+    assert counts == [1, 1, 1, 0]  # a stall moves on, it is not retried
+    assert message.count("gave up on 127.0.0.1") == 3
+    assert f"{fourth.url}train-labels-idx1-ubyte.gz: not tried" in message
+    assert "SCRATCHCNN_DOWNLOAD_TIMEOUTS" in message
+    wait_for_abandoned_workers()
+    assert_only(tmp_path, set())  # nothing partial, even once the abandoned workers ended
+
+
+def test_every_kind_of_bad_mirror_in_one_list(refusing_url, tmp_path):
+    timeouts = Timeouts(connect=0.5, stall=0.5, deadline=2.0)
+    with MisbehavingMirror("silent") as silent, MisbehavingMirror("headers") as headers, \
+            MisbehavingMirror("half-body") as half_body:
+        mirrors = [refusing_url, UNRESOLVABLE, silent.url, headers.url, half_body.url]
+        elapsed, message = timed_failure(mirrors, tmp_path, quiet=True, timeouts=timeouts)
+    assert 3 * timeouts.stall <= elapsed <= 3 * timeouts.stall + SLACK, f"{elapsed:.2f} s"
+    assert "Connection refused" in message and "Name or service not known" in message
+    assert "(connected, no answer yet) after 0.5 s" in message
+    assert "(answered, no data yet) after 0.5 s" in message
+    assert f"(stalled after {len(LABELS) // 2:,} bytes) after 0.5 s" in message
+    assert_only(tmp_path, set())
+
+
+def test_a_dns_lookup_that_hangs_is_cut_at_the_connect_timeout(tmp_path, monkeypatch):
+    # Socket timeouts do not cover the lookup; the download's own clock does.
+    answer = threading.Event()
+    resolve = socket.getaddrinfo
+
+    def hanging_resolver(host, *args, **kwargs):
+        if host == "hanging.invalid":
+            answer.wait()
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging_resolver)
+    try:
+        elapsed, message = timed_failure(["http://hanging.invalid/"], tmp_path, quiet=True,
+                                         timeouts=FAST)
+    finally:
+        answer.set()
+    assert FAST.connect <= elapsed <= FAST.connect + SLACK, f"{elapsed:.2f} s"
+    assert "gave up on hanging.invalid (connecting) after 0.5 s" in message
+
+
+def test_slow_but_steady_download_outlives_the_deadline(tmp_path):
+    timeouts = Timeouts(connect=0.5, stall=0.5, deadline=0.3)
+    with MisbehavingMirror("slow", pieces=5, gap=0.15) as mirror:
+        start = time.monotonic()
+        path = download_file(remote_for(LABELS), [mirror.url], tmp_path, quiet=True,
+                             timeouts=timeouts)
+        elapsed = time.monotonic() - start
+    assert elapsed > timeouts.deadline  # no total cap: only the gaps between bytes count
+    assert path.read_bytes() == LABELS
+    assert_only(tmp_path, {path.name})
+
+
+def test_timeouts_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(sources.TIMEOUTS_VARIABLE, " connect=0.5, stall = 0.3,")
+    assert Timeouts.from_environment() == Timeouts(connect=0.5, stall=0.3)
+    with MisbehavingMirror("silent") as mirror:
+        elapsed, _ = timed_failure([mirror.url], tmp_path, quiet=True)
+    assert elapsed <= 0.3 + SLACK
+    for wrong in ("connect=fast", "speed=3", "stall=-1", "deadline=inf"):
+        monkeypatch.setenv(sources.TIMEOUTS_VARIABLE, wrong)
+        with pytest.raises(DatasetError, match="SCRATCHCNN_DOWNLOAD_TIMEOUTS="):
+            Timeouts.from_environment()
+
+
+def test_a_wait_gets_one_line_in_a_log(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sources, "WAITING_NOTICE_AFTER", 0.1)
+    with MisbehavingMirror("silent") as mirror:
+        timed_failure([mirror.url], tmp_path, timeouts=FAST)
+    lines = capsys.readouterr().err.splitlines()
+    waiting = [line for line in lines if line.startswith("waiting for")]
+    assert waiting == [
+        "waiting for 127.0.0.1 (connected, no answer yet, 0 s; gives up at 0.5 s)..."]
+    assert lines[0] == f"Downloading {mirror.url}train-labels-idx1-ubyte.gz"
+
+
+class FakeTerminal:
+    """Stands in for stderr on a terminal, keeping what was written."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_wait_on_a_terminal_is_one_line_redrawn_then_erased(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "WAITING_NOTICE_AFTER", 0.1)
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    timeouts = Timeouts(connect=0.5, stall=1.2, deadline=5)
+    with MisbehavingMirror("silent") as silent, MisbehavingMirror("half-body") as half_body:
+        timed_failure([silent.url, half_body.url], tmp_path, timeouts=timeouts)
+    for seconds in (0, 1):  # redrawn as the seconds pass...
+        assert (f"\rwaiting for 127.0.0.1 (connected, no answer yet, {seconds} s; gives up at "
+                "1.2 s)...\033[K") in terminal.text
+    first_attempt = terminal.text.split("Downloading ")[1]
+    assert first_attempt.endswith("\r\033[K")  # ...and erased
+    assert first_attempt.count("\n") == 1  # the "Downloading" line's own: no line per redraw
+    # Once the body is arriving, the progress bar says it.
+    assert f"waiting for 127.0.0.1 (stalled after {len(LABELS) // 2:,} bytes" in terminal.text
+
+
+def test_the_mirror_that_worked_is_asked_first_for_the_other_files(server, tmp_path):
+    _, files = serve_synthetic(server, tmp_path)
+    with MisbehavingMirror("silent") as silent:
+        download_dataset("mnist", tmp_path / "dest", mirrors=[silent.url, server.url + "/mirror/"],
+                         files=files, quiet=True, timeouts=FAST)
+        assert silent.connections == 1
+    assert_only(tmp_path / "dest", {f"{stem}.gz" for stem in IDX_STEMS})

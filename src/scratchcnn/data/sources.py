@@ -5,30 +5,45 @@ streamed into a hidden temporary file in the destination directory, its MD5 is c
 published one (and, where known, the SHA-256 of its decompressed bytes), and only then is it
 renamed into place with ``os.replace``, which is atomic. Any failure, including Ctrl-C, deletes
 the temporary file.
+
+Waiting is bounded (see Timeouts) so that a first run on a bad network, one that refuses, stalls
+or blackholes the mirrors, gives up within seconds and ``compare`` can fall back to the offline
+sample; while it waits, one line on stderr says for whom and for what.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import gzip
 import hashlib
 import http.client
+import math
 import os
+import queue
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from scratchcnn.data.idx import GZIP_MAGIC, DatasetError
 
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")
 RETRY_BACKOFF = 1.0  # seconds before the first retry; doubles each time
+TIMEOUTS_VARIABLE = "SCRATCHCNN_DOWNLOAD_TIMEOUTS"  # replaces Timeouts' defaults, see there
+POLL_INTERVAL = 0.1  # seconds between looks at the clock while a download waits
+WAITING_NOTICE_AFTER = 2.0  # a shorter wait is not worth a line on stderr
+WORKER_GRACE = 1.0  # see _Attempt
+BLOCK_SIZE = 1 << 16
 USER_AGENT = "scratchcnn-data/0.1 (+https://pypi.org/project/scratchcnn)"
 # The four files of an MNIST-family dataset, by their standard names without ".gz".
 IDX_STEMS = (
@@ -247,8 +262,66 @@ def mirrors_for(name: str, mirrors: Sequence[str] | None = None) -> tuple[str, .
 # -------------------------------------------------------------------------------- download
 
 
-class _PermanentError(Exception):
-    """A failure that retrying the same URL will not fix (HTTP 4xx, checksum mismatch)."""
+@dataclass(frozen=True)
+class Timeouts:
+    """How long a download waits, in seconds, before giving up on a mirror or on the file.
+
+    ``connect``: per mirror, to look the host up and open the connection (TCP, TLS, a proxy's
+    tunnel). ``stall``: once connected, for the next byte, be it the answer's first or the
+    body's next; a slow download that keeps receiving never reaches it. ``deadline``: per file,
+    across mirrors and retries: no attempt starts after it, and it cuts short an attempt that
+    has received none of the body by then. An attempt that is receiving runs on until it stalls:
+    a total cap would also stop a big file on a slow but working link.
+
+    The defaults are sized for a first run on an unknown network, where falling back to the
+    offline sample soon beats waiting minutes (``compare`` does that when the download fails):
+
+    - a refused connection or an unknown host fails at once, and is not retried; even a DNS
+      server that never answers costs at most ``connect`` per mirror: 3 x 3 s = 9 s <= 10 s;
+    - mirrors that connect and then stall cost at most ``deadline + stall`` = 21 + 7 = 28 s
+      <= 30 s in all: the last attempt may start just before the deadline, receive part of the
+      body, and stall. The deadline is 3 stalls, so that each of the 3 built-in MNIST mirrors
+      gets its chance. 7 s without a byte is long for a working connection, even a slow one.
+    """
+
+    connect: float = 3.0
+    stall: float = 7.0
+    deadline: float = 21.0
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            seconds = getattr(self, field.name)
+            if not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
+                raise ValueError(f"{field.name}={seconds!r}: a timeout is a number of seconds > 0")
+
+    @classmethod
+    def from_environment(cls) -> Timeouts:
+        """The defaults, with those that $SCRATCHCNN_DOWNLOAD_TIMEOUTS names replaced, e.g.
+        ``connect=10,stall=60,deadline=300`` on a slow link (or small values in tests)."""
+        text = os.environ.get(TIMEOUTS_VARIABLE, "")
+        names = {field.name for field in fields(cls)}
+        values = {}
+        try:
+            for part in filter(None, (part.strip() for part in text.split(","))):
+                name, _, seconds = (piece.strip() for piece in part.partition("="))
+                if name not in names:
+                    raise ValueError(f"{name!r} is not one of {', '.join(sorted(names))}")
+                values[name] = float(seconds)
+            return cls(**values)
+        except ValueError as error:
+            raise DatasetError(
+                f"${TIMEOUTS_VARIABLE}={text!r}: {error}; expected seconds as in "
+                "connect=3,stall=7,deadline=21"
+            ) from None
+
+
+class _TryNextMirror(Exception):
+    """A failure that retrying the same URL soon will not fix: HTTP 4xx, a checksum mismatch, no
+    connection (refused, unknown host, connect timeout), or a mirror that stopped answering."""
+
+    def __init__(self, message: str, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 @contextlib.contextmanager
@@ -279,42 +352,238 @@ def _decompressed_sha256(path: Path) -> str:
             for block in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(block)
     except (OSError, EOFError) as error:
-        raise _PermanentError(f"downloaded file is not valid gzip ({error})") from None
+        raise _TryNextMirror(f"downloaded file is not valid gzip ({error})") from None
     return digest.hexdigest()
 
 
-def _fetch(url: str, temporary: Path, timeout: float, quiet: bool) -> None:
-    """Stream ``url`` into ``temporary``; raise _PermanentError for 4xx, OSError for the rest."""
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as error:
-        if 400 <= error.code < 500:
-            raise _PermanentError(f"HTTP {error.code} {error.reason}") from None
-        raise
-    with response, open(temporary, "wb") as output:
-        length_header = response.headers.get("Content-Length")
-        expected = int(length_header) if length_header and length_header.isdigit() else None
-        from tqdm.auto import tqdm
+class _Attempt:
+    """One request, shared by the thread that downloads (the caller's) and the worker thread
+    that does the network I/O for it.
 
-        progress = tqdm(
-            total=expected, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=url.rsplit("/", 1)[-1], leave=False,
-            disable=quiet or not sys.stderr.isatty(),
-        )
-        received = 0
-        with progress:
-            while True:
-                block = response.read(1 << 16)
+    The worker reports through ``events``, in order: ("connecting", host) and ("connected",
+    host), again after a redirect; ("headers", the Content-Length or None); ("data", block),
+    the last block empty; or ("failed", exception) at any point. The caller sets ``abandoned``
+    when it stops listening.
+    """
+
+    def __init__(self, timeouts: Timeouts) -> None:
+        self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.abandoned = threading.Event()
+        # The caller's clock decides when to give up; the worker's socket timeouts, a little
+        # longer, only make an abandoned worker end by itself instead of lingering.
+        self.connect_timeout = timeouts.connect + WORKER_GRACE
+        self.read_timeout = timeouts.stall + WORKER_GRACE
+
+    def report(self, event: str, value: Any = None) -> None:
+        self.events.put((event, value))
+
+
+class _ReportsConnecting:
+    """Mixin for http.client's connections: tells the attempt when connecting starts and ends,
+    and switches the socket from the connect timeout to the read timeout."""
+
+    def __init__(self, *args: Any, attempt: _Attempt, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.attempt = attempt
+
+    def connect(self) -> None:
+        self.attempt.report("connecting", self.host)
+        super().connect()
+        self.sock.settimeout(self.attempt.read_timeout)
+        self.attempt.report("connected", self.host)
+
+
+class _ReportingHTTPConnection(_ReportsConnecting, http.client.HTTPConnection):
+    pass
+
+
+class _ReportingHTTPSConnection(_ReportsConnecting, http.client.HTTPSConnection):
+    pass
+
+
+class _ReportsConnections:
+    """Mixin for urllib's HTTP and HTTPS handlers: their connections report to the attempt.
+    (Proxies from the environment and redirects work as with plain ``urlopen``.)"""
+
+    def __init__(self, attempt: _Attempt) -> None:
+        super().__init__()
+        self.attempt = attempt
+
+    def do_open(self, connection_class: type, request: urllib.request.Request,
+                **connection_args: Any) -> http.client.HTTPResponse:
+        reporting = (_ReportingHTTPSConnection
+                     if issubclass(connection_class, http.client.HTTPSConnection)
+                     else _ReportingHTTPConnection)
+        connection = functools.partial(reporting, attempt=self.attempt)
+        return super().do_open(connection, request, **connection_args)
+
+
+class _ReportingHTTPHandler(_ReportsConnections, urllib.request.HTTPHandler):
+    pass
+
+
+class _ReportingHTTPSHandler(_ReportsConnections, urllib.request.HTTPSHandler):
+    pass
+
+
+def _receive(request: urllib.request.Request, attempt: _Attempt) -> None:
+    """The worker thread: send ``request`` and pass on what arrives (see _Attempt)."""
+    opener = urllib.request.build_opener(_ReportingHTTPHandler(attempt),
+                                         _ReportingHTTPSHandler(attempt))
+    try:
+        with opener.open(request, timeout=attempt.connect_timeout) as response:
+            attempt.report("headers", response.headers.get("Content-Length"))
+            while not attempt.abandoned.is_set():
+                # read1 returns what has arrived instead of waiting for a whole block, so every
+                # byte counts as progress when it comes, not when 64 KiB have.
+                block = response.read1(BLOCK_SIZE)
+                attempt.report("data", block)
                 if not block:
                     break
-                output.write(block)
-                received += len(block)
-                progress.update(len(block))
-        if expected is not None and received != expected:
-            raise ConnectionError(f"connection closed after {received} of {expected} bytes")
-        output.flush()
-        os.fsync(output.fileno())
+    except Exception as error:  # the downloading thread decides what each failure means
+        if isinstance(error, urllib.error.HTTPError):
+            error.close()  # its body, unread
+        attempt.report("failed", error)
+
+
+class _WaitingLine:
+    """The line on stderr that says what a download is waiting for, once a wait has lasted
+    WAITING_NOTICE_AFTER seconds. On a terminal it is redrawn as the seconds pass (inside the
+    progress bar once there is one) and erased when the wait ends; in a log, where each redraw
+    would be a new line, it is printed once per attempt."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.on_terminal = sys.stderr.isatty()
+        self.bar: Any = None  # the tqdm bar, once the body is arriving
+        self.shown = ""  # what the terminal shows now
+        self.printed = False
+
+    def show(self, text: str, waited: float) -> None:
+        if not self.enabled or waited < WAITING_NOTICE_AFTER or text == self.shown:
+            return
+        if not self.on_terminal:
+            if not self.printed:
+                print(text, file=sys.stderr, flush=True)
+                self.printed = True
+            return
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+        else:
+            sys.stderr.write(f"\r{text}\033[K")
+            sys.stderr.flush()
+        self.shown = text
+
+    def clear(self) -> None:
+        if not self.shown:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix_str("")
+        else:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+        self.shown = ""
+
+
+def _activity(phase: str, received: int) -> str:
+    """What an attempt in ``phase`` is doing while it waits, for messages."""
+    if phase == "connecting":
+        return "connecting"
+    if phase == "answer":
+        return "connected, no answer yet"
+    if not received:
+        return "answered, no data yet"
+    return f"stalled after {received:,} bytes"
+
+
+def _fetch(url: str, output: BinaryIO, timeouts: Timeouts, deadline: float, quiet: bool) -> None:
+    """Stream ``url`` into ``output`` until the end of the body, or until ``timeouts`` or
+    ``deadline`` (a ``time.monotonic()`` value) say to give up. Raises _TryNextMirror, or
+    OSError or HTTPException for a failure worth retrying (a dropped connection, HTTP 5xx).
+
+    The network I/O runs in a worker thread and this one watches the clock: that way the limits
+    hold whatever blocks (a DNS lookup ignores socket timeouts), this thread can say what it is
+    waiting for, and Ctrl-C stops it at once. A worker given up on is left to end by itself; it
+    never touches ``output``.
+    """
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    host = urllib.parse.urlsplit(url).hostname or url
+    attempt = _Attempt(timeouts)
+    worker = threading.Thread(target=_receive, args=(request, attempt), daemon=True,
+                              name=f"download {url}")
+    waiting = _WaitingLine(enabled=not quiet)
+    phase = "connecting"  # then "answer" (waiting for the response headers), then "body"
+    since = time.monotonic()  # when the current wait began
+    received, expected, bar = 0, None, None
+    worker.start()
+    try:
+        while True:
+            try:
+                event, value = attempt.events.get(timeout=POLL_INTERVAL)
+            except queue.Empty:
+                now = time.monotonic()
+                limit = timeouts.connect if phase == "connecting" else timeouts.stall
+                # The deadline cuts only the waits of an attempt that has received nothing yet.
+                give_up_at = since + limit if received else min(since + limit, deadline)
+                activity = _activity(phase, received)
+                if now >= give_up_at:
+                    when = (f"at the {timeouts.deadline:g} s deadline for this file"
+                            if give_up_at == deadline else f"after {limit:g} s")
+                    raise _TryNextMirror(f"gave up on {host} ({activity}) {when}",
+                                         timed_out=True) from None
+                waiting.show(f"waiting for {host} ({activity}, {int(now - since)} s; gives up "
+                             f"at {round(give_up_at - since, 1):g} s)...", now - since)
+                continue
+            since = time.monotonic()
+            if event == "connecting":
+                phase, host = "connecting", value
+            elif event == "connected":
+                phase = "answer"
+            elif event == "headers":
+                phase = "body"
+                expected = int(value) if value and value.isdigit() else None
+                waiting.clear()
+                bar = _progress_bar(url, expected, quiet)
+                waiting.bar = bar if waiting.on_terminal else None
+            elif event == "data":
+                if not value:
+                    break
+                output.write(value)
+                received += len(value)
+                bar.update(len(value))
+                waiting.clear()
+            else:  # "failed"
+                raise _failure(value, phase, host)
+    finally:
+        attempt.abandoned.set()
+        waiting.clear()
+        if bar is not None:
+            bar.close()
+    if expected is not None and received != expected:
+        raise ConnectionError(f"connection closed after {received} of {expected} bytes")
+
+
+def _progress_bar(url: str, expected: int | None, quiet: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=url.rsplit("/", 1)[-1], leave=False,
+                disable=quiet or not sys.stderr.isatty())
+
+
+def _failure(error: Exception, phase: str, host: str) -> Exception:
+    """What the worker's ``error``, raised while in ``phase``, means for the download."""
+    if isinstance(error, urllib.error.HTTPError):
+        if 400 <= error.code < 500:
+            return _TryNextMirror(f"HTTP {error.code} {error.reason}")
+        return error  # 5xx: the server's trouble, often passing
+    if phase == "connecting" and isinstance(error, OSError):
+        # Refused, unknown host, TLS or proxy failure: another try in a second or two would
+        # fail the same way, and on a first run the time is better spent on the next mirror.
+        reason = error.reason if isinstance(error, urllib.error.URLError) else error
+        detail = getattr(reason, "strerror", None) or reason
+        return _TryNextMirror(f"cannot connect to {host} ({detail})")
+    return error
 
 
 def download_file(
@@ -322,58 +591,81 @@ def download_file(
     base_urls: Sequence[str],
     directory: str | os.PathLike,
     *,
-    timeout: float = 30.0,
+    timeouts: Timeouts | None = None,
     retries: int = 3,
     backoff: float | None = None,
     quiet: bool = False,
 ) -> Path:
     """Download ``remote`` into ``directory``, trying each base URL in order.
 
-    Transient failures (timeouts, dropped connections, HTTP 5xx) are retried ``retries`` times
-    per mirror with exponential backoff (``backoff`` seconds, doubling; default RETRY_BACKOFF);
-    HTTP 4xx and checksum mismatches move on to the next
-    mirror at once. Returns the final path, which exists only if its checksums matched.
+    A connection dropped mid-way or an HTTP 5xx is retried ``retries`` times per mirror with
+    exponential backoff (``backoff`` seconds, doubling; default RETRY_BACKOFF). HTTP 4xx,
+    checksum mismatches, failures to connect and mirrors that stop answering move on to the
+    next mirror at once. ``timeouts`` (default: Timeouts.from_environment()) bounds the waiting,
+    see Timeouts. Returns the final path, which exists only if its checksums matched.
     Raises DatasetError listing what went wrong at each mirror.
     """
+    timeouts = timeouts or Timeouts.from_environment()
+    return _download_file(remote, base_urls, directory, timeouts, retries, backoff, quiet)[0]
+
+
+def _download_file(remote: RemoteFile, base_urls: Sequence[str], directory: str | os.PathLike,
+                   timeouts: Timeouts, retries: int, backoff: float | None, quiet: bool
+                   ) -> tuple[Path, str]:
+    """download_file, also returning the base URL that served the file."""
     backoff = RETRY_BACKOFF if backoff is None else backoff
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     destination = directory / remote.filename
+    deadline = time.monotonic() + timeouts.deadline
     failures = []
+    timed_out = False
     for base in base_urls:
         url = base + remote.filename
         for attempt in range(max(1, retries)):
-            if attempt:
-                time.sleep(backoff * 2 ** (attempt - 1))
+            pause = backoff * 2 ** (attempt - 1) if attempt else 0.0
+            if time.monotonic() + pause >= deadline:
+                again = " again" if attempt else ""
+                failures.append(f"{url}: not tried{again}, the {timeouts.deadline:g} s deadline "
+                                "for this file had passed")
+                timed_out = True
+                break
+            time.sleep(pause)
             try:
                 with _temporary_file(destination) as temporary:
                     if not quiet:
                         print(f"Downloading {url}", file=sys.stderr)
-                    _fetch(url, temporary, timeout, quiet)
+                    with open(temporary, "wb") as output:
+                        _fetch(url, output, timeouts, deadline, quiet)
+                        output.flush()
+                        os.fsync(output.fileno())
                     _verify(remote, temporary)
                     os.replace(temporary, destination)
-                return destination
-            except (_PermanentError, ValueError) as error:  # ValueError: a malformed URL
+                return destination, base
+            except (_TryNextMirror, ValueError) as error:  # ValueError: a malformed URL
                 failures.append(f"{url}: {error}")
+                timed_out = timed_out or getattr(error, "timed_out", False)
                 break
-            except (OSError, http.client.HTTPException) as error:  # timeouts, dropped connections
+            except (OSError, http.client.HTTPException) as error:  # dropped connections, 5xx
                 failures.append(f"{url} (attempt {attempt + 1}): {type(error).__name__}: {error}")
+    slow_network = (f" On a slow network, allow more time with {TIMEOUTS_VARIABLE}, e.g. "
+                    "connect=10,stall=60,deadline=300." if timed_out else "")
     raise DatasetError(
         f"could not download {remote.filename} into {directory}:\n  "
         + "\n  ".join(failures)
         + "\nCheck your connection, set SCRATCHCNN_MIRRORS to a working mirror, or download the "
-        "file yourself and pass its directory with --data-dir."
+        "file yourself and pass its directory with --data-dir." + slow_network
     )
 
 
 def _verify(remote: RemoteFile, path: Path) -> None:
     md5 = _file_md5(path)
     if md5 != remote.md5:
-        raise _PermanentError(f"checksum mismatch: MD5 {md5}, expected {remote.md5}")
+        raise _TryNextMirror(f"checksum mismatch: MD5 {md5}, expected {remote.md5}")
     if remote.sha256_decompressed is not None:
         sha256 = _decompressed_sha256(path)
         if sha256 != remote.sha256_decompressed:
-            raise _PermanentError(
+            raise _TryNextMirror(
                 f"checksum mismatch of the decompressed data: SHA-256 {sha256}, "
                 f"expected {remote.sha256_decompressed}"
             )
@@ -386,7 +678,7 @@ def download_dataset(
     mirrors: Sequence[str] | None = None,
     files: Sequence[RemoteFile] | None = None,
     stems: Sequence[str] | None = None,
-    timeout: float = 30.0,
+    timeouts: Timeouts | None = None,
     retries: int = 3,
     backoff: float | None = None,
     quiet: bool = False,
@@ -396,11 +688,13 @@ def download_dataset(
     ``mirrors`` and ``files`` replace the built-in mirror list and checksum table (tests serve
     synthetic files this way); by default $SCRATCHCNN_MIRRORS, then the public mirrors are used.
     ``stems`` limits the download to those files (e.g. TEST_STEMS when only the test split is
-    read).
+    read). ``timeouts`` (default: Timeouts.from_environment()) applies to each file; the first
+    file that cannot be downloaded ends the download, so a dead network costs one file's worth.
     """
     if name not in REMOTE_DATASETS:
         known = ", ".join(REMOTE_DATASETS)
         raise DatasetError(f"dataset {name!r} cannot be downloaded (downloadable: {known})")
+    timeouts = timeouts or Timeouts.from_environment()
     directory = Path(directory) if directory is not None else default_download_dir(name)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -409,11 +703,15 @@ def download_dataset(
             f"cannot create {directory} to download {name} into ({error.strerror or error}); "
             "pick another directory with --data-dir"
         ) from None
-    base_urls = mirrors_for(name, mirrors)
+    base_urls = list(mirrors_for(name, mirrors))
     for remote in files if files is not None else REMOTE_DATASETS[name].files:
         stem = remote.filename.removesuffix(".gz")
         if (stems is not None and stem not in stems) or find_idx_file(directory, stem) is not None:
             continue
-        download_file(remote, base_urls, directory, timeout=timeout, retries=retries,
-                      backoff=backoff, quiet=quiet)
+        _, served_by = _download_file(remote, base_urls, directory, timeouts, retries, backoff,
+                                      quiet)
+        # Ask the mirror that worked first for the remaining files: each one before it would
+        # cost its timeouts again, file after file.
+        base_urls.remove(served_by)
+        base_urls.insert(0, served_by)
     return directory
