@@ -43,10 +43,11 @@ def two_identical_ranks(world_of_one, monkeypatch):
     is twice this one's, a broadcast changes nothing."""
     calls = []
 
-    def all_reduce(array, op=dist.ReduceOp.SUM, group=None):
+    def all_reduce(array, op=dist.ReduceOp.SUM, group=None, async_op=False):
         assert op is dist.ReduceOp.SUM
         calls.append(array.size)
         array *= 2
+        return dist.Work() if async_op else None
 
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
@@ -228,7 +229,6 @@ def test_ddp_counts_a_missing_gradient_as_zeros_and_keeps_a_foreign_one(two_iden
     ddp.module[-1].weight.grad = None
     own = np.ones_like(last.data)
     last.grad = own
-    ddp._share = None
     ddp._all_reduce_gradients()
     np.testing.assert_array_equal(first.grad, np.zeros_like(first.data))
     assert last.grad is own and np.all(own == 2)  # reduced (two ranks' ones) in place

@@ -70,19 +70,19 @@ class DistributedDataParallel(Module):
 
         g = (1/N) sum_i grad_i = sum_r (n_r / N) g_r.
 
-    ``forward`` learns N (an all-reduce of one number), ``backward`` scales ``grad_output`` by
-    n_r / N before the module's backward, and one all-reduce (SUM) of the P-vector gives g on
-    every rank. With equal parts (n_r = N / R on R ranks) this is torch's plain average
-    (1/R) sum_r g_r; with unequal ones (the last batch of an epoch, 22/21/21) it is still
-    exactly the one-process gradient, where a plain average would over-weight the smaller
-    parts. Scaling the output gradient rather than the parameter gradients matters for
-    ``SyncBatchNorm``: its backward adds every rank's sum(dy) and sum(dy * x_hat), which are
-    the whole batch's only if every rank's dy carries the same 1/N. (A loss with
-    reduction="sum" needs no scaling: divide its gradient by n_r / N yourself, or use a mean.)
-    Under ``no_sync()`` each backward is scaled by its own forward's n_r / N, so the gradient
-    accumulated over several batches is the sum of their one-process mean-loss gradients.
-    A parameter whose ``.grad`` is None on a rank counts as zeros there; after a synchronised
-    backward every parameter has a ``.grad``.
+    ``forward`` learns N (an all-reduce of one number, done while the module runs), ``backward``
+    scales ``grad_output`` by n_r / N before the module's backward, and one all-reduce (SUM) of
+    the P-vector gives g on every rank. With equal parts (n_r = N / R on R ranks) this is
+    torch's plain average (1/R) sum_r g_r; with unequal ones (the last batch of an epoch,
+    22/21/21) it is still exactly the one-process gradient, where a plain average would
+    over-weight the smaller parts. Scaling the output gradient rather than the parameter
+    gradients matters for ``SyncBatchNorm``: its backward adds every rank's sum(dy) and sum(dy *
+    x_hat), which are the whole batch's only if every rank's dy carries the same 1/N. (A loss
+    with reduction="sum" needs no scaling: divide its gradient by n_r / N yourself, or use a
+    mean.) Under ``no_sync()`` each backward is scaled by its own forward's n_r / N, so the
+    gradient accumulated over several batches is the sum of their one-process mean-loss
+    gradients. A parameter whose ``.grad`` is None on a rank counts as zeros there; after a
+    synchronised backward every parameter has a ``.grad``.
 
     ``.grad`` is a view of the gradient vector (as torch DDP's ``gradient_as_bucket_view``):
     copy it to keep it past the next backward.
@@ -117,8 +117,9 @@ class DistributedDataParallel(Module):
         for param, view in zip(params, self._grad_views, strict=True):
             param.grad_buffer = view
         self._sync = True
-        # n_r / N of the last forward with gradients on: what its backward scales by.
-        self._share: float | None = None
+        # The last forward's sample counts (this rank's, all ranks'), being added up.
+        self._counts = np.zeros(2, np.int64)
+        self._counts_work: dist.Work | None = None
         dist.broadcast(_end_to_end_vector([param.data for param in params]), src=0)
         self._broadcast_buffers()
 
@@ -143,17 +144,27 @@ class DistributedDataParallel(Module):
         if is_grad_enabled() and dist.get_world_size() > 1:
             if self.broadcast_buffers and self._sync:
                 self._broadcast_buffers()
+            # N, added up while the module's forward runs (no extra wait for the other ranks).
             local = len(inputs[0]) if inputs else 0
-            counts = np.array([local], dtype=np.int64)
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-            self._share = local / int(counts[0]) if counts[0] else 0.0
+            self._counts = np.array([local, local], dtype=np.int64)  # [n_r, N after the sum]
+            self._counts_work = dist.all_reduce(self._counts[1:], op=dist.ReduceOp.SUM,
+                                                async_op=True)
         return self.module(*inputs, **kwargs)
 
+    def _take_share(self) -> float | None:
+        """n_r / N of the last forward with gradients on (once), or None without one."""
+        if self._counts_work is None:
+            return None
+        self._counts_work.wait()
+        self._counts_work = None
+        local, total = (int(count) for count in self._counts)
+        return local / total if total else 0.0
+
     def backward(self, grad_output: Any, **kwargs: Any) -> Any:
-        if self._share is not None:
+        share = self._take_share()
+        if share is not None:
             grad_output = np.asarray(grad_output)
-            grad_output = grad_output * grad_output.dtype.type(self._share)
-            self._share = None
+            grad_output = grad_output * grad_output.dtype.type(share)
         grad_input = self.module.backward(grad_output, **kwargs)
         if self._sync and dist.get_world_size() > 1:
             self._all_reduce_gradients()
