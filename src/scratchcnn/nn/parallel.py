@@ -12,6 +12,13 @@ coordination is one all-reduce of the gradients at the end of ``backward``:
 The layers never know how many ranks there are. A model with BatchNorm2d also needs
 ``SyncBatchNorm.convert_sync_batchnorm(model)`` (before wrapping) for its statistics to be the
 whole batch's.
+
+No overlap of the all-reduce with backward (torch's buckets): measured on 2 ranks on 2 cores
+(``tests/mpi_scripts/bench_allreduce.py``, simple-cnn, float32, batch 64), one Allreduce of the
+207,018 gradients takes 0.10 ms (0.45 ms in some runs), Iallreduce + Wait 0.18 ms; a step takes
+~6.1 ms with no communication, ~6.9 ms through this class, and ~7.6 ms with one Iallreduce per
+layer started as its backward ends: without a progress thread the reductions only advance
+inside MPI calls, and ten small non-blocking ones cost more than the one they would hide.
 """
 
 from __future__ import annotations
