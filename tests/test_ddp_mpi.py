@@ -7,6 +7,7 @@ is the same training run here, on the whole batches, without DistributedDataPara
 from __future__ import annotations
 
 import importlib.util
+import signal
 import subprocess
 import sys
 import time
@@ -157,3 +158,29 @@ def test_one_process_run_of_the_worker_needs_no_mpiexec(tmp_path):
         capture_output=True, text=True, check=False, timeout=60)
     assert result.returncode == 0, result.stderr
     assert len(np.load(tmp_path / "syncbn-rank0.npz")["out"]) == 13
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_the_launcher_ends_every_rank(signum):
+    # The launcher's process alone gets the signal (not the whole terminal's process group):
+    # it must pass it on to mpiexec, or the ranks would sleep on for 100 s.
+    marker = f"ddp-test-{uuid.uuid4().hex}"
+    ranks_code = ("import time; from scratchcnn import distributed as dist; "
+                  f"dist.init_process_group(); dist.barrier(); time.sleep(100)  # {marker}")
+    launcher = subprocess.Popen([sys.executable, "-c", (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from scratchcnn.distributed import launch; "
+        f"sys.exit(launch.run_under_mpiexec(2, ['-c', {ranks_code!r}], module=None))")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    # Until the launcher, mpiexec and both ranks run (and the ranks wait in their barrier).
+    while len(leftover_processes(marker).split()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    start = time.perf_counter()
+    launcher.send_signal(signum)
+    code = launcher.wait(timeout=30)
+    assert time.perf_counter() - start < 15
+    assert code != 0 and (code == 130 or signum != signal.SIGINT)
+    time.sleep(0.5)
+    assert not leftover_processes(marker)
