@@ -7,6 +7,7 @@ is the same training run here, on the whole batches, without DistributedDataPara
 from __future__ import annotations
 
 import importlib.util
+import re
 import signal
 import subprocess
 import sys
@@ -136,6 +137,15 @@ def test_a_failing_rank_ends_the_whole_job(mode):
         assert "[rank 1] Traceback (most recent call last):" in result.stderr
     time.sleep(0.5)
     assert not leftover_processes(marker)
+
+
+def test_a_rank_waiting_in_barrier_leaves_the_core_free():
+    # MPI's own blocking barrier would poll at 100% CPU: ~2 s of CPU for 2 s of waiting.
+    result, _, _ = run_ranks(2, "barrier")
+    assert result.returncode == 0, result.stderr[-3000:]
+    waited, cpu = map(float, re.search(r"rank 1 waited ([\d.]+) s using ([\d.]+) s of CPU",
+                                       result.stdout).groups())
+    assert waited > 1.5 and cpu < 0.25 * waited
 
 
 def test_run_under_mpiexec_returns_the_ranks_exit_code(capfd):

@@ -3,7 +3,8 @@ imported by the tests, the one-process reference of the same training.
 
 Modes: ``train OUT MODELS`` (each model trained with DistributedDataParallel, its weights saved
 per rank), ``syncbn OUT`` (one SyncBatchNorm forward and backward on this rank's part), ``raise``
-and ``kill`` (rank 1 fails while rank 0 waits; the job must end). The last argument of every
+and ``kill`` (rank 1 fails while rank 0 waits; the job must end), ``barrier`` (the CPU time a
+rank spends waiting for a busy rank 0). The last argument of every
 command is a marker the tests look for with pgrep.
 """
 
@@ -95,6 +96,14 @@ def main() -> None:
         layer = nn.SyncBatchNorm(4, dtype=np.float64)
         result = syncbn_step(layer, data["x"][local], data["grad"][local])
         np.savez(Path(sys.argv[2]) / f"syncbn-rank{rank}.npz", **result)
+    elif mode == "barrier":
+        # Rank 0 is busy for 2 s; the others report the CPU time their wait cost.
+        if rank == 0:
+            time.sleep(2.0)
+        start = (time.perf_counter(), time.process_time())
+        dist.barrier()
+        print(f"rank {rank} waited {time.perf_counter() - start[0]:.2f} s using "
+              f"{time.process_time() - start[1]:.3f} s of CPU", flush=True)
     elif mode in ("raise", "kill"):
         if rank == 1:
             time.sleep(0.5)  # rank 0 is waiting by then
