@@ -170,7 +170,7 @@ def test_one_process_run_of_the_worker_needs_no_mpiexec(tmp_path):
     assert len(np.load(tmp_path / "syncbn-rank0.npz")["out"]) == 13
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupting_the_launcher_ends_every_rank(signum):
     # The launcher's process alone gets the signal (not the whole terminal's process group):
     # it must pass it on to mpiexec, or the ranks would sleep on for 100 s.
