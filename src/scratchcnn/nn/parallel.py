@@ -151,6 +151,7 @@ class DistributedDataParallel(Module):
         if is_grad_enabled() and dist.get_world_size() > 1:
             if self.broadcast_buffers and self._sync:
                 self._broadcast_buffers()
+            self._take_share()  # a previous forward's count still on its way (no backward)
             # N, added up while the module's forward runs (no extra wait for the other ranks).
             local = len(inputs[0]) if inputs else 0
             self._counts = np.array([local, local], dtype=np.int64)  # [n_r, N after the sum]
