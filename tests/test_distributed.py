@@ -66,6 +66,8 @@ def test_a_process_not_started_by_mpiexec_is_a_world_of_one_without_mpi4py(no_mp
     array = np.arange(6.0).reshape(2, 3)
     for op in dist.ReduceOp:
         dist.all_reduce(array, op=op)
+    work = dist.all_reduce(array, async_op=True)
+    assert work.is_completed() and work.wait()
     dist.broadcast(array, src=0)
     dist.barrier()
     np.testing.assert_array_equal(array, np.arange(6.0).reshape(2, 3))
