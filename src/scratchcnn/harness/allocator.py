@@ -4,17 +4,17 @@ By default glibc serves large blocks (above 128 KB, a threshold that rises to at
 such blocks are freed) with fresh ``mmap``s, and gives freed memory at the top of its heap back
 to the system. Either way, the next allocation page-faults its memory back in, at ~1.4 µs per
 4 KB page on the development machine. How often depends on the process's history: a simple-cnn
-training step at batch 64 took from ~3 to ~180 faults in the main process and ~0.5 to ~330 in
-its shard worker (up to ~0.45 ms of a ~7 ms step, paid by whichever process is slower). Serving
-blocks up to 32 MB from the heap and never trimming it brings that to ~0 in every run. The
-price: memory freed stays with the process.
+training step at batch 64 took from a few to a few hundred faults a process (up to ~0.45 ms of a
+~7 ms step; with MPI ranks, the slowest rank's faults delay every rank at the gradient
+all-reduce). Serving blocks up to 32 MB from the heap and never trimming it brings that to ~0 in
+every run. The price: memory freed stays with the process.
 
-It is opt-in: ``SCRATCHCNN_KEEP_FREED_MEMORY=1`` makes ``apply_threads`` apply it, for NumPy and
-PyTorch alike (the memory probes keep the default, since keeping freed memory raises the peak of
-whichever side fragments more). By default both frameworks run as their users run them. The
-setting helps PyTorch more than NumPy: in paired bench runs its inference of 10,000 simple-cnn
-images took 0.52 s instead of 0.86 s, scratch-notebook-cnn's 0.09 s instead of 0.26 s, NumPy's
-unchanged. A user's own ``MALLOC_*`` settings are left alone.
+It is opt-in: ``SCRATCHCNN_KEEP_FREED_MEMORY=1`` makes ``apply_threads`` apply it, for NumPy
+(every rank) and PyTorch alike (the memory probes keep the default, since keeping freed memory
+raises the peak of whichever side fragments more). By default both frameworks run as their users
+run them. The setting helps PyTorch more than NumPy: in paired bench runs its inference of
+10,000 simple-cnn images took 0.52 s instead of 0.86 s, scratch-notebook-cnn's 0.09 s instead of
+0.26 s, NumPy's unchanged. A user's own ``MALLOC_*`` settings are left alone.
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
 """NumPy vs PyTorch, fairly: the same architecture and initial weights (the NumPy model is built
 from the seed and copied into PyTorch), the same normalised data, the same batches in the same
-order (one BatchSampler), the same optimizer hyper-parameters and thread count, measured in one
-run with the frameworks alternating epoch by epoch so machine noise hits both."""
+order (one BatchSampler), the same optimizer hyper-parameters and cores, measured in one run with
+the frameworks alternating epoch by epoch so machine noise hits both.
+
+With N threads the NumPy side runs as N MPI ranks (``ranks.py``), each training its part of every
+batch with one BLAS thread, and PyTorch runs on rank 0 with N threads while the other ranks wait
+(asleep). Only rank 0 returns the report."""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from scratchcnn.data.sources import check_data_dir
-from scratchcnn.harness import training
+from scratchcnn.harness import ranks, training
 from scratchcnn.harness.environment import describe_environment, load_average
 from scratchcnn.harness.measure import adds_child_processes, measure_in_subprocess
 from scratchcnn.harness.threads import apply_threads
@@ -210,12 +214,16 @@ class _Side:
     final: training.EvalResult | None = None
 
 
-def _build_sides(config: CompareConfig, dtype: np.dtype) -> dict[str, _Side]:
+def _build_sides(config: CompareConfig, dtype: np.dtype, main: bool = True
+                 ) -> dict[str, _Side]:
+    """The sides to train; on ranks other than 0 PyTorch's has no model (rank 0 runs it)."""
     numpy_model = build_model(config.model, dtype=dtype, rng=np.random.default_rng(config.seed))
     sides: dict[str, _Side] = {}
     for framework in config.frameworks:
         if framework == "numpy":
             sides["numpy"] = _Side("numpy", numpy_model)
+        elif not main:
+            sides["torch"] = _Side("torch", None)
         else:
             import torch
 
@@ -228,14 +236,14 @@ def _build_sides(config: CompareConfig, dtype: np.dtype) -> dict[str, _Side]:
 
 def _model_state(side: _Side) -> dict[str, np.ndarray]:
     if side.name == "numpy":
-        return dict(side.model.state_dict())
+        return dict(ranks.unwrapped(side.model).state_dict())
     from scratchcnn.reference.torch_models import from_torch_state_dict
 
     return from_torch_state_dict(side.model.state_dict())
 
 
 def _max_weight_difference(sides: dict[str, _Side]) -> float | None:
-    if len(sides) < 2:
+    if len(sides) < 2 or any(side.model is None for side in sides.values()):
         return None
     first, second = (_model_state(side) for side in sides.values())
     return max(
@@ -244,18 +252,25 @@ def _max_weight_difference(sides: dict[str, _Side]) -> float | None:
     )
 
 
-def run_compare(config: CompareConfig) -> dict[str, Any]:
+def run_compare(config: CompareConfig) -> dict[str, Any] | None:
     """Run the whole comparison and return the report dictionary (also holding, under the
-    private key ``_artifacts``, the arrays the plots need)."""
+    private key ``_artifacts``, the arrays the plots need); None on ranks other than 0."""
     from scratchcnn.data import BatchSampler, compute_mean_std, normalize
     from scratchcnn.harness.flops import best_peak, matmul_peak_gflops
 
     config.validate()
     started = _now()
-    threads = apply_threads(config.threads, torch="torch" in config.frameworks)
+    world = ranks.world_size()
+    main = ranks.is_main()
+    quiet = config.quiet or not main
+    if world > 1:
+        # PyTorch (rank 0) gets the N threads; each NumPy rank one BLAS thread.
+        threads = apply_threads(world, torch=main and "torch" in config.frameworks, blas=1)
+    else:
+        threads = apply_threads(config.threads, torch="torch" in config.frameworks)
     load_start = load_average()
-    peaks = [matmul_peak_gflops(dtype=np.float32)]
-    dataset, fallback = resolve_dataset(config)
+    peaks = [ranks.on_main_with_threads(lambda: matmul_peak_gflops(dtype=np.float32), threads)]
+    dataset, fallback = _dataset_on_every_rank(config)
     dataset = dataset.limit(config.limit_train, config.limit_test)
     dtype = np.dtype(config.dtype)
     mean, std = compute_mean_std(dataset.train_images)
@@ -263,16 +278,25 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     test_x = normalize(dataset.test_images, mean, std, dtype=dtype)
     train_y, test_y = dataset.train_labels, dataset.test_labels
 
-    sides = _build_sides(config, dtype)
+    sides = _build_sides(config, dtype, main)
     initial_difference = _max_weight_difference(sides)
     initial_first_layer = {name: _first_weight(side) for name, side in sides.items()}
+    if "numpy" in sides:
+        # With MPI ranks: SyncBatchNorm, DistributedDataParallel (one process: as built).
+        sides["numpy"].model = ranks.distribute(sides["numpy"].model, config.seed)
 
     def evaluate(side: _Side) -> training.EvalResult:
         return training.evaluate(side.name, side.model, test_x, test_y,
                                  batch_size=config.eval_batch_size)
 
+    def on_its_ranks(side: _Side, work: Callable[[], Any]) -> Any:
+        """``work()`` on every rank for NumPy; on rank 0 for PyTorch, the others waiting."""
+        return work() if side.name == "numpy" else ranks.only_main(work)
+
     for side in sides.values():
-        result = evaluate(side)
+        result = on_its_ranks(side, lambda side=side: evaluate(side))
+        if result is None:
+            continue
         side.untrained = {"test_accuracy": result.accuracy, "test_loss": result.loss,
                           "eval_seconds": result.seconds}
         side.optimizer = training.make_optimizer(
@@ -295,9 +319,12 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
                                                 config.seed, epoch, mean, std, dtype)
             augment_seconds = time.perf_counter() - start
         for side in sides.values():  # alternate: numpy epoch e, torch epoch e, numpy e+1, ...
+            if side.model is None:  # PyTorch's epoch, on rank 0: wait for it
+                ranks.barrier()
+                continue
             losses: list[float] = []
             description = f"{side.name} epoch {epoch}/{config.epochs}"
-            with _progress_bar(len(batches), description, config.quiet) as progress:
+            with _progress_bar(len(batches), description, quiet) as progress:
 
                 def record(loss: float, losses=losses, progress=progress) -> None:
                     losses.append(loss)
@@ -316,6 +343,8 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
             for scheduler in side.schedulers:
                 scheduler.step()
             side.final = evaluate(side)
+            if side.name == "torch":
+                ranks.barrier()  # the other ranks waited for this epoch
             side.step_losses.append(losses)
             side.epochs.append({
                 "epoch": epoch, "train_loss": train_loss, "test_loss": side.final.loss,
@@ -323,14 +352,18 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
                 "eval_seconds": side.final.seconds, "lr": lr,
                 "augment_seconds": augment_seconds,
             })
-            if not config.quiet:
+            if not quiet:
                 _warn(f"{side.name:>5} epoch {epoch}/{config.epochs}: train loss "
                       f"{train_loss:.4f}, test loss {side.final.loss:.4f}, test accuracy "
                       f"{side.final.accuracy:.2%}, {seconds:.1f} s")
 
-    memory = _measure_memory(config, threads, train_x, train_y, test_x, test_y, sampler)
+    memory = _measure_memory(config, threads, world, train_x, train_y, test_x, test_y,
+                             sampler)
     # Measured before and after the run, keeping the better one, as bench does.
-    peaks.append(matmul_peak_gflops(dtype=np.float32))
+    peaks.append(ranks.on_main_with_threads(lambda: matmul_peak_gflops(dtype=np.float32),
+                                            threads))
+    if not main:
+        return None
     host = {
         "load_average": {"start": load_start, "end": load_average()},
         "matmul_peak": best_peak(peaks),
@@ -338,7 +371,25 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     run_info = {"started": started, "finished": _now(), **run_identity(),
                 "command": equivalent_command(config), "argv": list(sys.argv)}
     return _assemble_report(config, dataset, fallback, mean, std, threads, sides, memory,
-                            initial_difference, initial_first_layer, run_info, host)
+                            initial_difference, initial_first_layer, run_info, host, world)
+
+
+def _dataset_on_every_rank(config: CompareConfig):
+    """``resolve_dataset`` on rank 0 (it may download, or fall back to the sample), then the
+    same dataset read from disk by the other ranks."""
+    if ranks.world_size() == 1:
+        return resolve_dataset(config)
+    from scratchcnn.data import load_dataset
+
+    found = None
+    if ranks.is_main():
+        found = resolve_dataset(config)
+    fell_back = ranks.broadcast_value(1.0 if found and found[1] else 0.0)
+    if found is not None:
+        return found
+    if fell_back:
+        return load_dataset(FALLBACK_DATASET, download=False), "(rank 0 fell back)"
+    return load_dataset(config.dataset or DEFAULT_DATASET, config.data_dir, download=False), None
 
 
 def _now() -> str:
@@ -403,13 +454,22 @@ def equivalent_command(config: CompareConfig) -> str:
 def _first_weight(side: _Side) -> np.ndarray | None:
     from scratchcnn.models import first_conv_weight
 
+    if side.model is None:
+        return None
     return first_conv_weight(_model_state(side))
 
 
-def _measure_memory(config, threads, train_x, train_y, test_x, test_y, sampler):
-    results: dict[str, dict[str, Any]] = {}
+def _measure_memory(config, threads, world, train_x, train_y, test_x, test_y, sampler):
+    """Each side's peak memory in fresh processes (NumPy's: as many ranks as the run has),
+    started by rank 0 while the other ranks wait."""
     if not config.measure_memory:
-        return results
+        return {}
+    return ranks.only_main(lambda: _probe_memory(config, threads, world, train_x, train_y,
+                                                 test_x, test_y, sampler)) or {}
+
+
+def _probe_memory(config, threads, world, train_x, train_y, test_x, test_y, sampler):
+    results: dict[str, dict[str, Any]] = {}
     batches = sampler.epoch(1)[:PROBE_STEPS]
     used = np.concatenate(batches)
     with tempfile.TemporaryDirectory(prefix="scratchcnn-memprobe-") as tmp:
@@ -428,7 +488,8 @@ def _measure_memory(config, threads, train_x, train_y, test_x, test_y, sampler):
             }
             try:
                 results[framework] = measure_in_subprocess(
-                    "scratchcnn.harness.compare:memory_probe", payload)
+                    "scratchcnn.harness.compare:memory_probe", payload,
+                    ranks=world if framework == "numpy" else 1)
             except (RuntimeError, OSError) as error:
                 _warn(f"warning: peak memory of {framework} could not be measured: {error}")
     return results
@@ -436,10 +497,13 @@ def _measure_memory(config, threads, train_x, train_y, test_x, test_y, sampler):
 
 def memory_probe(payload: dict[str, Any], window) -> dict[str, Any]:
     """Runs in a fresh process (see ``measure.measure_in_subprocess``): build the model, then
-    inside the measurement window train for a few steps and evaluate a slice of the test set."""
+    inside the measurement window train for a few steps and evaluate a slice of the test set
+    (NumPy's as the run's ranks, each with its part of every batch)."""
     framework = payload["framework"]
     # The default allocator, as in bench.memory_probe.
-    apply_threads(payload["threads"], torch=framework == "torch", keep_memory=False)
+    world = ranks.world_size()
+    apply_threads(payload["threads"], torch=framework == "torch", keep_memory=False,
+                  blas=1 if world > 1 else None)
     with np.load(payload["data"], allow_pickle=False) as data:
         arrays = {key: data[key] for key in data.files}
     dtype = np.dtype(payload["dtype"])
@@ -449,6 +513,8 @@ def memory_probe(payload: dict[str, Any], window) -> dict[str, Any]:
         from scratchcnn.reference.torch_models import torch_twin
 
         model = torch_twin(model, payload["model"])
+    else:
+        model = ranks.distribute(model, payload["seed"])
     ends = np.cumsum(payload["batch_sizes"])
     batches = [np.arange(end - size, end) for size, end in zip(payload["batch_sizes"], ends,
                                                                strict=True)]
@@ -535,15 +601,15 @@ def _memory_note(memory: dict[str, dict[str, Any]], probe: dict[str, Any]) -> st
         f"model construction), in MiB ({methods})."
     )
     if any(adds_child_processes(entry["method"]) for entry in memory.values()):
-        note += (" Where worker processes ran (NumPy's shards), the main process's peak and each "
-                 "worker's peak private memory, taken at their own moments, are added: an upper "
-                 "bound on the true combined peak.")
+        note += (" Where several processes ran (NumPy's MPI ranks, each with its part of every "
+                 "batch), their peaks, each taken at its own moment, are added: an upper bound "
+                 "on the true combined peak.")
     return note
 
 
 def _assemble_report(config, dataset, fallback, mean, std, threads, sides, memory,
                      initial_difference, initial_first_layer, run_info=None,
-                     host=None) -> dict[str, Any]:
+                     host=None, world: int = 1) -> dict[str, Any]:
     from scratchcnn.harness.report import run_warnings
 
     train_size, test_size = len(dataset.train_labels), len(dataset.test_labels)
@@ -553,7 +619,7 @@ def _assemble_report(config, dataset, fallback, mean, std, threads, sides, memor
         notes = [
             "Both frameworks start from identical weights (the NumPy model is initialised from "
             "the seed and copied into PyTorch), see the same normalised images in the same batch "
-            "order, and use the same optimizer hyper-parameters and thread count.",
+            "order, and use the same optimizer hyper-parameters and cores.",
             "Epochs alternate between frameworks (numpy 1, torch 1, numpy 2, ...).",
         ]
     elif "numpy" in sides:
@@ -563,11 +629,22 @@ def _assemble_report(config, dataset, fallback, mean, std, threads, sides, memor
         notes = ["Only the PyTorch side ran (--frameworks torch): the model is initialised by "
                  "scratchcnn from the seed and copied into PyTorch; there is no NumPy "
                  "comparison."]
+    if world > 1 and "numpy" in sides:
+        notes.append(
+            f"The NumPy side ran as {world} MPI ranks of one BLAS thread each "
+            "(DistributedDataParallel: each rank trains its part of every batch and the "
+            "gradients are averaged in one all-reduce"
+            + (", BatchNorm synchronised across the ranks" if any(
+                layer == "BatchNorm2d" for layer, _ in architecture(config.model)) else "")
+            + f"); PyTorch ran on rank 0 with {threads} threads while the other ranks waited."
+        )
+    elif "numpy" in sides:
+        notes.append(f"The NumPy side ran as one process with {threads} BLAS thread(s).")
     notes.append(
         "The test set is evaluated before training (untrained) and after each epoch; the final "
         "figures are those of the last epoch's evaluation. The untrained evaluation is each "
         "side's first use of its model, so its time includes one-time start-up costs (first "
-        "calls into the libraries, first allocations, worker start-up) that the final evaluation "
+        "calls into the libraries, first allocations) that the final evaluation "
         "does not pay; epoch 1's training time carries such costs too."
     )
     if has_dropout and both:
@@ -602,6 +679,7 @@ def _assemble_report(config, dataset, fallback, mean, std, threads, sides, memor
         }
     config_dict = {key: value for key, value in asdict(config).items() if key != "quiet"}
     config_dict["threads"] = threads
+    config_dict["ranks"] = world
     config_dict["frameworks"] = list(config.frameworks)
     report = {
         "run": run_info or {},

@@ -1,11 +1,13 @@
-"""Timing and peak-memory helpers (shared by ``compare`` and, later, ``bench``).
+"""Timing and peak-memory helpers (shared by ``compare`` and ``bench``).
 
 Peak memory is measured the same way for every framework: the work runs in a fresh Python
 subprocess, and we report the peak resident set size (Linux ``VmHWM``) during the work minus the
 resident size just before it, after imports and data loading. Separate processes keep one side's
-freed-but-retained heap from hiding the other's allocations. Child processes the work starts (the
-NumPy side's shard workers) add the peak of their private memory: a forked worker shares its
-parent's pages until it writes to them, so its private pages are what it adds.
+freed-but-retained heap from hiding the other's allocations. Work run as N MPI ranks (the NumPy
+side with ranks) is measured in each rank the same way, and the figure is the sum of the ranks'
+peaks, each taken at its own moment: an upper bound on their combined peak. Child processes the
+work starts add the peak of their private memory (a forked child shares its parent's pages until
+it writes to them, so its private pages are what it adds).
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 _MB = 1024 * 1024
-# How PeakMemory's method says it added the worker processes' memory.
+# How PeakMemory's method says it added child processes' memory, and a measurement the ranks'.
+RANKS_METHOD = ", summed over {ranks} MPI ranks"
 CHILDREN_METHOD = " + child processes' private memory sampled every 2 ms"
 
 
@@ -152,28 +156,41 @@ class PeakMemory:
 
 
 def adds_child_processes(method: str | None) -> bool:
-    """Whether a peak measured by ``method`` adds worker processes' own peaks, taken at their own
-    moments: an upper bound on the combined peak."""
-    return CHILDREN_METHOD in (method or "")
+    """Whether a peak measured by ``method`` adds several processes' own peaks (child processes,
+    or MPI ranks), taken at their own moments: an upper bound on the combined peak."""
+    return CHILDREN_METHOD in (method or "") or "MPI ranks" in (method or "")
 
 
 ProbeFunction = Callable[[dict[str, Any], Callable[[], contextlib.AbstractContextManager]], Any]
 
 
-def measure_in_subprocess(target: str, payload: dict[str, Any], *,
-                          timeout: float = 600.0) -> dict[str, Any]:
-    """Run ``target`` ("package.module:function") in a fresh interpreter and measure its memory.
+def measure_in_subprocess(target: str, payload: dict[str, Any], *, timeout: float = 600.0,
+                          ranks: int = 1) -> dict[str, Any]:
+    """Run ``target`` ("package.module:function") in a fresh interpreter (``ranks`` > 1: as that
+    many MPI ranks, each running it; their peaks are added up) and measure its memory.
 
     The function is called as ``function(payload, window)``: it does its setup (imports, loading
     data), then runs the work to be measured inside ``with window(): ...``. Returns
     ``{"peak_mb", "method", "result"}`` where ``result`` is the function's JSON-able return value.
     Raises RuntimeError with the child's stderr when it fails.
     """
-    command = [sys.executable, "-m", "scratchcnn.harness.measure", target]
-    completed = subprocess.run(
-        command, input=json.dumps(payload), capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False,
-    )
+    with tempfile.TemporaryDirectory(prefix="scratchcnn-probe-") as tmp:
+        # A file rather than standard input: mpiexec hands that to rank 0 alone.
+        payload_file = os.path.join(tmp, "payload.json")
+        with open(payload_file, "w", encoding="utf-8") as file:
+            json.dump(payload, file)
+        arguments = ["scratchcnn.harness.measure", target, payload_file]
+        if ranks > 1:
+            from scratchcnn.harness.ranks import python_under_mpiexec
+
+            command, env = python_under_mpiexec(ranks, arguments)
+        else:
+            from scratchcnn.harness.ranks import helper_environment
+
+            command, env = [sys.executable, "-m", *arguments], helper_environment()
+        env["PYTHONUNBUFFERED"] = "1"
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                                   env=env, check=False, stdin=subprocess.DEVNULL)
     if completed.returncode != 0:
         raise RuntimeError(
             f"memory probe {target} failed (exit {completed.returncode}):\n"
@@ -182,10 +199,14 @@ def measure_in_subprocess(target: str, payload: dict[str, Any], *,
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def _child_main(target: str) -> None:
+def _child_main(target: str, payload_file: str) -> None:
     module_name, function_name = target.split(":")
     function: ProbeFunction = getattr(importlib.import_module(module_name), function_name)
-    payload = json.loads(sys.stdin.read())
+    from scratchcnn.harness import ranks
+
+    world = ranks.start(None)
+    with open(payload_file, encoding="utf-8") as file:
+        payload = json.load(file)
     windows: list[PeakMemory] = []
 
     @contextlib.contextmanager
@@ -198,8 +219,14 @@ def _child_main(target: str) -> None:
     if not windows:
         raise RuntimeError(f"{target} never opened its measurement window")
     peak = max(windows, key=lambda w: w.mb or 0.0)
-    print(json.dumps({"peak_mb": peak.mb, "method": peak.method, "result": result}))
+    peak_mb, method = peak.mb, peak.method
+    if world > 1:
+        peak_mb = float(ranks.sum_over_ranks(peak_mb or 0.0)[0])
+        method += RANKS_METHOD.format(ranks=world)
+    if ranks.is_main():
+        print(json.dumps({"peak_mb": peak_mb, "method": method, "result": result}))
+    ranks.stop_group()
 
 
 if __name__ == "__main__":
-    _child_main(sys.argv[1])
+    _child_main(sys.argv[1], sys.argv[2])

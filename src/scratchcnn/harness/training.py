@@ -4,6 +4,11 @@
 Both sides get the same already-normalised float arrays ``images`` (N, 1, 28, 28), int64
 ``labels`` (N,), and the same list of index arrays ``batches`` (from ``BatchSampler.epoch``); each
 step is forward, cross-entropy loss (mean over the batch), backward, optimizer step.
+
+With MPI ranks (``ranks.py``) the NumPy model is a ``DistributedDataParallel``: each rank runs the
+same loop on its part of every global batch (``split_batch``), the wrapper averages the gradients
+in backward, and the reported loss is the global batch's mean (one all-reduce of a number).
+Evaluation splits the test set across the ranks and adds up their counts.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from scratchcnn.harness import ranks
 
 FRAMEWORKS = ("numpy", "torch")
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
@@ -76,13 +83,6 @@ def make_optimizer(framework: str, params: Iterable[Any], name: str, lr: float, 
         raise ValueError(f"learning rate must be a positive number, got {lr!r}")
     if framework == "numpy":
         from scratchcnn import optim
-        from scratchcnn.nn import Parameter, flatten_parameters
-
-        params = list(params)
-        if params and all(isinstance(p, Parameter) for p in params):
-            # End to end in one vector, the optimizer updates every parameter in a few
-            # whole-vector passes instead of one call per parameter (bit-identical results).
-            flatten_parameters(params)
     else:
         import torch.optim as optim
     return getattr(optim, class_names[name])(params, lr=lr, **options)
@@ -135,13 +135,17 @@ def _numpy_steps(model, optimizer, images, labels) -> Callable[[np.ndarray], flo
     from scratchcnn import nn
 
     criterion = nn.CrossEntropyLoss()
+    several = ranks.world_size() > 1
 
     def step(batch: np.ndarray) -> float:
-        # The loop the README shows; a non-finite loss skips the update, so the caller raises
-        # with the weights still good.
+        # The loop the README shows, on this rank's part of the batch; a non-finite loss skips
+        # the update (on every rank alike), so the caller raises with the weights still good.
+        local = ranks.local_part(batch)
         optimizer.zero_grad()
-        loss = criterion(model(images[batch]), labels[batch])
+        loss = criterion(model(images[local]), labels[local])
         value = float(loss)
+        if several:
+            value = _global_mean(value, len(local), len(batch))
         if not math.isfinite(value):
             return value
         model.backward(criterion.backward())
@@ -149,6 +153,12 @@ def _numpy_steps(model, optimizer, images, labels) -> Callable[[np.ndarray], flo
         return value
 
     return step
+
+
+def _global_mean(local_mean: float, local_count: int, count: int) -> float:
+    """The mean loss over the whole batch from each rank's mean over its part."""
+    local_sum = local_mean * local_count if local_count else 0.0
+    return float(ranks.sum_over_ranks(local_sum)[0]) / count
 
 
 def _torch_steps(model, optimizer, images, labels) -> Callable[[np.ndarray], float]:
@@ -181,21 +191,31 @@ def evaluate(
     *,
     batch_size: int = 1000,
 ) -> EvalResult:
-    """Accuracy, mean loss and predictions in eval mode without gradient bookkeeping."""
+    """Accuracy, mean loss and predictions in eval mode without gradient bookkeeping. With MPI
+    ranks (the NumPy side) each rank evaluates its share of the images and the sums are added
+    up; every rank gets the whole result."""
     _check_arrays(images, labels)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     check_framework(framework)
     model.eval()
     logits_of = _numpy_logits if framework == "numpy" else _torch_logits
+    split = framework == "numpy" and ranks.world_size() > 1
     start = time.perf_counter()
+    # This rank's share: a contiguous run of the images (all of them in one process).
+    first, last = ranks.contiguous_share(len(labels)) if split else (0, len(labels))
     loss_sum = 0.0
-    predictions = np.empty(len(labels), dtype=np.int64)
-    for begin in range(0, len(labels), batch_size):
-        end = min(begin + batch_size, len(labels))
+    predictions = np.zeros(len(labels), dtype=np.int64)
+    for begin in range(first, last, batch_size):
+        end = min(begin + batch_size, last)
         logits = logits_of(model, images[begin:end])
         loss_sum += _summed_cross_entropy(logits, labels[begin:end])
         predictions[begin:end] = np.argmax(logits, axis=1)
+    if split:
+        # Every other rank's predictions are 0 here, so the sum assembles them (exactly: small
+        # integers in float64).
+        totals = ranks.sum_over_ranks(np.concatenate([[loss_sum], predictions]))
+        loss_sum, predictions = float(totals[0]), totals[1:].astype(np.int64)
     seconds = time.perf_counter() - start
     n = max(len(labels), 1)
     return EvalResult(

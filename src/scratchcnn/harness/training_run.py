@@ -11,6 +11,11 @@ batch_size, optimizer, lr, momentum, weight_decay, seed, limit_train, limit_test
 framework, augment, lr_schedule, warmup_epochs, lr_step_size, and schedule_epochs (the epochs the
 lr schedule is laid out over).
 
+The NumPy side may run as MPI ranks (``ranks.py``): every rank trains its part of each batch and
+holds the same weights; rank 0 writes the checkpoints, which record the rank count. Resumed with
+the same count, a run is bit-identical to an uninterrupted one; with another count it continues
+(rounding then differs: the gradients are summed in another order).
+
 torch is imported inside the functions that need it, never at module level.
 """
 
@@ -26,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from scratchcnn.harness import training
+from scratchcnn.harness import ranks, training
 from scratchcnn.harness.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from scratchcnn.harness.compare import augmented_training_images, make_lr_schedulers
 from scratchcnn.harness.report import finite_or_none
@@ -105,7 +110,8 @@ class TrainingState:
             torch.manual_seed(config["seed"])
             self.model = torch_twin(numpy_model, config["model"])
         else:
-            self.model = numpy_model
+            # With MPI ranks: SyncBatchNorm, DistributedDataParallel (one process: as built).
+            self.model = ranks.distribute(numpy_model, config["seed"])
         self.optimizer = training.make_optimizer(
             self.framework,
             self.model.parameters(),
@@ -126,7 +132,7 @@ class TrainingState:
             # All of it, BatchNorm's int64 step counter included: the checkpoint must match
             # the NumPy model's state_dict key for key to load.
             return from_torch_state_dict(self.model.state_dict())
-        return dict(self.model.state_dict())
+        return dict(ranks.unwrapped(self.model).state_dict())
 
     def random_state(self) -> dict[str, Any]:
         """The NumPy generator's state, and torch's global RNG state for the torch side."""
@@ -147,7 +153,7 @@ class TrainingState:
             self.model.load_state_dict(to_torch_state_dict(checkpoint.model_state))
             torch.set_rng_state(torch.from_numpy(np.asarray(checkpoint.metadata["rng"]["torch"])))
         else:
-            self.model.load_state_dict(checkpoint.model_state)
+            ranks.unwrapped(self.model).load_state_dict(checkpoint.model_state)
         # After the schedulers' construction (which writes the lr), as torch recommends.
         self.optimizer.load_state_dict(checkpoint.metadata["optimizer"]["state"])
         saved = checkpoint.metadata.get("lr_schedulers", [])
@@ -218,9 +224,10 @@ class TrainingRun:
             recorded_data_dir(checkpoint.metadata, config["dataset"])
             if checkpoint is not None else None
         )
-        self.data = load_data(
+        # Rank 0 first: a download it makes is then found on disk by the other ranks.
+        self.data = ranks.main_first(lambda: load_data(
             config["dataset"], self.data_dir, config["limit_train"], config["limit_test"]
-        )
+        ))
         if checkpoint is not None:
             self.mean, self.std = checkpoint.mean, checkpoint.std
         else:
@@ -231,7 +238,12 @@ class TrainingRun:
         self.sampler = BatchSampler(
             len(self.train_x), config["batch_size"], shuffle=True, seed=config["seed"]
         )
-        if threads is not None:
+        self.ranks = ranks.world_size()
+        if self.ranks > 1:
+            from scratchcnn.harness.threads import apply_threads
+
+            apply_threads(self.ranks, torch=False, blas=1)  # each rank: one BLAS thread
+        elif threads is not None:
             from scratchcnn.harness.threads import apply_threads
 
             apply_threads(threads, torch=config["framework"] == "torch")
@@ -248,6 +260,10 @@ class TrainingRun:
         # The newest checkpoint of this run (None before the first): the last good one to fall
         # back on when an epoch fails.
         self.last_saved: Path | None = checkpoint.path if checkpoint is not None else None
+        # The rank count the resumed run trained with (None: not resumed, or not recorded).
+        self.resumed_ranks: int | None = (
+            checkpoint.metadata.get("ranks", 1) if checkpoint is not None else None
+        )
 
     @property
     def last_path(self) -> Path:
@@ -273,6 +289,10 @@ class TrainingRun:
         config, state = self.config, self.state
         epoch = self.completed_epochs + 1
         batches = self.sampler.epoch(epoch)
+        if self.ranks > 1 and config["framework"] == "numpy":
+            # Each rank's Dropout masks, a pure function of (seed, epoch, rank) as the batch
+            # order is: a resumed run draws what the uninterrupted one did.
+            ranks.seed_dropout(state.model, [config["seed"], epoch])
         epoch_x = self.train_x
         if config["augment"] != "none":
             epoch_x = augmented_training_images(self.data.train_images, config["augment"],
@@ -303,11 +323,14 @@ class TrainingRun:
         })
         improved = result.accuracy > self.best_accuracy
         self.best_accuracy = max(self.best_accuracy, result.accuracy)
-        metadata = self._checkpoint_metadata(epoch)
-        model_state = state.model_state()
-        self.last_saved = save_checkpoint(self.last_path, model_state, metadata)
-        if improved:
-            save_checkpoint(self.best_path, model_state, metadata)
+        if ranks.is_main():  # every rank holds the same weights; rank 0 writes them
+            metadata = self._checkpoint_metadata(epoch)
+            model_state = state.model_state()
+            save_checkpoint(self.last_path, model_state, metadata)
+            if improved:
+                save_checkpoint(self.best_path, model_state, metadata)
+        ranks.barrier()  # nobody runs ahead of a checkpoint that may yet fail to write
+        self.last_saved = self.last_path
         self.completed_epochs = epoch
         return EpochResult(
             epoch=epoch, train_loss=train_loss, test_loss=result.loss,
@@ -335,6 +358,7 @@ class TrainingRun:
             "lr_schedulers": [scheduler.state_dict() for scheduler in state.schedulers],
             "rng": state.random_state(),
             "config": config,
+            "ranks": self.ranks if config["framework"] == "numpy" else 1,
             "data_dir": str(Path(self.data_dir).resolve()) if self.data_dir else None,
             "history": self.history,
             "best_accuracy": self.best_accuracy,
