@@ -7,6 +7,7 @@ is the same training run here, on the whole batches, without DistributedDataPara
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import signal
 import subprocess
@@ -137,6 +138,19 @@ def test_a_failing_rank_ends_the_whole_job(mode):
         assert "[rank 1] Traceback (most recent call last):" in result.stderr
     time.sleep(0.5)
     assert not leftover_processes(marker)
+
+
+def test_collectives_on_three_ranks():
+    result, _, _ = run_ranks(3, "collectives")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 3
+    want = {"SUM": [6.0, 27.0], "PRODUCT": [6.0, 720.0], "MIN": [1.0, 8.0], "MAX": [3.0, 10.0],
+            "AVG": [2.0, 9.0]}
+    want.update({f"{name}-async": value for name, value in want.items()})
+    want["broadcast"] = [1.0, 1.0, 1.0]
+    for line in lines:
+        assert json.loads(line.split(" ", 2)[2]) == want
 
 
 def test_a_rank_waiting_in_barrier_leaves_the_core_free():

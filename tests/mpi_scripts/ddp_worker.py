@@ -1,15 +1,16 @@
 """What the MPI tests run in each rank (``mpiexec -n N python ddp_worker.py MODE OUT ...``), and,
 imported by the tests, the one-process reference of the same training.
 
-Modes: ``train OUT MODELS`` (each model trained with DistributedDataParallel, its weights saved
-per rank), ``syncbn OUT`` (one SyncBatchNorm forward and backward on this rank's part), ``raise``
-and ``kill`` (rank 1 fails while rank 0 waits; the job must end), ``barrier`` (the CPU time a
-rank spends waiting for a busy rank 0). The last argument of every
-command is a marker the tests look for with pgrep.
+Modes: ``train OUT MODELS`` (each model trained with DistributedDataParallel, its weights saved per
+rank), ``syncbn OUT`` (one SyncBatchNorm forward and backward on this rank's part), ``raise`` and
+``kill`` (rank 1 fails while rank 0 waits; the job must end), ``collectives`` (every ReduceOp, and
+a broadcast), ``barrier`` (the CPU time a rank spends waiting for a busy rank 0). The last argument
+of every command is a marker the tests look for with pgrep.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -96,6 +97,20 @@ def main() -> None:
         layer = nn.SyncBatchNorm(4, dtype=np.float64)
         result = syncbn_step(layer, data["x"][local], data["grad"][local])
         np.savez(Path(sys.argv[2]) / f"syncbn-rank{rank}.npz", **result)
+    elif mode == "collectives":
+        # Rank r holds [r + 1, 10 - r]: every op's result, and rank 1's array broadcast.
+        results = {}
+        for op in dist.ReduceOp:
+            for async_op in (False, True):
+                array = np.array([rank + 1.0, 10.0 - rank])
+                work = dist.all_reduce(array, op=op, async_op=async_op)
+                if work is not None:
+                    work.wait()
+                results[f"{op.name}{'-async' * async_op}"] = array.tolist()
+        array = np.full(3, float(rank))
+        dist.broadcast(array, src=1)
+        results["broadcast"] = array.tolist()
+        print(f"rank {rank}", json.dumps(results), flush=True)
     elif mode == "barrier":
         # Rank 0 is busy for 2 s; the others report the CPU time their wait cost.
         if rank == 0:
