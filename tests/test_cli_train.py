@@ -12,9 +12,11 @@ from scratchcnn.cli import main
 from scratchcnn.harness import training
 from scratchcnn.harness.checkpoint import load_checkpoint
 
+# One plain process (in-process, so monkeypatching reaches it); MPI ranks: test_cli_ranks.py.
+ONE = ["--threads", "1"]
 TINY = [
     "--dataset", "mnist-sample", "--limit-train", "200", "--limit-test", "100",
-    "--batch-size", "40", "--no-progress",
+    "--batch-size", "40", "--no-progress", "--threads", "1",
 ]
 
 
@@ -109,7 +111,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(
     last = tmp_path / "resumed" / "last.npz"
     assert load_checkpoint(last).epoch == 1
 
-    assert main(["train", "--resume", str(last), "--epochs", "2", "--no-progress"]) == 0
+    assert main(["train", "--resume", str(last), "--epochs", "2", "--no-progress", *ONE]) == 0
     assert_same_training_state(tmp_path / "straight" / "last.npz", last)
 
 
@@ -142,10 +144,10 @@ def test_divergent_learning_rate_stops_before_any_checkpoint(tmp_path, capsys):
 
 def test_resume_refuses_contradicting_options_and_skips_finished_runs(trained, capsys):
     last = str(trained / "last.npz")
-    assert main(["train", "--resume", last, "--epochs", "3", "--lr", "0.5"]) == 2
+    assert main(["train", "--resume", last, "--epochs", "3", "--lr", "0.5", *ONE]) == 2
     assert "--lr 0.5 (checkpoint: 0.05)" in capsys.readouterr().err
     before = (trained / "last.npz").read_bytes()
-    assert main(["train", "--resume", last, "--epochs", "2"]) == 0
+    assert main(["train", "--resume", last, "--epochs", "2", *ONE]) == 0
     assert "already completed 2 epoch(s)" in capsys.readouterr().out
     assert (trained / "last.npz").read_bytes() == before
 
@@ -155,7 +157,7 @@ def test_resume_from_tampered_checkpoint_is_refused(tmp_path, trained, capsys):
     data = bytearray((trained / "last.npz").read_bytes())
     data[len(data) // 3] ^= 0xFF
     copy.write_bytes(bytes(data))
-    assert main(["train", "--resume", str(copy), "--epochs", "3"]) == 2
+    assert main(["train", "--resume", str(copy), "--epochs", "3", *ONE]) == 2
     err = capsys.readouterr().err
     assert str(copy) in err and "Traceback" not in err
 
@@ -194,7 +196,7 @@ def test_resume_with_lr_schedule_and_augmentation_equals_uninterrupted_run(
     # Augmentation really changes the images, differently each epoch.
     assert not np.array_equal(seen[1], seen[2])
 
-    assert main(["train", "--resume", str(last), "--epochs", "3", "--no-progress"]) == 0
+    assert main(["train", "--resume", str(last), "--epochs", "3", "--no-progress", *ONE]) == 0
     assert_same_training_state(tmp_path / "straight" / "last.npz", last)
     meta = load_checkpoint(last).metadata
     lrs = [h["lr"] for h in meta["history"]]
@@ -208,9 +210,9 @@ def test_resume_with_lr_schedule_and_augmentation_equals_uninterrupted_run(
 
 def test_resume_refuses_a_different_schedule_or_augmentation(trained, capsys):
     last = str(trained / "last.npz")
-    assert main(["train", "--resume", last, "--epochs", "3", "--augment", "shift"]) == 2
+    assert main(["train", "--resume", last, "--epochs", "3", "--augment", "shift", *ONE]) == 2
     assert "--augment shift (checkpoint: none)" in capsys.readouterr().err
-    assert main(["train", "--resume", last, "--epochs", "3", "--lr-schedule", "cosine"]) == 2
+    assert main(["train", "--resume", last, "--epochs", "3", "--lr-schedule", "cosine", *ONE]) == 2
     assert "--lr-schedule cosine (checkpoint: constant)" in capsys.readouterr().err
 
 
