@@ -91,7 +91,7 @@ def report(title: str, times: dict[str, list[float]], per: int) -> None:
 def breakdown(args) -> None:
     """Per-layer forward/backward time of one training step on one core, NumPy beside PyTorch:
     where each framework spends its time, layer by layer (run with ``--threads 1``; the NumPy
-    side runs unsharded, as each of DataParallel's threads does on its shard)."""
+    side in one process, as each MPI rank runs its part of a batch)."""
     images, labels = load_images(args.batch, np.random.default_rng(2))
     model, opt, twin, twin_opt = build_pair(args.model)
     names = [f"{name}: {layer.describe()}" for name, layer in model.named_children()]
@@ -117,12 +117,10 @@ def numpy_layer_times(model, opt, images: np.ndarray, labels: np.ndarray,
     """((layers, 2) ms forward/backward per step in the model's layer order, ms loss +
     optimizer), timed layer by layer."""
     from scratchcnn import nn
-    from scratchcnn.nn.pooling import pool_before_relu
 
     criterion = nn.CrossEntropyLoss()
-    named = list(pool_before_relu(model).named_children())  # the order training runs them in
-    layers = [layer for _, layer in named]
-    layers[0].needs_input_grad = False  # as in training (see harness/training.py)
+    layers = model.execution_order()  # the order Sequential runs them in (pool before ReLU)
+    position = {id(layer): index for index, layer in enumerate(model)}
     totals = np.zeros((len(layers), 2))
     other = 0.0
     for step in range(steps + 1):  # step 0 warms up
@@ -139,7 +137,9 @@ def numpy_layer_times(model, opt, images: np.ndarray, labels: np.ndarray,
         step_other = time.perf_counter() - start
         for index in reversed(range(len(layers))):
             start = time.perf_counter()
-            grad = layers[index].backward(grad)
+            # The first layer computes no input gradient, as in Sequential.backward.
+            grad = (layers[index].backward(grad, input_grad=False) if index == 0
+                    else layers[index].backward(grad))
             times[index, 1] = time.perf_counter() - start
         start = time.perf_counter()
         opt.step()
@@ -147,7 +147,7 @@ def numpy_layer_times(model, opt, images: np.ndarray, labels: np.ndarray,
         if step:
             totals += times
             other += step_other
-    order = np.argsort([int(name) for name, _ in named])  # back to the model's order
+    order = np.argsort([position[id(layer)] for layer in layers])  # the model's order
     return totals[order] * 1e3 / steps, other * 1e3 / steps
 
 
@@ -229,19 +229,7 @@ def main() -> None:
     parser.add_argument("--no-train", action="store_true")
     parser.add_argument("--no-infer", action="store_true")
     parser.add_argument("--breakdown", action="store_true")
-    parser.add_argument("--max-shard-size", type=int, default=None,
-                        help="override training.TRAIN_MAX_SHARD_SIZE (0: no limit)")
-    parser.add_argument("--min-shard-size", type=int, default=None,
-                        help="override the smallest shard (training.min_shard_size)")
     args = parser.parse_args()
-    if args.max_shard_size is not None:
-        from scratchcnn.harness import training
-
-        training.TRAIN_MAX_SHARD_SIZE = args.max_shard_size or None
-    if args.min_shard_size is not None:
-        from scratchcnn.harness import training
-
-        training.min_shard_size = lambda model, sample_shape: args.min_shard_size
 
     from scratchcnn.harness.threads import apply_threads
 

@@ -132,7 +132,7 @@ def test_cli_smoke_run_writes_per_seed_json_and_a_table(tmp_path, torch, capsys)
     out = tmp_path / "smoke.json"
     code = main(["accuracy", "mnist-simple-b64", "--seeds", "0,1", "--dataset", "mnist-sample",
                  "--limit-train", "128", "--limit-test", "64", "--epochs", "1",
-                 "--out", str(out)])
+                 "--out", str(out), "--threads", "1"])
     assert code == 0
     document = json.loads(out.read_text())
     assert document["format"] == "scratchcnn-accuracy" and document["target"] == "mnist-simple-b64"

@@ -38,7 +38,7 @@ def command(name: str, out: str, *options: str) -> list[str]:
         "compare": ["compare", *TINY, "--quiet", "--out", out],
         "bench": ["bench", "--dataset", "random", "--quiet", "--out", out],
         "accuracy": ["accuracy", "mnist-simple-b64", *TINY[2:], "--out", out],
-    }[name] + list(options)
+    }[name] + ["--threads", "1"] + list(options)  # one process: monkeypatching reaches it
 
 
 def _unwritable_directory(tmp_path: Path) -> Path | None:
@@ -217,7 +217,7 @@ def test_a_diverging_compare_prints_no_numpy_warnings(tmp_path, capsys):
         warnings.simplefilter("always")
         code = main(["compare", *TINY, "--frameworks", "numpy", "--model", "tiny-cnn",
                      "--batch-size", "20", "--epochs", "1", "--lr", "1e30", "--no-memory",
-                     "--no-plots", "--quiet", "--out", str(tmp_path)])
+                     "--no-plots", "--quiet", "--out", str(tmp_path), "--threads", "1"])
     assert code == 3
     assert "loss became" in capsys.readouterr().err
     assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []

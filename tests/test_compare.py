@@ -147,7 +147,8 @@ def test_explicit_dataset_never_falls_back(monkeypatch, tmp_path, capsys):
     out = tmp_path / "out"
     (tmp_path / "empty").mkdir()  # exists, so the download is tried (and fails offline)
     status = main(["compare", "--dataset", "mnist", "--data-dir", str(tmp_path / "empty"),
-                   "--limit-train", "64", "--epochs", "1", "--quiet", "--out", str(out)])
+                   "--limit-train", "64", "--epochs", "1", "--quiet", "--out", str(out),
+                   "--threads", "1"])
     assert status == 2
     error = capsys.readouterr().err
     assert "scratchcnn compare: error:" in error and "train-images" in error
@@ -160,7 +161,7 @@ def test_no_dataset_offline_falls_back_to_the_sample_loudly(monkeypatch, tmp_pat
     out = tmp_path / "out"
     status = main(["compare", "--limit-train", "96", "--limit-test", "48", "--epochs", "1",
                    "--model", "tiny-cnn", "--frameworks", "numpy", "--no-memory", "--no-plots",
-                   "--quiet", "--out", str(out)])
+                   "--quiet", "--out", str(out), "--threads", "1"])
     assert status == 0
     captured = capsys.readouterr()
     assert "FALLING BACK" in captured.err and "mnist-sample" in captured.err

@@ -77,7 +77,8 @@ def test_compare_without_matplotlib_says_so_first_and_still_writes_its_report(
     missing(monkeypatch, "matplotlib")
     out = tmp_path / "compare"
     assert main(["compare", *TINY, "--frameworks", "numpy", "--model", "tiny-cnn",
-                 "--batch-size", "20", "--epochs", "1", "--no-memory", "--out", str(out)]) == 0
+                 "--batch-size", "20", "--epochs", "1", "--no-memory", "--out", str(out),
+                 "--threads", "1"]) == 0
     err = capsys.readouterr().err
     notice = err.index("matplotlib is not installed, so the report will have no plots")
     assert notice < err.index("epoch 1/1"), "said only after the training"

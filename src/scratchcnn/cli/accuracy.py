@@ -42,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", metavar="FILE",
                         help="results JSON (default runs/accuracy/TARGET.json)")
     parser.add_argument("--threads", type=thread_count,
-                        help="threads for both frameworks, at most the available cores "
-                        "(default: all of them)")
+                        help="PyTorch's threads and NumPy's MPI ranks, at most the available "
+                        "cores (default: all of them; 1: one plain process each)")
     parser.add_argument("--epochs", type=positive_int, help="override (smoke tests only)")
     parser.add_argument("--limit-train", type=positive_int, metavar="N",
                         help="override (smoke tests only)")
@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scratchcnn.cli import CommandError, check_output_file, require
+    from scratchcnn.cli import CommandError, check_output_file, require, start_ranks
     from scratchcnn.harness import accuracy
 
     if args.table:
@@ -73,10 +73,19 @@ def run(args: argparse.Namespace) -> int:
     require("torch", "an accuracy target (it trains the PyTorch twin too)")
     out = args.out or f"runs/accuracy/{args.target}.json"
     check_output_file(out)
+    code = start_ranks(args, args.threads)
+    if code is not None:
+        return code  # the ranks ran the command
+    from scratchcnn.harness import ranks
+
+    main_rank = ranks.is_main()
     document = accuracy.run_target(
-        args.target, args.seeds, out, data_dir=args.data_dir, threads=args.threads,
-        overrides=overrides, log=lambda line: print(line, file=sys.stderr, flush=True),
+        args.target, args.seeds, out if main_rank else None, data_dir=args.data_dir,
+        threads=args.threads, overrides=overrides,
+        log=lambda line: print(line, file=sys.stderr, flush=True) if main_rank else None,
     )
+    if not main_rank:  # rank 0 writes and prints the results
+        return 0
     print(accuracy.markdown_table([document]), end="")
     for check in document["summary"]["checks"]:
         verdict = {True: "PASS", False: "FAIL", None: "----"}[check["passed"]]

@@ -196,6 +196,8 @@ def run_target(
     for seed in seeds:
         log(f"{name}: seed {seed} ({len(results) + 1}/{len(seeds)})")
         report = run_compare(replace(base, seed=seed))
+        if report is None:  # an MPI rank other than 0: rank 0 keeps the results
+            continue
         results.append(seed_result(report))
         document = {
             "format": FORMAT, "version": VERSION, "target": name,
