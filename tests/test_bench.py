@@ -317,3 +317,16 @@ def test_matmul_peak_is_measured_in_the_runs_dtype(monkeypatch, dtype) -> None:
     report = bench.run_bench(config)
     assert measured == [np.dtype(dtype)] * 2
     assert report["matmul_peak"]["dtype"] == dtype and report["matmul_peak"]["gflops"] == 102.0
+
+
+def test_scaling_compares_one_process_with_the_ranks_at_the_same_batch() -> None:
+    from scratchcnn.harness.bench import scaling
+
+    one = {"training": [{"batch_size": 64, "numpy": {"median": 0.012}}]}
+    ranked = {"model": "simple-cnn", "ranks": 2, "training": [
+        {"batch_size": 10, "numpy": {"median": 0.002}},
+        {"batch_size": 64, "numpy": {"median": 0.008}}]}
+    result = scaling(one, ranked)
+    assert result["speedup"] == pytest.approx(1.5)
+    assert result["efficiency"] == pytest.approx(0.75)
+    assert scaling(one, {**ranked, "training": ranked["training"][:1]}) is None

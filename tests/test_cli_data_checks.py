@@ -28,6 +28,8 @@ from test_data_download import SHARED_MNIST, LocalServer, serve_synthetic, synth
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
+ONE = ["--threads", "1"]  # one process: in-process monkeypatching reaches it
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
@@ -35,7 +37,8 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("trained")
     data = root / "data"
     synthetic_dataset(data, train=40, test=12)
-    status = main(["train", "--model", "tiny-cnn", "--dataset", "mnist", "--data-dir", str(data),
+    status = main(["train", *ONE, "--model", "tiny-cnn", "--dataset", "mnist",
+                   "--data-dir", str(data),
                    "--epochs", "1", "--batch-size", "16", "--out", str(root / "run"),
                    "--no-progress"])
     assert status == 0
@@ -111,14 +114,14 @@ def test_resume_falls_back_when_the_recorded_dir_is_gone(isolated, capsys):
     data = isolated / "data"
     synthetic_dataset(data, train=32, test=8)
     run = isolated / "run"
-    assert main(["train", "--model", "tiny-cnn", "--data-dir", str(data), "--epochs", "1",
+    assert main(["train", *ONE, "--model", "tiny-cnn", "--data-dir", str(data), "--epochs", "1",
                  "--batch-size", "16", "--out", str(run), "--no-progress"]) == 0
     # The files move to the search path: resuming finds them there rather than failing on the
     # recorded directory (or creating it again and downloading into it).
     (isolated / "env").mkdir(exist_ok=True)
     data.rename(isolated / "env" / "mnist")
     capsys.readouterr()
-    assert main(["train", "--resume", str(run / "last.npz"), "--epochs", "2",
+    assert main(["train", *ONE, "--resume", str(run / "last.npz"), "--epochs", "2",
                  "--no-progress"]) == 0
     assert "epoch 2/2" in capsys.readouterr().out
     assert not data.exists()
@@ -136,7 +139,8 @@ def test_missing_data_dir_is_an_immediate_error_and_is_not_created(trained, isol
     assert time.perf_counter() - started < 5  # no download attempts
     line = one_line_error(capsys.readouterr().err, "evaluate")
     assert f"--data-dir {missing}: no such directory" in line
-    assert main(["train", "--model", "tiny-cnn", "--dataset", "mnist", "--data-dir", str(missing),
+    assert main(["train", *ONE, "--model", "tiny-cnn", "--dataset", "mnist",
+                 "--data-dir", str(missing),
                  "--epochs", "1", "--out", str(isolated / "run"), "--no-progress"]) == 2
     assert "no such directory" in one_line_error(capsys.readouterr().err, "train")
     assert not missing.exists() and not (isolated / "run" / "last.npz").exists()
@@ -267,7 +271,7 @@ def test_other_dataset_on_the_search_path_says_where(published, isolated):
 def test_train_refuses_the_other_dataset(published, isolated, capsys):
     mnist_dir, _ = published
     out = isolated / "run"
-    assert main(["train", "--model", "tiny-cnn", "--dataset", "fashion-mnist", "--data-dir",
+    assert main(["train", *ONE, "--model", "tiny-cnn", "--dataset", "fashion-mnist", "--data-dir",
                  str(mnist_dir), "--epochs", "1", "--out", str(out), "--no-progress"]) == 2
     assert "is MNIST's file, not Fashion-MNIST's" in one_line_error(
         capsys.readouterr().err, "train")

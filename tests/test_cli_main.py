@@ -70,7 +70,7 @@ def test_os_error_is_one_line_with_the_file(monkeypatch, tmp_path, capsys):
     from scratchcnn.harness import compare
 
     monkeypatch.setattr(compare, "run_compare", _raise_permission_error)
-    command = ["compare", "--frameworks", "numpy", "--out", str(tmp_path)]
+    command = ["compare", "--frameworks", "numpy", "--out", str(tmp_path), "--threads", "1"]
     assert main(command) == 2
     err = capsys.readouterr().err
     assert err == "scratchcnn compare: error: Permission denied: runs/compare/curves.png\n"

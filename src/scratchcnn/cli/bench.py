@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import argparse
 
-from scratchcnn.cli import positive_int, thread_count
+from scratchcnn.cli import positive_int, start_ranks, thread_count
 from scratchcnn.models import MODEL_NAMES
 
 DESCRIPTION = """\
-Time the NumPy engine against PyTorch on the same model, weights, batches and threads:
-training steps (forward, loss, backward, Adam lr 1e-3) at each batch size, inference of
---inference-images images, peak memory of each side (separate processes), GFLOP/s against this
-machine's measured float32 matmul peak, and the textbook loop layers on a few images,
-extrapolated. Rounds alternate NumPy, PyTorch, NumPy, PyTorch, ... after a warm-up; the report
-gives median (min-max) per side and the ratio NumPy/PyTorch (below 1: NumPy is faster).
+Time the NumPy engine against PyTorch on the same model, weights, batches and cores, in three
+parts measured in one run: one process with one thread each (the plain loop against PyTorch on
+one thread: training at batch 64 and inference); the NumPy side as N MPI ranks of one BLAS
+thread (DistributedDataParallel) against PyTorch with N threads (N = --threads), for every
+model: training steps (forward, loss, backward, Adam lr 1e-3) at each batch size, inference of
+--inference-images images, peak memory (separate processes; NumPy's: the sum of its ranks'
+peaks), GFLOP/s against this machine's measured float32 matmul peak, and the textbook loop
+layers on a few images, extrapolated; and NumPy's step in one process against N ranks
+(speed-up, efficiency). Rounds alternate NumPy, PyTorch, NumPy, PyTorch, ... after a warm-up;
+the report gives median (min-max) per side and the ratio NumPy/PyTorch (below 1: NumPy is
+faster).
 
 Writes DIR/bench.json (every per-round number, environment) and DIR/bench.md, and prints the
 Markdown. Threads: --threads, else $SCRATCHCNN_NUM_THREADS, else all available cores.
@@ -21,8 +26,8 @@ SCRATCHCNN_KEEP_FREED_MEMORY=1 runs both frameworks with glibc's malloc keeping 
 frees (fewer page faults; it speeds PyTorch's inference most); the default is the allocator as
 shipped.
 
-Expected run time with the defaults (simple-cnn) on a 2-core machine: about 30 seconds.
---model all takes about 4 minutes (bn-cnn, ~15x simple-cnn's work per image, over half of it).
+Expected run time with the defaults (simple-cnn at batches 10, 64, 256 and bn-cnn at 64) on a
+2-core machine: a few minutes (bn-cnn does ~15x simple-cnn's work per image).
 For a quicker look: --rounds 2 --steps 5 --batch-sizes 64 --inference-images 2000
 --skip-memory."""
 
@@ -54,10 +59,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bench", help="NumPy vs PyTorch speed and memory (alternating rounds)",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", type=_models, default=("simple-cnn",), metavar="NAMES",
-                        help="comma-separated model names or 'all' (default: simple-cnn)")
+    parser.add_argument("--model", type=_models, default=("simple-cnn", "bn-cnn"),
+                        metavar="NAMES", help="comma-separated model names or 'all' (default: "
+                        "simple-cnn,bn-cnn); the first one also gets the one-process part")
     parser.add_argument("--batch-sizes", type=_int_list, default=(10, 64, 256), metavar="LIST",
-                        help="training batch sizes (default: 10,64,256)")
+                        help="the first model's training batch sizes (default: 10,64,256)")
+    parser.add_argument("--other-batch-sizes", type=_int_list, default=(64,), metavar="LIST",
+                        help="the other models' training batch sizes (default: 64)")
     parser.add_argument("--rounds", type=positive_int, default=5,
                         help="alternating timed rounds per side (default 5)")
     parser.add_argument("--steps", type=positive_int, default=30,
@@ -65,8 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--inference-images", type=positive_int, default=10_000, metavar="N")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--threads", type=thread_count,
-                        help="threads for both frameworks, at most the available cores "
-                             "(default: $SCRATCHCNN_NUM_THREADS, else all of them)")
+                        help="PyTorch's threads and NumPy's MPI ranks, at most the available "
+                             "cores (default: $SCRATCHCNN_NUM_THREADS, else all of them)")
     parser.add_argument("--dataset", choices=("mnist", "fashion-mnist", "mnist-sample", "random"),
                         help="images to time on (default: local MNIST if found, else random "
                              "images; naming a dataset may download it)")
@@ -106,17 +114,23 @@ def run(args: argparse.Namespace) -> int:
         check_data_dir(args.data_dir)
     require("torch", "bench")
     out = check_output_dir(args.out)
+    code = start_ranks(args, threads)
+    if code is not None:
+        return code  # the ranks ran the command
     from scratchcnn.harness.bench import BenchConfig, run_bench
     from scratchcnn.harness.bench_report import check_targets, render_markdown, write_bench_report
 
     config = BenchConfig(
-        models=args.model, batch_sizes=args.batch_sizes, rounds=args.rounds, steps=args.steps,
+        models=args.model, batch_sizes=args.batch_sizes,
+        other_batch_sizes=args.other_batch_sizes, rounds=args.rounds, steps=args.steps,
         inference_images=args.inference_images, dtype=args.dtype, threads=threads,
         dataset=args.dataset, data_dir=args.data_dir, memory=not args.skip_memory,
         reference=not args.skip_reference, reference_images=args.reference_images,
         quiet=args.quiet,
     )
     report = run_bench(config)
+    if report is None:  # not rank 0: it writes the report
+        return 0
     report["targets"] = check_targets(report)
     paths = write_bench_report(report, out)
     print(render_markdown(report))

@@ -1,11 +1,17 @@
 """``scratchcnn bench``: NumPy vs PyTorch speed on the same model, weights, batches and threads.
 
 Fairness rules: both sides start from identical weights (``torch_twin``), train with Adam
-(lr 1e-3) on the same index batches through ``harness.training.train_epoch`` / ``evaluate`` (so
-every engine speed-up shows here), run with the same thread count, warm up before timing, and
-alternate rounds NumPy, PyTorch, NumPy, PyTorch... so slow drifts of machine load hit both sides.
-Each round gives one time per side; we report median and min-max per side, the ratio of the
-medians NumPy/PyTorch (< 1: NumPy faster) and the per-round ratios.
+(lr 1e-3) on the same index batches through ``harness.training.train_epoch`` / ``evaluate`` (the
+plain loop a user writes, so every engine speed-up shows here), use the same cores, warm up
+before timing, and alternate rounds NumPy, PyTorch, NumPy, PyTorch... so slow drifts of machine
+load hit both sides. Each round gives one time per side; we report median and min-max per side,
+the ratio of the medians NumPy/PyTorch (< 1: NumPy faster) and the per-round ratios.
+
+Three parts, measured in one run: one process with one thread each (the plain loop against
+PyTorch on one thread: training at batch 64 and inference); N ranks against N threads (the NumPy
+side as N MPI ranks with DistributedDataParallel, PyTorch on rank 0 with N threads while the
+other ranks wait, asleep), every model and batch size; and the scaling of NumPy's step from one
+process to N ranks. Rank 0 times and reports.
 """
 
 from __future__ import annotations
@@ -15,13 +21,13 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from scratchcnn.harness import training
+from scratchcnn.harness import ranks, training
 from scratchcnn.harness.flops import TRAINING_FACTOR, forward_flops, gflops_per_second
 from scratchcnn.harness.measure import Stopwatch, measure_in_subprocess
 from scratchcnn.harness.threads import apply_threads
@@ -35,8 +41,10 @@ DATASET_CHOICES = ("mnist", "fashion-mnist", "mnist-sample", "random")
 
 @dataclass
 class BenchConfig:
-    models: tuple[str, ...] = ("simple-cnn",)
-    batch_sizes: tuple[int, ...] = (10, 64, 256)
+    models: tuple[str, ...] = ("simple-cnn", "bn-cnn")
+    batch_sizes: tuple[int, ...] = (10, 64, 256)   # the first model's; the others: 64
+    other_batch_sizes: tuple[int, ...] = (64,)
+    single_batch_size: int = 64                    # the one-process, one-thread part
     rounds: int = 5
     steps: int = 30
     warmup_steps: int = 3
@@ -156,32 +164,63 @@ def _log(config: BenchConfig, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _build_sides(model_name: str, config: BenchConfig, dtype: np.dtype) -> dict[str, Any]:
-    from scratchcnn.reference.torch_models import torch_twin
-
+def _build_sides(model_name: str, config: BenchConfig, dtype: np.dtype, ranked: bool
+                 ) -> dict[str, Any]:
+    """Both models (PyTorch's on rank 0 only); NumPy's prepared for the ranks when ``ranked``."""
     numpy_model = build_model(model_name, dtype=dtype, rng=np.random.default_rng(config.seed))
-    return {"numpy": numpy_model, "torch": torch_twin(numpy_model, model_name)}
+    models: dict[str, Any] = {"numpy": numpy_model, "torch": None}
+    if ranks.is_main():
+        from scratchcnn.reference.torch_models import torch_twin
+
+        models["torch"] = torch_twin(numpy_model, model_name)
+    if ranked:
+        models["numpy"] = ranks.distribute(numpy_model, config.seed)
+    return models
+
+
+def _on_its_ranks(side: str, ranked: bool, work: Callable[[], Any]) -> float:
+    """Seconds ``work()`` took: NumPy's with ``ranked`` on every rank (started together),
+    otherwise on rank 0 while the other ranks wait. Rank 0's time counts; the others return
+    a placeholder."""
+    def timed() -> float:
+        with Stopwatch() as watch:
+            work()
+        return watch.seconds
+
+    if side == "numpy" and ranked:
+        ranks.barrier()
+        return timed()
+    return ranks.only_main(timed) or 1.0
+
+
+def _torch_threads(count: int) -> None:
+    if ranks.is_main():
+        import torch
+
+        torch.set_num_threads(count)
 
 
 def bench_training(model_name: str, config: BenchConfig, dtype: np.dtype, images: np.ndarray,
-                   labels: np.ndarray, batch_size: int) -> dict[str, Any]:
-    models = _build_sides(model_name, config, dtype)
+                   labels: np.ndarray, batch_size: int, ranked: bool = True) -> dict[str, Any]:
+    """Training steps, NumPy (as the ranks when ``ranked``, else one process on rank 0)
+    against PyTorch (rank 0, with the torch threads set by the caller)."""
+    models = _build_sides(model_name, config, dtype, ranked)
     optimizers = {side: training.make_optimizer(side, model.parameters(), "adam", config.lr)
-                  for side, model in models.items()}
+                  for side, model in models.items() if model is not None}
     warmup = round_batches(len(labels), batch_size, max(config.warmup_steps, 1), config.seed)
     for side in SIDES:
-        training.train_epoch(side, models[side], optimizers[side], images, labels, warmup,
-                             epoch=0)
+        _on_its_ranks(side, ranked, lambda side=side: training.train_epoch(
+            side, models[side], optimizers[side], images, labels, warmup, epoch=0))
     round_counter = {side: 0 for side in SIDES}
 
     def run_side(side: str) -> float:
         round_counter[side] += 1
         batches = round_batches(len(labels), batch_size, config.steps,
                                 config.seed + round_counter[side])
-        with Stopwatch() as watch:
-            training.train_epoch(side, models[side], optimizers[side], images, labels, batches,
-                                 epoch=round_counter[side])
-        return watch.seconds / config.steps
+        seconds = _on_its_ranks(side, ranked, lambda: training.train_epoch(
+            side, models[side], optimizers[side], images, labels, batches,
+            epoch=round_counter[side]))
+        return seconds / config.steps
 
     times = run_alternating(config.rounds, run_side)
     summary = summarize(times["numpy"], times["torch"])
@@ -197,18 +236,16 @@ def bench_training(model_name: str, config: BenchConfig, dtype: np.dtype, images
 
 
 def bench_inference(model_name: str, config: BenchConfig, dtype: np.dtype, images: np.ndarray,
-                    labels: np.ndarray) -> dict[str, Any]:
-    models = _build_sides(model_name, config, dtype)
+                    labels: np.ndarray, ranked: bool = True) -> dict[str, Any]:
+    models = _build_sides(model_name, config, dtype, ranked)
     warm = slice(0, min(len(labels), config.eval_batch_size))
     for side in SIDES:
-        training.evaluate(side, models[side], images[warm], labels[warm],
-                          batch_size=config.eval_batch_size)
+        _on_its_ranks(side, ranked, lambda side=side: training.evaluate(
+            side, models[side], images[warm], labels[warm], batch_size=config.eval_batch_size))
 
     def run_side(side: str) -> float:
-        with Stopwatch() as watch:
-            training.evaluate(side, models[side], images, labels,
-                              batch_size=config.eval_batch_size)
-        return watch.seconds
+        return _on_its_ranks(side, ranked, lambda: training.evaluate(
+            side, models[side], images, labels, batch_size=config.eval_batch_size))
 
     times = run_alternating(config.rounds, run_side)
     summary = summarize(times["numpy"], times["torch"])
@@ -242,7 +279,9 @@ def memory_probe(payload: dict[str, Any], window) -> dict[str, Any]:
     side = payload["side"]
     # The C library's default allocator, always: keeping freed memory (allocator.py) raises
     # the peak of whichever side fragments more (PyTorch's inference by ~60%).
-    apply_threads(payload["threads"], torch=side == "torch", keep_memory=False)
+    world = ranks.world_size()
+    apply_threads(payload["threads"], torch=side == "torch", keep_memory=False,
+                  blas=1 if world > 1 else None)
     with np.load(payload["data"], allow_pickle=False) as data:
         images, labels = data["images"], data["labels"]
     model = build_model(payload["model"], dtype=np.dtype(payload["dtype"]),
@@ -251,6 +290,8 @@ def memory_probe(payload: dict[str, Any], window) -> dict[str, Any]:
         from scratchcnn.reference.torch_models import torch_twin
 
         model = torch_twin(model, payload["model"])
+    else:
+        model = ranks.distribute(model, payload["seed"])
     with window():
         if payload["task"] == "train":
             batch = payload["batch_size"]
@@ -263,10 +304,12 @@ def memory_probe(payload: dict[str, Any], window) -> dict[str, Any]:
     return {"task": payload["task"], "images": len(labels)}
 
 
-def bench_memory(model_name: str, config: BenchConfig, threads: int, train_x: np.ndarray,
-                 train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> dict[str, Any]:
+def bench_memory(model_name: str, config: BenchConfig, threads: int, world: int,
+                 train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                 test_y: np.ndarray) -> dict[str, Any]:
     """Peak RSS above the post-setup baseline, per side, for training at each batch size and for
-    inference, each in its own subprocess."""
+    inference, each in its own subprocess (NumPy's as ``world`` ranks: the sum of their
+    peaks)."""
     results: dict[str, Any] = {"training": [], "inference": None}
     base = {"model": model_name, "dtype": config.dtype, "seed": config.seed, "lr": config.lr,
             "threads": threads, "eval_batch_size": config.eval_batch_size,
@@ -288,7 +331,8 @@ def bench_memory(model_name: str, config: BenchConfig, threads: int, train_x: np
                 payload = {**base, "side": side, "task": task, "batch_size": batch_size,
                            "data": str(path)}
                 try:
-                    probe = measure_in_subprocess("scratchcnn.harness.bench:memory_probe", payload)
+                    probe = measure_in_subprocess("scratchcnn.harness.bench:memory_probe",
+                                                  payload, ranks=world if side == "numpy" else 1)
                     entry[side] = probe["peak_mb"]
                     entry["method"] = probe["method"]
                 except (RuntimeError, OSError) as error:
@@ -307,11 +351,14 @@ def bench_memory(model_name: str, config: BenchConfig, threads: int, train_x: np
 # -- the whole run -----------------------------------------------------------------------------
 
 def bench_model(model_name: str, config: BenchConfig, threads: int, dtype: np.dtype,
-                data: tuple[np.ndarray, ...]) -> dict[str, Any]:
+                data: tuple[np.ndarray, ...], batch_sizes: tuple[int, ...]) -> dict[str, Any]:
+    """N ranks against N threads (one process each when N = 1): training at ``batch_sizes``,
+    inference, peak memory and the textbook loops (those two started by rank 0)."""
     train_x, train_y, test_x, test_y = data
+    world = ranks.world_size()
     result: dict[str, Any] = {"model": model_name, "forward_flops_per_image":
-                              forward_flops(model_name), "training": []}
-    for batch_size in config.batch_sizes:
+                              forward_flops(model_name), "training": [], "ranks": world}
+    for batch_size in batch_sizes:
         _log(config, f"[{model_name}] training, batch {batch_size}: {config.rounds} rounds x "
                      f"{config.steps} steps per side")
         result["training"].append(
@@ -320,39 +367,99 @@ def bench_model(model_name: str, config: BenchConfig, threads: int, dtype: np.dt
     result["inference"] = bench_inference(model_name, config, dtype, test_x, test_y)
     if config.memory:
         _log(config, f"[{model_name}] peak memory (one subprocess per side and task)")
-        result["memory"] = bench_memory(model_name, config, threads, *data)
+        result["memory"] = ranks.only_main(
+            lambda: bench_memory(model_name, config, threads, world, *data))
     if config.reference:
         _log(config, f"[{model_name}] textbook loops on {config.reference_images} images")
-        result["reference_loops"] = bench_reference(model_name, config, dtype, test_x, test_y)
+        result["reference_loops"] = ranks.only_main(
+            lambda: bench_reference(model_name, config, dtype, test_x, test_y))
     return result
 
 
-def run_bench(config: BenchConfig) -> dict[str, Any]:
-    """Benchmark every model of ``config``; returns the report (see ``bench_report``)."""
+def bench_one_process(model_name: str, config: BenchConfig, dtype: np.dtype,
+                      data: tuple[np.ndarray, ...]) -> dict[str, Any]:
+    """One process with one thread each, on rank 0: the plain loop against PyTorch on one
+    thread, training at ``config.single_batch_size`` and inference."""
+    train_x, train_y, test_x, test_y = data
+    _torch_threads(1)
+    limiter = None
+    if ranks.world_size() == 1:
+        from threadpoolctl import threadpool_limits
+
+        limiter = threadpool_limits(limits=1, user_api="blas")
+    try:
+        _log(config, f"[{model_name}] one process, one thread each: training at batch "
+                     f"{config.single_batch_size}, inference")
+        training_result = bench_training(model_name, config, dtype, train_x, train_y,
+                                         config.single_batch_size, ranked=False)
+        inference = bench_inference(model_name, config, dtype, test_x, test_y, ranked=False)
+    finally:
+        if limiter is not None:
+            limiter.restore_original_limits()
+    return {"model": model_name, "threads": 1, "training": [training_result],
+            "forward_flops_per_image": forward_flops(model_name),
+            "inference": inference}
+
+
+def scaling(one_process: dict[str, Any], model: dict[str, Any]) -> dict[str, Any] | None:
+    """NumPy's training step in one process against N ranks at the same batch size: speed-up
+    and efficiency (speed-up / N)."""
+    single = one_process["training"][0]
+    ranked = next((t for t in model.get("training", [])
+                   if t["batch_size"] == single["batch_size"]), None)
+    if ranked is None:
+        return None
+    one, many = single["numpy"]["median"], ranked["numpy"]["median"]
+    count = model.get("ranks", 1)
+    return {"model": model["model"], "batch_size": single["batch_size"], "ranks": count,
+            "one_process_seconds": one, "ranks_seconds": many, "speedup": one / many,
+            "efficiency": one / many / count}
+
+
+def run_bench(config: BenchConfig) -> dict[str, Any] | None:
+    """Benchmark every model of ``config``; returns the report (see ``bench_report``) on rank 0,
+    None on the other ranks."""
     from scratchcnn.harness.environment import describe_environment, load_average
     from scratchcnn.harness.flops import best_peak, matmul_peak_gflops
     from scratchcnn.nn.module import as_float_dtype
 
     config.validate()
     dtype = as_float_dtype(config.dtype)
-    threads = apply_threads(config.threads)
+    world = ranks.world_size()
+    if world > 1:
+        threads = apply_threads(world, torch=ranks.is_main(), blas=1)
+    else:
+        threads = apply_threads(config.threads)
+    if not ranks.is_main():
+        config = replace(config, quiet=True)
     load_before = load_average()
-    pool = max(config.batch_sizes) * config.steps
-    *data, dataset = load_images(config, dtype, pool)
+    pool = max(max(config.batch_sizes), max(config.other_batch_sizes),
+               config.single_batch_size) * config.steps
+    *data, dataset = ranks.main_first(lambda: load_images(config, dtype, pool))
+    data = tuple(data)
     _log(config, f"matmul peak ({threads} threads)")
     # Measured before and after the models, keeping the better: a busy machine at one moment
     # would otherwise understate the peak (and overstate every "% of peak"). In the run's
     # dtype: float64 products run at about half float32's rate.
-    peaks = [matmul_peak_gflops(dtype=dtype)]
-    models = [bench_model(name, config, threads, dtype, tuple(data)) for name in config.models]
-    peaks.append(matmul_peak_gflops(dtype=dtype))
+    peaks = [ranks.on_main_with_threads(lambda: matmul_peak_gflops(dtype=dtype), threads)]
+    one_process = bench_one_process(config.models[0], config, dtype, data)
+    _torch_threads(threads)
+    models = [bench_model(name, config, threads, dtype, data,
+                          config.batch_sizes if index == 0 else config.other_batch_sizes)
+              for index, name in enumerate(config.models)]
+    peaks.append(ranks.on_main_with_threads(lambda: matmul_peak_gflops(dtype=dtype), threads))
+    if not ranks.is_main():
+        return None
     peak = best_peak(peaks)
     return {
         "kind": "scratchcnn-bench",
         "config": asdict(config),
+        "ranks": world,
         "dataset": dataset,
         "environment": describe_environment(threads),
         "load_average": {"start": load_before, "end": load_average()},
         "matmul_peak": peak,
+        "one_process": one_process,
+        "scaling": scaling(one_process, models[0]),
         "models": models,
     }

@@ -218,6 +218,16 @@ def seed_dropout(model: Any, key: list[int]) -> None:
             layer.rng = generator
 
 
+def is_distributed(model: Any) -> bool:
+    """Whether ``model`` is trained by the ranks together (``distribute`` wrapped it); a plain
+    model on one rank of a job runs alone."""
+    if world_size() == 1:
+        return False
+    from scratchcnn.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel)
+
+
 def unwrapped(model: Any) -> Any:
     """The model inside a ``DistributedDataParallel`` (``module``), else ``model``."""
     return getattr(model, "module", model)

@@ -135,12 +135,12 @@ def _numpy_steps(model, optimizer, images, labels) -> Callable[[np.ndarray], flo
     from scratchcnn import nn
 
     criterion = nn.CrossEntropyLoss()
-    several = ranks.world_size() > 1
+    several = ranks.is_distributed(model)
 
     def step(batch: np.ndarray) -> float:
         # The loop the README shows, on this rank's part of the batch; a non-finite loss skips
         # the update (on every rank alike), so the caller raises with the weights still good.
-        local = ranks.local_part(batch)
+        local = ranks.local_part(batch) if several else batch
         optimizer.zero_grad()
         loss = criterion(model(images[local]), labels[local])
         value = float(loss)
@@ -200,7 +200,7 @@ def evaluate(
     check_framework(framework)
     model.eval()
     logits_of = _numpy_logits if framework == "numpy" else _torch_logits
-    split = framework == "numpy" and ranks.world_size() > 1
+    split = framework == "numpy" and ranks.is_distributed(model)
     start = time.perf_counter()
     # This rank's share: a contiguous run of the images (all of them in one process).
     first, last = ranks.contiguous_share(len(labels)) if split else (0, len(labels))
