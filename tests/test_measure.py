@@ -1,4 +1,4 @@
-"""PeakMemory: the work's own allocations, plus what child processes (shard workers) add."""
+"""PeakMemory: the work's own allocations, plus what child processes add."""
 
 import mmap
 import multiprocessing
