@@ -151,3 +151,16 @@ def test_threads_that_contradict_the_mpi_job_are_refused(tmp_path):
     assert done.returncode != 0
     assert "--threads 1 asks for 1 ranks, but mpiexec started 2" in done.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_an_error_on_another_rank_is_said_after_a_wait_naming_the_rank(monkeypatch, capsys):
+    import scratchcnn.cli as cli
+    from scratchcnn.harness import ranks
+
+    waits = []
+    monkeypatch.setattr(ranks, "is_main", lambda: False)
+    monkeypatch.setattr(ranks, "rank", lambda: 1)
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    cli._say_once("scratchcnn train: error: disk full")
+    assert waits == [cli.RANK_ERROR_DELAY]
+    assert capsys.readouterr().err == "[rank 1] scratchcnn train: error: disk full\n"

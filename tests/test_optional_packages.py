@@ -1,7 +1,7 @@
 """A plain ``pip install scratchcnn`` has NumPy, threadpoolctl and tqdm only: each command that
 needs PyTorch, matplotlib or Pillow says so in one line before any slow work (and leaves no
-output directory), compare still writes its report without matplotlib, and thread limits work without
-threadpoolctl where they can. A package is made missing by putting None in
+output directory), compare still writes its report without matplotlib, and thread limits work
+without threadpoolctl where they can. A package is made missing by putting None in
 ``sys.modules``, which makes both ``import`` and ``importlib.util.find_spec`` fail for it."""
 
 from __future__ import annotations

@@ -12,19 +12,24 @@ import importlib.util
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import scratchcnn
 
 # Order of appearance in --help.
 SUBCOMMAND_MODULES = (
-    "compare", "train", "evaluate", "predict", "convert", "bench", "accuracy", "datasets"
+    "compare", "train", "evaluate", "predict", "convert", "bench", "accuracy", "datasets", "serve"
 )
 
 
 # torch.manual_seed takes any unsigned 64-bit seed and NumPy's generators any non-negative int;
 # both sides, resumed checkpoints and reports work up to 2**64 - 1 (tested end to end).
 SEED_LIMIT = 2**64
+
+# Seconds a rank other than 0 waits before saying an error (see _say_once): ample for mpiexec
+# to end the job once rank 0 exits, short beside the job itself.
+RANK_ERROR_DELAY = 2.0
 
 
 class CommandError(Exception):
@@ -267,12 +272,18 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 def _say_once(message: str) -> None:
-    """``message`` on stderr, from rank 0 only when the command runs as MPI ranks (they all
-    meet the same errors)."""
+    """``message`` on stderr once, when the command runs as MPI ranks too.
+
+    Rank 0 says it at once. Another rank first waits a moment: an error every rank meets (a bad
+    option) has by then ended the job through rank 0, which said it; an error only this rank
+    meets is still said, naming the rank."""
     from scratchcnn.harness import ranks
 
     if ranks.is_main():
-        print(message, file=sys.stderr)
+        print(message, file=sys.stderr, flush=True)
+        return
+    time.sleep(RANK_ERROR_DELAY)
+    print(f"[rank {ranks.rank()}] {message}", file=sys.stderr, flush=True)
 
 
 def describe_os_error(error: OSError) -> str:
