@@ -81,9 +81,8 @@ ARCHITECTURES: Mapping[str, tuple[LayerSpec, ...]] = MappingProxyType({
     # Budget: the issue allows 15 minutes of NumPy training on a 2-core machine. The recipe
     # (batch 128) trains 6 epochs and relies on what buys accuracy per epoch rather than on many
     # epochs: BatchNorm (a high learning rate, 3e-3), warm-up + cosine decay, augmentation
-    # against overfitting. With BatchNorm's shards meeting across both cores (nn/collective.py)
-    # an epoch takes ~70 s of NumPy training (float32, 2 threads, idle machine; 108 s with the
-    # whole batch on one shard), so the 6 epochs take ~7 min. Kept as designed rather than
+    # against overfitting. An epoch took ~70 s of NumPy training on 2 cores (float32, idle
+    # machine), so the 6 epochs take ~7 min. Kept as designed rather than
     # narrowed: the 32->32 conv at 28x28 and the 64->64 conv at 14x14 cost 7.2 MMAC each.
     "bn-cnn": (
         *_conv_bn_relu(1, 32), *_conv_bn_relu(32, 32), _POOL,

@@ -19,7 +19,8 @@ import scratchcnn
 
 # Order of appearance in --help.
 SUBCOMMAND_MODULES = (
-    "compare", "train", "evaluate", "predict", "convert", "bench", "accuracy", "datasets", "serve"
+    "compare", "train", "evaluate", "predict", "convert", "onnx", "bench", "accuracy", "datasets",
+    "serve",
 )
 
 
