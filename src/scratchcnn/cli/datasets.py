@@ -135,7 +135,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="List each dataset, where it was found (or that it is missing) and its "
         "train/test sizes. Searched, in order: $SCRATCHCNN_DATA/<name>, "
         "~/.cache/scratchcnn/<name>, /usr/share/datasets/<name>; or only --data-dir. "
-        "$SCRATCHCNN_MIRRORS (comma-separated base URLs) replaces the download mirrors.",
+        "$SCRATCHCNN_MIRRORS (comma-separated base URLs) replaces the download mirrors. "
+        "A download gives up on a mirror after 3 s without a connection or 7 s without a byte, "
+        "and stops trying a file after 21 s if no mirror has sent it anything; raise them on a "
+        "slow link, e.g. "
+        "SCRATCHCNN_DOWNLOAD_TIMEOUTS=connect=10,stall=60,deadline=300.",
     )
     parser.add_argument("--data-dir", metavar="DIR",
                         help="look only in DIR (a directory holding the four IDX files); "
