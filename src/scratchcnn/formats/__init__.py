@@ -1,0 +1,1 @@
+"""File formats for exchanging models with other frameworks: ONNX and safetensors."""
