@@ -1,0 +1,145 @@
+"""``scratchcnn export-onnx`` and ``scratchcnn import-onnx``: move a model between a scratchcnn
+checkpoint and an ONNX file (see ``scratchcnn.formats.onnx`` for what the graph holds).
+
+Export writes the checkpoint's model as a graph that ONNX Runtime and other runtimes can run, with
+the checkpoint's normalisation, dataset and classes as metadata (the graph takes normalised
+images, as the NumPy model does). Import reads such a graph, or one ``torch.onnx.export`` made
+of the PyTorch twin, finds which architecture it is and writes a checkpoint (epoch 0, no
+optimizer state) that evaluate and predict use. Reading parses protobuf only, never runs code,
+and never opens external data files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from scratchcnn.cli.convert import MNIST_MEAN, MNIST_STD, _class_names, _writing, check_output_path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    export = subparsers.add_parser(
+        "export-onnx",
+        help="write a checkpoint's model as an ONNX file",
+        description="Write CHECKPOINT's model to OUT as an ONNX graph (eval mode, dynamic batch "
+        "size, the checkpoint's dtype). The graph takes normalised images, as the NumPy model "
+        "does; the checkpoint's mean and std, dataset and classes are in its metadata_props.",
+    )
+    export.add_argument("checkpoint", help="a .npz checkpoint")
+    export.add_argument("out", help="the .onnx file to write")
+    export.set_defaults(func=run_export)
+
+    imp = subparsers.add_parser(
+        "import-onnx",
+        help="make a checkpoint from an ONNX file",
+        description="Read an ONNX model made by export-onnx or by torch.onnx.export of the "
+        "PyTorch twin (one chain of Conv, BatchNormalization, Relu, MaxPool, AveragePool, "
+        "Flatten, Gemm), find the architecture it is, and write it as a scratchcnn checkpoint "
+        "OUT (epoch 0, no optimizer state), usable by evaluate and predict.",
+    )
+    imp.add_argument("model", help="a self-contained .onnx file (no external data)")
+    imp.add_argument("out", help="the .npz checkpoint to write")
+    imp.add_argument("--dataset", help="dataset it was trained on (default: the file's "
+                     "metadata, else mnist)")
+    imp.add_argument("--mean", type=float, help="normalisation mean (default: the file's "
+                     f"metadata, else MNIST's {MNIST_MEAN})")
+    imp.add_argument("--std", type=float, help="normalisation std (default: the file's "
+                     f"metadata, else MNIST's {MNIST_STD})")
+    imp.add_argument("--dtype", choices=("float32", "float64"),
+                     help="default: the graph's dtype; needed to convert others")
+    imp.set_defaults(func=run_import)
+
+
+def export_onnx(checkpoint_path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the checkpoint's model as an ONNX file (atomically) and return its path."""
+    from scratchcnn.atomic import atomic_write_bytes
+    from scratchcnn.formats import onnx as onnx_format
+    from scratchcnn.harness.checkpoint import load_checkpoint
+
+    check_output_path(out, checkpoint_path, "checkpoint")
+    checkpoint = load_checkpoint(checkpoint_path)
+    proto = onnx_format.to_onnx(
+        checkpoint.build_model(), mean=checkpoint.mean, std=checkpoint.std,
+        metadata={
+            onnx_format.ARCHITECTURE_KEY: checkpoint.architecture,
+            onnx_format.DATASET_KEY: checkpoint.metadata["dataset"],
+            onnx_format.CLASSES_KEY: json.dumps(list(checkpoint.classes)),
+        },
+    )
+    with _writing(out):
+        return atomic_write_bytes(out, proto.SerializeToString())
+
+
+def import_onnx(
+    onnx_path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dataset: str | None = None,
+    mean: float | None = None,
+    std: float | None = None,
+    dtype: str | None = None,
+) -> Path:
+    """Write a checkpoint holding the model of an ONNX file (validated first). ``dataset``,
+    ``mean`` and ``std`` default to the file's metadata, else MNIST's."""
+    from scratchcnn.formats.onnx import from_onnx
+    from scratchcnn.harness.checkpoint import CheckpointError, save_checkpoint
+
+    if dtype not in (None, "float32", "float64"):
+        raise CheckpointError(f"--dtype must be float32 or float64, got {dtype!r}")
+    if dataset is not None:
+        _class_names(dataset)  # an unknown name is refused before the file is read
+    check_output_path(out, onnx_path, "ONNX file")
+    imported = from_onnx(onnx_path, dtype=dtype)
+    recorded = imported.metadata
+    dataset = dataset or recorded.get("dataset", "mnist")
+    mean = recorded.get("mean", MNIST_MEAN) if mean is None else mean
+    std = recorded.get("std", MNIST_STD) if std is None else std
+    if not (math.isfinite(mean) and math.isfinite(std) and 0 <= mean <= 1 and 0 < std <= 1):
+        # As data.normalize requires: 0-255 statistics would make every input about -0.4.
+        raise CheckpointError(f"--mean and --std are on the [0, 1] scale of pixel / 255 (mean "
+                              f"in [0, 1], std in (0, 1]), got {mean} and {std}; MNIST's are "
+                              f"{MNIST_MEAN} and {MNIST_STD}")
+    metadata: dict[str, Any] = {
+        "architecture": imported.architecture,
+        "dataset": dataset,
+        "classes": list(_class_names(dataset)),
+        "normalization": {"mean": mean, "std": std},
+        "dtype": recorded["dtype"],
+        "epoch": 0,
+        "imported_from": str(onnx_path),
+        "imported_format": f"onnx (opset {recorded['opset']}, {recorded['producer'] or 'unknown'})",
+    }
+    with _writing(out):
+        return save_checkpoint(out, imported.state_dict, metadata)
+
+
+def _require_onnx(command: str) -> None:
+    """CommandError before any work if the onnx package is missing."""
+    from scratchcnn.cli import CommandError
+
+    if importlib.util.find_spec("onnx") is None:
+        raise CommandError(f"onnx is not installed, and {command} needs it; install it with "
+                           "pip install 'scratchcnn[onnx]'")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    _require_onnx("export-onnx")
+    path = export_onnx(args.checkpoint, args.out)
+    print(f"wrote {path} (ONNX model of {args.checkpoint})")
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    _require_onnx("import-onnx")
+    from scratchcnn.harness.checkpoint import load_checkpoint
+
+    path = import_onnx(args.model, args.out, dataset=args.dataset, mean=args.mean,
+                       std=args.std, dtype=args.dtype)
+    architecture = load_checkpoint(path, check_model=False).architecture
+    print(f"wrote {path} ({architecture} checkpoint from {args.model})")
+    return 0
