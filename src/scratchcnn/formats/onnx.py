@@ -100,7 +100,6 @@ def to_onnx(
 
     current = INPUT_NAME
     for (name, layer), in_shape in zip(layers, [(1, *shape), *shapes], strict=False):
-        kind = type(layer).__name__
         output = f"{name}.output"
         if isinstance(layer, nn.Dropout):
             continue  # the identity in eval mode (see the module docstring)
@@ -148,10 +147,8 @@ def to_onnx(
             if layer.bias is not None:
                 inputs.append(constant(f"{name}.bias", layer.bias.data))
             node = helper.make_node("Gemm", inputs, [output], name=name, transB=1)
-        else:
-            raise ValueError(f"to_onnx: layer {name!r} ({kind}) has no ONNX export; supported: "
-                             "Conv2d, BatchNorm2d, ReLU, MaxPool2d, AvgPool2d, Flatten, Linear, "
-                             "Dropout")
+        else:  # _leaf_layers let only the layers above through
+            raise AssertionError(type(layer).__name__)
         nodes.append(node)
         current = output
     if not nodes:  # only Dropout layers: the graph still needs a node from input to output
@@ -181,6 +178,10 @@ def to_onnx(
     return proto
 
 
+_EXPORTED = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Linear,
+             nn.Dropout)
+
+
 def _leaf_layers(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
     """``(state_dict prefix, layer)`` of every layer in order, nested Sequentials opened."""
     if not isinstance(module, nn.Sequential):
@@ -189,8 +190,11 @@ def _leaf_layers(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Modul
         path = f"{prefix}{name}"
         if isinstance(child, nn.Sequential):
             yield from _leaf_layers(child, f"{path}.")
-        else:
+        elif isinstance(child, _EXPORTED):
             yield path, child
+        else:
+            raise ValueError(f"to_onnx: layer {path!r} ({type(child).__name__}) has no ONNX "
+                             f"export; supported: {', '.join(t.__name__ for t in _EXPORTED)}")
 
 
 def _model_dtype(model: nn.Module) -> np.dtype:
@@ -557,7 +561,7 @@ class _NodeReader:
 
     def expect(self, name: str, default: Any, allowed: tuple[Any, ...], advice: str) -> None:
         value = self.attribute(name, default)
-        if value not in allowed and list(value) not in allowed:
+        if value not in allowed:
             raise self.refuse(f"has {name}={value}; {advice}")
 
     def _geometry(self, kernel: tuple[int, ...]) -> tuple[tuple[int, int], tuple[int, ...]]:
