@@ -1,22 +1,23 @@
 """``scratchcnn export-torch`` and ``scratchcnn import-torch``: move weights between a scratchcnn
-checkpoint and a PyTorch ``state_dict`` file (``torch.save`` of a dict of tensors, the same keys
-as the PyTorch twin from ``scratchcnn.reference.torch_models``).
+checkpoint and a PyTorch ``state_dict`` file, with the same keys as the PyTorch twin from
+``scratchcnn.reference.torch_models``. The file's suffix says its format: ``.safetensors``
+(``scratchcnn.formats.safetensors``; torch is not needed) or anything else, a ``torch.save`` of a
+dict of tensors (``scratchcnn.reference.torch_files``).
 
-Import reads with ``torch.load(..., weights_only=True)``, which never runs code from the file,
-and checks every key and shape against the named architecture before writing anything.
+Import never runs code from the file (``torch.load(..., weights_only=True)``; safetensors holds
+no code) and checks every key and shape against the named architecture before writing anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 # MNIST's training-set statistics, the usual normalisation for weights trained elsewhere.
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -25,31 +26,42 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 def register(subparsers: argparse._SubParsersAction) -> None:
     export = subparsers.add_parser(
         "export-torch",
-        help="write a checkpoint's weights as a PyTorch state_dict file",
-        description="Write CHECKPOINT's model weights to OUT with torch.save (a dict of "
-        "tensors that the PyTorch twin loads with load_state_dict).",
+        help="write a checkpoint's weights as a PyTorch state_dict file (.pt or .safetensors)",
+        description="Write CHECKPOINT's model weights to OUT under the PyTorch twin's names, so "
+        "that the twin loads them with load_state_dict. OUT's suffix chooses the format: "
+        ".safetensors (with the architecture, dataset, classes and normalisation as metadata; "
+        "needs the safetensors package, not PyTorch), anything else torch.save of a dict of "
+        "tensors.",
     )
     export.add_argument("checkpoint", help="a .npz checkpoint")
-    export.add_argument("out", help="the .pt file to write")
+    export.add_argument("out", help="the file to write: .pt (torch.save) or .safetensors")
     export.set_defaults(func=run_export)
 
     imp = subparsers.add_parser(
         "import-torch",
-        help="make a checkpoint from a PyTorch state_dict file",
-        description="Read a torch.save'd state_dict (weights only, never code) of architecture "
-        "--model, check it, and write it as a scratchcnn checkpoint OUT (epoch 0, no optimizer "
-        "state), usable by evaluate and predict.",
+        help="make a checkpoint from a PyTorch state_dict file (.pt or .safetensors)",
+        description="Read a state_dict of architecture --model, a .safetensors file or a "
+        "torch.save'd .pt file (weights only, never code), check it, and write it as a "
+        "scratchcnn checkpoint OUT (epoch 0, no optimizer state), usable by evaluate and "
+        "predict. A .safetensors file written by export-torch names its architecture, dataset "
+        "and normalisation, which then need no option.",
     )
     imp.add_argument(
         "state_dict",
-        help="a .pt/.pth file holding a state_dict (alone, or under a 'state_dict', "
-        "'model_state_dict' or 'model' key)",
+        help="a .safetensors file, or a .pt/.pth file holding a state_dict (alone, or under a "
+        "'state_dict', 'model_state_dict' or 'model' key)",
     )
     imp.add_argument("out", help="the .npz checkpoint to write")
-    imp.add_argument("--model", required=True, help="architecture the weights belong to")
-    imp.add_argument("--dataset", default="mnist", help="dataset it was trained on (mnist)")
-    imp.add_argument("--mean", type=float, default=MNIST_MEAN, help="normalisation mean")
-    imp.add_argument("--std", type=float, default=MNIST_STD, help="normalisation std")
+    imp.add_argument(
+        "--model",
+        help="architecture the weights belong to (required unless the .safetensors file names it)",
+    )
+    imp.add_argument("--dataset", help="dataset it was trained on (default: the .safetensors "
+                                       "file's, else mnist)")
+    imp.add_argument("--mean", type=float, help="normalisation mean (default: the .safetensors "
+                                                f"file's, else MNIST's {MNIST_MEAN})")
+    imp.add_argument("--std", type=float, help="normalisation std (default: the .safetensors "
+                                               f"file's, else MNIST's {MNIST_STD})")
     imp.add_argument(
         "--dtype", choices=("float32", "float64"),
         help="default: the tensors' dtype; needed to convert others (bfloat16, float16, mixed)",
@@ -58,15 +70,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def export_torch(checkpoint_path: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Save the checkpoint's model state_dict as a torch file (written atomically)."""
-    import torch
-
+    """Save the checkpoint's model state_dict as a torch file, or a safetensors file if ``out``
+    ends in .safetensors (written atomically)."""
     from scratchcnn.atomic import atomic_write
+    from scratchcnn.formats import safetensors
     from scratchcnn.harness.checkpoint import load_checkpoint
-    from scratchcnn.reference.torch_models import to_torch_state_dict
 
     check_output_path(out, checkpoint_path, "checkpoint")
     checkpoint = load_checkpoint(checkpoint_path)
+    if safetensors.is_safetensors_path(out):
+        metadata = safetensors.checkpoint_metadata(checkpoint)
+        with _writing(out):
+            return safetensors.save_state_dict(checkpoint.model_state, out, metadata)
+    import torch
+
+    from scratchcnn.reference.torch_models import to_torch_state_dict
+
     state = to_torch_state_dict(checkpoint.model_state)
     with _writing(out):
         return atomic_write(out, lambda file: torch.save(state, file))
@@ -118,70 +137,39 @@ def import_torch(
     state_path: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    model: str,
-    dataset: str = "mnist",
-    mean: float = MNIST_MEAN,
-    std: float = MNIST_STD,
+    model: str | None = None,
+    dataset: str | None = None,
+    mean: float | None = None,
+    std: float | None = None,
     dtype: str | None = None,
 ) -> Path:
-    """Write a checkpoint holding the weights of a torch state_dict file (validated first)."""
-    import torch
+    """Write a checkpoint holding the weights of a torch or safetensors state_dict file
+    (validated first). Settings not given come from a .safetensors file's metadata, else
+    MNIST's; ``model`` must be given or found there."""
+    from scratchcnn.formats import safetensors
+    from scratchcnn.harness.checkpoint import CheckpointError, save_checkpoint
+    from scratchcnn.reference import torch_files
 
-    from scratchcnn.harness.checkpoint import (
-        CheckpointError,
-        check_state_matches,
-        save_checkpoint,
-    )
-    from scratchcnn.models import MODEL_NAMES, build_model
-    from scratchcnn.reference.torch_files import (
-        check_tensor_usable,
-        common_float_dtype,
-        load_torch_state_dict,
-        stand_in,
-        to_numpy,
-    )
-
-    if model not in MODEL_NAMES:
-        raise CheckpointError(f"unknown model {model!r}; choose one of {', '.join(MODEL_NAMES)}")
-    if not math.isfinite(mean):
-        raise CheckpointError(f"--mean must be a finite number, got {mean}")
-    if not (math.isfinite(std) and std > 0):
-        raise CheckpointError(f"--std must be a finite positive number, got {std}")
-    if not 0 <= mean <= 1 or std > 1:
-        # As data.normalize requires: 0-255 statistics would make every input about -0.4.
-        raise CheckpointError(f"--mean and --std are on the [0, 1] scale of pixel / 255, got "
-                              f"{mean} and {std}; divide 0-255 statistics by 255 (MNIST: "
-                              "0.1307 and 0.3081)")
-    if dtype not in (None, "float32", "float64"):
-        raise CheckpointError(f"--dtype must be float32 or float64, got {dtype!r}")
-    classes = _class_names(dataset)
+    _check_settings(model, mean, std, dtype)  # as given, before any file is read
     check_output_path(out, state_path, "state_dict file")
-    tensors = load_torch_state_dict(state_path)
-    for key, tensor in tensors.items():
-        check_tensor_usable(state_path, key, tensor)
-    dtype = dtype or common_float_dtype(state_path, tensors)
-    reference = build_model(model, dtype=dtype, rng=np.random.default_rng(0)).state_dict()
-    for key, value in reference.items():
-        # As PyTorch does for state_dicts saved before BatchNorm counted its steps.
-        if key.endswith(".num_batches_tracked") and key not in tensors:
-            tensors[key] = torch.from_numpy(np.zeros_like(value))
-    # Keys, shapes and kinds first, on stand-ins without memory: a sparse tensor is only made
-    # dense once its shape is known to be the architecture's.
-    check_state_matches(
-        reference,
-        {key: stand_in(tensor, reference.get(key)) for key, tensor in tensors.items()},
-        str(state_path),
-        model,
-    )
-    state = {
-        key: to_numpy(state_path, key, tensor, reference[key].dtype)
-        for key, tensor in tensors.items()
-    }
+    if safetensors.is_safetensors_path(state_path):
+        model, dataset, mean, std = safetensors.import_settings(
+            state_path, architecture=model, dataset=dataset, mean=mean, std=std)
+        load_checked = safetensors.load_checked
+    else:
+        load_checked = torch_files.load_checked
+    if model is None:
+        raise CheckpointError(f"{state_path} does not name the architecture of its weights; "
+                              "pass --model")
+    dataset = dataset or "mnist"
+    classes = _class_names(dataset)
+    state, dtype = load_checked(state_path, model, dtype)
     metadata: dict[str, Any] = {
         "architecture": model,
         "dataset": dataset,
         "classes": list(classes),
-        "normalization": {"mean": mean, "std": std},
+        "normalization": {"mean": MNIST_MEAN if mean is None else mean,
+                          "std": MNIST_STD if std is None else std},
         "dtype": dtype,
         "epoch": 0,
         "framework": "torch",
@@ -189,6 +177,28 @@ def import_torch(
     }
     with _writing(out):
         return save_checkpoint(out, state, metadata)
+
+
+def _check_settings(
+    model: str | None, mean: float | None, std: float | None, dtype: str | None
+) -> None:
+    """CheckpointError for an import option that cannot be right, whatever the file holds."""
+    from scratchcnn.harness.checkpoint import CheckpointError
+    from scratchcnn.models import MODEL_NAMES
+
+    if model is not None and model not in MODEL_NAMES:
+        raise CheckpointError(f"unknown model {model!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if mean is not None and not math.isfinite(mean):
+        raise CheckpointError(f"--mean must be a finite number, got {mean}")
+    if std is not None and not (math.isfinite(std) and std > 0):
+        raise CheckpointError(f"--std must be a finite positive number, got {std}")
+    if (mean is not None and not 0 <= mean <= 1) or (std is not None and std > 1):
+        # As data.normalize requires: 0-255 statistics would make every input about -0.4.
+        raise CheckpointError(f"--mean and --std are on the [0, 1] scale of pixel / 255, got "
+                              f"{mean} and {std}; divide 0-255 statistics by 255 (MNIST: "
+                              "0.1307 and 0.3081)")
+    if dtype not in (None, "float32", "float64"):
+        raise CheckpointError(f"--dtype must be float32 or float64, got {dtype!r}")
 
 
 def _class_names(dataset: str) -> tuple[str, ...]:
@@ -200,21 +210,33 @@ def _class_names(dataset: str) -> tuple[str, ...]:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from scratchcnn.cli import require
-
-    require("torch", "export-torch")
+    _require_packages(args.out, "export-torch")
     path = export_torch(args.checkpoint, args.out)
     print(f"wrote {path} (PyTorch state_dict of {args.checkpoint})")
     return 0
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from scratchcnn.cli import require
+    from scratchcnn.harness.checkpoint import load_checkpoint
 
-    require("torch", "import-torch")
+    _require_packages(args.state_dict, "import-torch")
     path = import_torch(
         args.state_dict, args.out, model=args.model, dataset=args.dataset,
         mean=args.mean, std=args.std, dtype=args.dtype,
     )
-    print(f"wrote {path} ({args.model} checkpoint from {args.state_dict})")
+    architecture = load_checkpoint(path, check_model=False).architecture
+    print(f"wrote {path} ({architecture} checkpoint from {args.state_dict})")
     return 0
+
+
+def _require_packages(weights: str, command: str) -> None:
+    """CommandError, before any work, unless the package that reads or writes ``weights`` is
+    installed: safetensors for a .safetensors file, PyTorch for any other."""
+    from scratchcnn.cli import CommandError, require
+    from scratchcnn.formats.safetensors import SAFETENSORS_INSTALL, is_safetensors_path
+
+    if not is_safetensors_path(weights):
+        require("torch", command)
+    elif importlib.util.find_spec("safetensors") is None:
+        raise CommandError(f"safetensors is not installed, and {command} needs it for "
+                           f"{weights}; install it with {SAFETENSORS_INSTALL}")

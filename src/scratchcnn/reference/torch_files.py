@@ -2,13 +2,14 @@
 never unpickles Python objects, behind checks that turn whatever else a user may hand over (a text
 file, a scratchcnn checkpoint, a whole pickled model, a wrapper dict, bfloat16, sparse or meta
 tensors) into one-line CheckpointErrors that say what the file is and what to do.
-Used by ``scratchcnn import-torch`` (cli/convert.py)."""
+``load_checked`` is what ``scratchcnn import-torch`` (cli/convert.py) reads a .pt file with;
+``scratchcnn.formats.safetensors.load_checked`` reads a .safetensors file the same way."""
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,40 @@ def _describe(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
+def load_checked(
+    path: str | os.PathLike, architecture: str, dtype: str | None = None
+) -> tuple[dict[str, np.ndarray], str]:
+    """The state_dict of a torch file, checked against ``architecture`` key by key, shape by
+    shape and dtype kind, with finite values, converted to ``dtype`` (float32 or float64;
+    default: the file's floating dtype, which must then be one of those), and that dtype.
+    A missing BatchNorm step counter is 0, as PyTorch takes it."""
+    import torch
+
+    from scratchcnn.harness.checkpoint import check_state_matches
+    from scratchcnn.models import build_model
+
+    tensors = load_torch_state_dict(path)
+    for key, tensor in tensors.items():
+        check_tensor_usable(path, key, tensor)
+    dtype = dtype or common_float_dtype(
+        path, [str(t.dtype).removeprefix("torch.") for t in tensors.values()
+               if t.is_floating_point()])
+    reference = build_model(architecture, dtype=dtype, rng=np.random.default_rng(0)).state_dict()
+    for key, value in reference.items():
+        if key.endswith(".num_batches_tracked") and key not in tensors:
+            tensors[key] = torch.from_numpy(np.zeros_like(value))
+    # Keys, shapes and kinds first, on stand-ins without memory: a sparse tensor is only made
+    # dense once its shape is known to be the architecture's.
+    check_state_matches(
+        reference,
+        {key: stand_in(tensor, reference.get(key)) for key, tensor in tensors.items()},
+        str(path),
+        architecture,
+    )
+    return {key: to_numpy(path, key, tensors[key], value.dtype)
+            for key, value in reference.items()}, dtype
+
+
 def check_tensor_usable(path: str | os.PathLike, key: str, tensor: Any) -> None:
     from scratchcnn.harness.checkpoint import CheckpointError
 
@@ -167,13 +202,13 @@ def check_tensor_usable(path: str | os.PathLike, key: str, tensor: Any) -> None:
         raise CheckpointError(f"{path}: {key!r} has dtype {tensor.dtype}, which no model has")
 
 
-def common_float_dtype(path: str | os.PathLike, tensors: Mapping[str, Any]) -> str:
-    """float32 or float64: the one floating dtype of the tensors (float32 if they have none,
-    for the architecture check to report)."""
+def common_float_dtype(path: str | os.PathLike, float_dtypes: Iterable[str]) -> str:
+    """float32 or float64: the one floating dtype among ``float_dtypes`` (the weights' dtypes,
+    named as torch names them: "bfloat16", "float32"...; float32 if there are none, for the
+    architecture check to report)."""
     from scratchcnn.harness.checkpoint import CheckpointError
 
-    found = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()
-                    if t.is_floating_point()})
+    found = sorted(set(float_dtypes))
     if not found:
         return "float32"
     if len(found) == 1 and found[0] in ("float32", "float64"):
@@ -205,17 +240,25 @@ def to_numpy(path: str | os.PathLike, key: str, tensor: Any, dtype: np.dtype) ->
     CheckpointError if it holds NaN or infinite values or does not fit ``dtype``."""
     import torch
 
-    from scratchcnn.harness.checkpoint import CheckpointError
-    from scratchcnn.reference.torch_models import torch_dtype
-
     tensor = tensor.detach()
     if tensor.layout != torch.strided:
         tensor = tensor.to_dense()
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if tensor.is_floating_point():
+        tensor = tensor.to(torch.float64)  # holds every value of every torch float dtype exactly
+    return finite_as(path, key, tensor.numpy(), dtype)
+
+
+def finite_as(path: str | os.PathLike, key: str, array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A copy of weight ``key``'s ``array`` in ``dtype``; CheckpointError if it holds NaN or
+    infinite values or does not fit ``dtype``."""
+    from scratchcnn.harness.checkpoint import CheckpointError
+
+    if array.dtype.kind != "f":
+        return array.astype(dtype)
+    if not np.all(np.isfinite(array)):
         raise CheckpointError(f"{path}: {key!r} contains NaN or infinite values")
-    target = torch_dtype(dtype) if dtype.kind == "f" else torch.from_numpy(
-        np.zeros(0, dtype=dtype)).dtype
-    array = tensor.to(target).numpy().copy()
-    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+    with np.errstate(over="ignore"):  # said below, as the weight's problem
+        converted = array.astype(dtype)
+    if not np.all(np.isfinite(converted)):
         raise CheckpointError(f"{path}: {key!r} has values too large for {dtype}")
-    return array
+    return converted
