@@ -23,6 +23,7 @@ from scratchcnn.cli import main  # noqa: E402
 from scratchcnn.formats.onnx import from_onnx, to_onnx  # noqa: E402
 from scratchcnn.harness.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from scratchcnn.models import MODEL_NAMES, build_model  # noqa: E402
+from test_cli_convert import run_error  # noqa: E402
 
 MEAN, STD = 0.13, 0.31
 TINY = ["--dataset", "mnist-sample", "--limit-test", "20"]
@@ -362,14 +363,6 @@ def make_checkpoint(path, name: str = "bn-cnn", dtype: str = "float64"):
     return save_checkpoint(path, model.state_dict(), metadata), model
 
 
-def run_error(capsys, *argv: str) -> str:
-    capsys.readouterr()
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
 def test_export_and_import_on_the_command_line_round_trip(tmp_path, capsys, ort):
     source, model = make_checkpoint(tmp_path / "bn.npz", dtype="float32")
     onnx_path, back = tmp_path / "bn.onnx", tmp_path / "back.npz"
@@ -453,6 +446,7 @@ def test_bad_onnx_files_are_one_line_exit_2_and_no_output(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, expected", [
     (["import-onnx", "{onnx}", "{dir}/out.npz", "--mean", "40"], "[0, 1] scale"),
+    (["import-onnx", "{onnx}", "{dir}/out.npz", "--std", "0"], "finite positive"),
     (["import-onnx", "{onnx}", "{dir}/out.npz", "--dataset", "cifar"], "unknown dataset"),
     (["import-onnx", "{dir}/missing.onnx", "{dir}/out.npz"], "no such file"),
     (["import-onnx", "{onnx}", "{onnx}"], "is the input ONNX file itself"),

@@ -14,12 +14,18 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
-from scratchcnn.cli.convert import MNIST_MEAN, MNIST_STD, _class_names, _writing, check_output_path
+from scratchcnn.cli.convert import (
+    MNIST_MEAN,
+    MNIST_STD,
+    _check_settings,
+    _class_names,
+    _writing,
+    check_output_path,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -87,23 +93,18 @@ def import_onnx(
     """Write a checkpoint holding the model of an ONNX file (validated first). ``dataset``,
     ``mean`` and ``std`` default to the file's metadata, else MNIST's."""
     from scratchcnn.formats.onnx import from_onnx
-    from scratchcnn.harness.checkpoint import CheckpointError, save_checkpoint
+    from scratchcnn.harness.checkpoint import save_checkpoint
 
-    if dtype not in (None, "float32", "float64"):
-        raise CheckpointError(f"--dtype must be float32 or float64, got {dtype!r}")
+    _check_settings(None, mean, std, dtype)  # as given, before the file is read
     if dataset is not None:
-        _class_names(dataset)  # an unknown name is refused before the file is read
+        _class_names(dataset)
     check_output_path(out, onnx_path, "ONNX file")
     imported = from_onnx(onnx_path, dtype=dtype)
     recorded = imported.metadata
     dataset = dataset or recorded.get("dataset", "mnist")
     mean = recorded.get("mean", MNIST_MEAN) if mean is None else mean
     std = recorded.get("std", MNIST_STD) if std is None else std
-    if not (math.isfinite(mean) and math.isfinite(std) and 0 <= mean <= 1 and 0 < std <= 1):
-        # As data.normalize requires: 0-255 statistics would make every input about -0.4.
-        raise CheckpointError(f"--mean and --std are on the [0, 1] scale of pixel / 255 (mean "
-                              f"in [0, 1], std in (0, 1]), got {mean} and {std}; MNIST's are "
-                              f"{MNIST_MEAN} and {MNIST_STD}")
+    _check_settings(None, mean, std, dtype)  # those the file gave too
     metadata: dict[str, Any] = {
         "architecture": imported.architecture,
         "dataset": dataset,
