@@ -115,10 +115,12 @@ def test_bn_cnn_exports_without_dropout_and_with_its_batchnorm():
 
 def test_export_leaves_a_training_model_as_it_was_and_exports_its_eval_mode(ort):
     model = trained_like("bn-cnn").train()
+    logits = model(images(2, seed=5))  # a training step under way: backward still to come
     before = {key: value.copy() for key, value in model.state_dict().items()}
     proto = to_onnx(model)
     assert all(module.training for module in model.modules())
     assert_same_state(model.state_dict(), before)
+    model.backward(np.ones_like(logits))  # the layers' caches survived the export
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     x = images(3)
     (logits,) = session.run(None, {"input": x})

@@ -27,6 +27,7 @@ Reading parses protobuf only: it never runs code from the file.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Iterator, Mapping
@@ -89,7 +90,7 @@ def to_onnx(
     dtype = _model_dtype(model)
     elem_type = TensorProto.FLOAT if dtype == np.float32 else TensorProto.DOUBLE
     shape = _input_shape(layers, input_shape)
-    shapes = _output_shapes(model, layers, shape, dtype)
+    shapes = _output_shapes(layers, shape, dtype)
 
     nodes: list[Any] = []
     initializers: list[Any] = []
@@ -220,26 +221,23 @@ def _input_shape(layers: list[tuple[str, nn.Module]],
     return (channels, *DEFAULT_IMAGE_SIZE)
 
 
-def _output_shapes(model: nn.Module, layers: list[tuple[str, nn.Module]],
-                   shape: tuple[int, int, int], dtype: np.dtype) -> list[tuple[int, ...]]:
-    """Each layer's output shape for one sample of ``shape``, by running it in eval mode (the
-    layers' own checks then say what does not fit); the modules' modes are put back after."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
+def _output_shapes(layers: list[tuple[str, nn.Module]], shape: tuple[int, int, int],
+                   dtype: np.dtype) -> list[tuple[int, ...]]:
+    """Each layer's output shape for one sample of ``shape``, found by running a copy of the
+    layers in eval mode (their own checks then say what does not fit): the model itself keeps
+    its mode, its statistics and the caches a pending ``backward`` needs."""
+    probe = nn.Sequential(*copy.deepcopy([layer for _, layer in layers])).eval()
     shapes = []
+    x = np.zeros((1, *shape), dtype=dtype)
     try:
-        x = np.zeros((1, *shape), dtype=dtype)
         with nn.no_grad():
-            for _, layer in layers:
+            for layer in probe:
                 x = layer(x)
                 shapes.append(x.shape)
     except ValueError as error:
         raise ValueError(f"to_onnx: the model does not run on inputs of shape (N, "
                          f"{', '.join(map(str, shape))}): {error}; pass input_shape=(C, H, W)") \
             from None
-    finally:
-        for module, training in modes:
-            object.__setattr__(module, "training", training)
     return shapes
 
 
