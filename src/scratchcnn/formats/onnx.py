@@ -405,16 +405,16 @@ def _refuse_external_data(graph: Any, where: str) -> None:
 def _constants(graph: Any, where: str) -> tuple[dict[str, np.ndarray], set[int]]:
     """The graph's constant values by name (initializers, Constant nodes, Identity of either),
     and the indices of the nodes that only make constants."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
-    constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    constants = {tensor.name: _array(tensor, where) for tensor in graph.initializer}
     folded = set()
     for index, node in enumerate(graph.node):  # the checker made sure they are in order
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             attribute = node.attribute[0]
             value = helper.get_attribute_value(attribute)
             if attribute.name == "value":
-                value = numpy_helper.to_array(value)
+                value = _array(value, where)
             elif attribute.name.startswith(("value_float", "value_int")):
                 value = np.asarray(value, np.float32 if "float" in attribute.name else np.int64)
             else:
@@ -427,6 +427,17 @@ def _constants(graph: Any, where: str) -> tuple[dict[str, np.ndarray], set[int]]
             continue
         folded.add(index)
     return constants, folded
+
+
+def _array(tensor: Any, where: str) -> np.ndarray:
+    from onnx import numpy_helper
+
+    try:
+        return numpy_helper.to_array(tensor)
+    except Exception as error:  # a data field that does not fit the dims, an unknown type...
+        raise ValueError(f"{where}: tensor {tensor.name!r} is malformed ({type(error).__name__}: "
+                         f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})"
+                         ) from None
 
 
 def _image_input(graph: Any, constants: Mapping[str, np.ndarray], where: str) -> Any:
@@ -570,7 +581,13 @@ class _NodeReader:
                     "only explicit pads (auto_pad NOTSET) are supported")
         self.expect("dilations", [1, 1], ([1, 1],), "only dilations of 1 are supported")
         strides = tuple(self.attribute("strides", [1, 1]))
-        top, left, bottom, right = self.attribute("pads", [0, 0, 0, 0])
+        pads = self.attribute("pads", [0, 0, 0, 0])
+        if self.attribute("auto_pad", "NOTSET") == "VALID":
+            pads = [0, 0, 0, 0]
+        if len(strides) != 2 or len(pads) != 4:
+            raise self.refuse(f"has strides {list(strides)} and pads {list(pads)}, not 2 and 4 "
+                              "numbers for its 2-D kernel")
+        top, left, bottom, right = pads
         return strides, (top, bottom, left, right)
 
     def _conv(self) -> _Layer:
