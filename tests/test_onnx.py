@@ -245,6 +245,41 @@ def test_pytorch_float64_export_imports_as_float64(torch):
     assert relative_error(numpy_logits(imported.build_model(), x), expected) < 1e-12
 
 
+def test_an_old_opset_with_initializers_listed_as_inputs_imports(torch):
+    from scratchcnn.reference.torch_models import torch_twin
+
+    twin = torch_twin(trained_like("bn-cnn"), "bn-cnn").eval()
+    proto = onnx.load_from_string(torch_export(torch, twin, opset_version=9,
+                                               keep_initializers_as_inputs=True,
+                                               do_constant_folding=False))
+    assert len(proto.graph.input) > 1 and proto.opset_import[0].version == 9
+    imported = from_onnx(proto)
+    x = images(3)
+    with torch.no_grad():
+        expected = twin(torch.from_numpy(x)).numpy()
+    assert relative_error(numpy_logits(imported.build_model(), x), expected) < 1e-5
+
+
+@pytest.mark.parametrize("shape, accepted", [
+    ([0, -1], True), ([-1, 8 * 14 * 14], True), ([0, 8 * 14 * 14], True), ([0, 8, -1], False),
+    ([-1, 2, 8 * 7 * 14], False),
+])
+def test_a_reshape_that_flattens_stands_for_flatten(shape, accepted):
+    model = trained_like("tiny-cnn")
+    proto = to_onnx(model)
+    flatten = next(node for node in proto.graph.node if node.op_type == "Flatten")
+    del flatten.attribute[:]
+    flatten.op_type = "Reshape"
+    proto.graph.node.insert(0, helper.make_node(
+        "Constant", [], ["shape"], value=numpy_helper.from_array(np.array(shape, np.int64))))
+    flatten.input.append("shape")
+    if accepted:
+        assert_same_state(from_onnx(proto).state_dict, model.state_dict())
+    else:
+        with pytest.raises(ValueError, match=r"reshapes to .* only a Reshape that flattens"):
+            from_onnx(proto)
+
+
 def test_pytorchs_folded_batchnorm_is_refused_naming_the_export_option(torch):
     from scratchcnn.reference.torch_models import torch_twin
 
