@@ -290,13 +290,10 @@ def _read_header(path: Path, file: BinaryIO) -> tuple[dict[str, Any], int]:
                               f"but the file ends {len(text)} bytes into it (an interrupted "
                               "copy?)")
     try:
-        header = json.loads(text.decode("utf-8"))
+        header = json.loads(text.decode("utf-8"))  # an object: the text starts with {
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: not a safetensors file: its header is not JSON "
                               f"({error}); {_SAVE_ADVICE}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file: its header is a JSON "
-                              f"{type(header).__name__}, not an object; {_SAVE_ADVICE}")
     metadata = header.get(METADATA_KEY, {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: the header's {METADATA_KEY} is not a map of strings to "
@@ -321,13 +318,16 @@ def _whole_numbers(value: Any) -> bool:
 
 
 def _check_byte_ranges(path: Path, header: Mapping[str, Any], data_size: int) -> None:
-    """Each tensor's byte range must hold its dtype and shape exactly, and the ranges must
-    cover the ``data_size`` bytes after the header: fewer is a truncated file, more a damaged one
-    (the package refuses both, in words that name neither)."""
-    end = 0
+    """Each tensor's byte range must hold its dtype and shape exactly, and the ranges must follow
+    one another from 0 to the ``data_size`` bytes after the header, without gap or overlap; a
+    shorter file is a truncated one. (The package refuses all of these, in words that name
+    neither the tensor nor the problem.)"""
+    ranges = []
     for key, entry in header.items():
-        if key == METADATA_KEY or entry["dtype"] not in _ITEM_SIZES:
-            continue  # the package names unknown dtypes
+        if key == METADATA_KEY:
+            continue
+        if entry["dtype"] not in _ITEM_SIZES:
+            return  # sub-byte floats: left to the package
         begin, stop = entry["data_offsets"]
         needed = math.prod(entry["shape"]) * _ITEM_SIZES[entry["dtype"]]
         if stop - begin != needed:
@@ -335,12 +335,20 @@ def _check_byte_ranges(path: Path, header: Mapping[str, Any], data_size: int) ->
                 f"{path}: the header does not match the data: {key!r} is {entry['dtype']} of "
                 f"shape {entry['shape']} ({needed} bytes), but its data_offsets "
                 f"[{begin}, {stop}] span {stop - begin} bytes; the file is damaged")
-        end = max(end, stop)
-    if end > data_size:
-        raise CheckpointError(f"{path}: truncated: the header describes {end} bytes of tensor "
-                              f"data but the file holds {data_size} (an interrupted copy?)")
-    if end < data_size and all(entry["dtype"] in _ITEM_SIZES for key, entry in header.items()
-                               if key != METADATA_KEY):
-        raise CheckpointError(f"{path}: {data_size - end} bytes follow the last tensor the "
+        ranges.append((begin, stop, key))
+    position, previous = 0, None
+    for begin, stop, key in sorted(ranges):
+        if begin != position:
+            what = "overlap" if begin < position else "leave a gap"
+            between = f"{previous!r} and {key!r}" if previous else f"the start and {key!r}"
+            raise CheckpointError(f"{path}: the header's byte ranges of {between} {what}; the "
+                                  "file is damaged")
+        position, previous = stop, key
+    if position > data_size:
+        raise CheckpointError(f"{path}: truncated: the header describes {position} bytes of "
+                              f"tensor data but the file holds {data_size} (an interrupted "
+                              "copy?)")
+    if position < data_size:
+        raise CheckpointError(f"{path}: {data_size - position} bytes follow the last tensor the "
                               "header describes, which a safetensors file may not have; the "
                               "file is damaged")
