@@ -463,6 +463,12 @@ def test_metadata_that_cannot_be_used_asks_for_the_option(tmp_path, capsys, case
         assert main(["import-torch", str(source), str(tmp_path / "out.npz"), *option]) == 0
 
 
+def test_a_pt_file_still_needs_model(tmp_path, capsys):
+    err = run_error(capsys, "import-torch", str(tmp_path / "w.pt"), str(tmp_path / "o.npz"))
+    assert "--model is required: a torch.save file does not record the architecture" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_values_too_large_for_the_chosen_dtype_are_refused(tmp_path, capsys):
     state = simple_state("float64")
     state["7.weight"][0, 0] = 1e300

@@ -155,12 +155,15 @@ def import_torch(
     if safetensors.is_safetensors_path(state_path):
         model, dataset, mean, std = safetensors.import_settings(
             state_path, architecture=model, dataset=dataset, mean=mean, std=std)
+        if model is None:
+            raise CheckpointError(f"{state_path}: its metadata does not name the architecture "
+                                  "of its weights; pass --model")
         load_checked = safetensors.load_checked
+    elif model is None:
+        raise CheckpointError("--model is required: a torch.save file does not record the "
+                              "architecture of its weights")
     else:
         load_checked = torch_files.load_checked
-    if model is None:
-        raise CheckpointError(f"{state_path} does not name the architecture of its weights; "
-                              "pass --model")
     dataset = dataset or "mnist"
     classes = _class_names(dataset)
     state, dtype = load_checked(state_path, model, dtype)

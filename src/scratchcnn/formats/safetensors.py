@@ -33,7 +33,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from scratchcnn.atomic import atomic_write_bytes
-from scratchcnn.harness.checkpoint import CheckpointError
+from scratchcnn.harness.checkpoint import Checkpoint, CheckpointError
 
 SAFETENSORS_INSTALL = "pip install 'scratchcnn[safetensors]'"
 SUFFIX = ".safetensors"
@@ -114,7 +114,7 @@ def save_state_dict(
     return atomic_write_bytes(path, data)
 
 
-def checkpoint_metadata(checkpoint: Any) -> dict[str, str]:
+def checkpoint_metadata(checkpoint: Checkpoint) -> dict[str, str]:
     """The string metadata export-torch writes beside a checkpoint's weights: its architecture,
     dataset, classes (JSON), normalisation, dtype and epoch, and ``format: pt`` (the tensors are
     a PyTorch state_dict, as the Hugging Face libraries expect it said)."""
@@ -340,7 +340,8 @@ def _check_byte_ranges(path: Path, header: Mapping[str, Any], data_size: int) ->
     for begin, stop, key in sorted(ranges):
         if begin != position:
             what = "overlap" if begin < position else "leave a gap"
-            between = f"{previous!r} and {key!r}" if previous else f"the start and {key!r}"
+            between = (f"{previous!r} and {key!r}" if previous is not None
+                       else f"the start and {key!r}")
             raise CheckpointError(f"{path}: the header's byte ranges of {between} {what}; the "
                                   "file is damaged")
         position, previous = stop, key
