@@ -56,17 +56,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model",
         help="architecture the weights belong to (required unless the .safetensors file names it)",
     )
-    imp.add_argument("--dataset", help="dataset it was trained on (default: the .safetensors "
-                                       "file's, else mnist)")
-    imp.add_argument("--mean", type=float, help="normalisation mean (default: the .safetensors "
-                                                f"file's, else MNIST's {MNIST_MEAN})")
-    imp.add_argument("--std", type=float, help="normalisation std (default: the .safetensors "
-                                               f"file's, else MNIST's {MNIST_STD})")
+    add_settings_options(imp, "a .safetensors file's metadata")
     imp.add_argument(
         "--dtype", choices=("float32", "float64"),
         help="default: the tensors' dtype; needed to convert others (bfloat16, float16, mixed)",
     )
     imp.set_defaults(func=run_import)
+
+
+def add_settings_options(parser: argparse.ArgumentParser, recorded: str) -> None:
+    """An import command's --dataset, --mean and --std, by default what ``recorded`` (e.g. "the
+    file's metadata") gives, else MNIST's."""
+    parser.add_argument("--dataset", help=f"dataset it was trained on (default: {recorded}, "
+                                          "else mnist)")
+    parser.add_argument("--mean", type=float, help=f"normalisation mean (default: {recorded}, "
+                                                   f"else MNIST's {MNIST_MEAN})")
+    parser.add_argument("--std", type=float, help=f"normalisation std (default: {recorded}, "
+                                                  f"else MNIST's {MNIST_STD})")
 
 
 def export_torch(checkpoint_path: str | os.PathLike, out: str | os.PathLike) -> Path:
