@@ -86,14 +86,14 @@ def export_torch(checkpoint_path: str | os.PathLike, out: str | os.PathLike) -> 
     checkpoint = load_checkpoint(checkpoint_path)
     if safetensors.is_safetensors_path(out):
         metadata = safetensors.checkpoint_metadata(checkpoint)
-        with _writing(out):
+        with writing_atomically(out):
             return safetensors.save_state_dict(checkpoint.model_state, out, metadata)
     import torch
 
     from scratchcnn.reference.torch_models import to_torch_state_dict
 
     state = to_torch_state_dict(checkpoint.model_state)
-    with _writing(out):
+    with writing_atomically(out):
         return atomic_write(out, lambda file: torch.save(state, file))
 
 
@@ -124,7 +124,7 @@ def check_output_path(
 
 
 @contextlib.contextmanager
-def _writing(out: str | os.PathLike) -> Iterator[None]:
+def writing_atomically(out: str | os.PathLike) -> Iterator[None]:
     """Report the OS's refusal to write ``out`` (no such directory, read-only, disk full) as a
     one-line CheckpointError. The writes inside are atomic: they leave no partial file."""
     from scratchcnn.harness.checkpoint import CheckpointError
@@ -156,7 +156,7 @@ def import_torch(
     from scratchcnn.harness.checkpoint import CheckpointError, save_checkpoint
     from scratchcnn.reference import torch_files
 
-    _check_settings(model, mean, std, dtype)  # as given, before any file is read
+    check_settings(model, mean, std, dtype)  # as given, before any file is read
     check_output_path(out, state_path, "state_dict file")
     if safetensors.is_safetensors_path(state_path):
         model, dataset, mean, std = safetensors.import_settings(
@@ -171,7 +171,7 @@ def import_torch(
     else:
         load_checked = torch_files.load_checked
     dataset = dataset or "mnist"
-    classes = _class_names(dataset)
+    classes = class_names(dataset)
     state, dtype = load_checked(state_path, model, dtype)
     metadata: dict[str, Any] = {
         "architecture": model,
@@ -184,11 +184,11 @@ def import_torch(
         "framework": "torch",
         "imported_from": str(state_path),
     }
-    with _writing(out):
+    with writing_atomically(out):
         return save_checkpoint(out, state, metadata)
 
 
-def _check_settings(
+def check_settings(
     model: str | None, mean: float | None, std: float | None, dtype: str | None
 ) -> None:
     """CheckpointError for an import option that cannot be right, whatever the file holds."""
@@ -210,7 +210,7 @@ def _check_settings(
         raise CheckpointError(f"--dtype must be float32 or float64, got {dtype!r}")
 
 
-def _class_names(dataset: str) -> tuple[str, ...]:
+def class_names(dataset: str) -> tuple[str, ...]:
     from scratchcnn.data.datasets import CLASS_NAMES
 
     if dataset not in CLASS_NAMES:

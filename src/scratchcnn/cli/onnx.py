@@ -21,10 +21,11 @@ from typing import Any
 from scratchcnn.cli.convert import (
     MNIST_MEAN,
     MNIST_STD,
-    _check_settings,
-    _class_names,
-    _writing,
+    add_settings_options,
     check_output_path,
+    check_settings,
+    class_names,
+    writing_atomically,
 )
 
 
@@ -50,12 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     imp.add_argument("model", help="a self-contained .onnx file (no external data)")
     imp.add_argument("out", help="the .npz checkpoint to write")
-    imp.add_argument("--dataset", help="dataset it was trained on (default: the file's "
-                     "metadata, else mnist)")
-    imp.add_argument("--mean", type=float, help="normalisation mean (default: the file's "
-                     f"metadata, else MNIST's {MNIST_MEAN})")
-    imp.add_argument("--std", type=float, help="normalisation std (default: the file's "
-                     f"metadata, else MNIST's {MNIST_STD})")
+    add_settings_options(imp, "the file's metadata")
     imp.add_argument("--dtype", choices=("float32", "float64"),
                      help="default: the graph's dtype; needed to convert others")
     imp.set_defaults(func=run_import)
@@ -77,7 +73,7 @@ def export_onnx(checkpoint_path: str | os.PathLike, out: str | os.PathLike) -> P
             onnx_format.CLASSES_KEY: json.dumps(list(checkpoint.classes)),
         },
     )
-    with _writing(out):
+    with writing_atomically(out):
         return atomic_write_bytes(out, proto.SerializeToString())
 
 
@@ -95,27 +91,27 @@ def import_onnx(
     from scratchcnn.formats.onnx import from_onnx
     from scratchcnn.harness.checkpoint import save_checkpoint
 
-    _check_settings(None, mean, std, dtype)  # as given, before the file is read
+    check_settings(None, mean, std, dtype)  # as given, before the file is read
     if dataset is not None:
-        _class_names(dataset)
+        class_names(dataset)
     check_output_path(out, onnx_path, "ONNX file")
     imported = from_onnx(onnx_path, dtype=dtype)
     recorded = imported.metadata
     dataset = dataset or recorded.get("dataset", "mnist")
     mean = recorded.get("mean", MNIST_MEAN) if mean is None else mean
     std = recorded.get("std", MNIST_STD) if std is None else std
-    _check_settings(None, mean, std, dtype)  # those the file gave too
+    check_settings(None, mean, std, dtype)  # those the file gave too
     metadata: dict[str, Any] = {
         "architecture": imported.architecture,
         "dataset": dataset,
-        "classes": list(_class_names(dataset)),
+        "classes": list(class_names(dataset)),
         "normalization": {"mean": mean, "std": std},
         "dtype": recorded["dtype"],
         "epoch": 0,
         "imported_from": str(onnx_path),
         "imported_format": f"onnx (opset {recorded['opset']}, {recorded['producer'] or 'unknown'})",
     }
-    with _writing(out):
+    with writing_atomically(out):
         return save_checkpoint(out, imported.state_dict, metadata)
 
 
