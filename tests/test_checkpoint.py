@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from scratchcnn import optim
-from scratchcnn.harness import checkpoint as ckpt
-from scratchcnn.harness.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from scratchcnn.formats import checkpoint as ckpt
+from scratchcnn.formats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from scratchcnn.models import build_model
 from scratchcnn.nn import CrossEntropyLoss, no_grad
 

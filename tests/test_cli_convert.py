@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from scratchcnn.cli import main
-from scratchcnn.harness.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from scratchcnn.formats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from scratchcnn.models import build_model
 from scratchcnn.nn import no_grad
 

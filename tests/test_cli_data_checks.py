@@ -22,7 +22,7 @@ from scratchcnn.cli import main
 from scratchcnn.data import DatasetError, load_dataset, sources
 from scratchcnn.data import datasets as datasets_module
 from scratchcnn.data.sources import IDX_STEMS, TEST_STEMS, check_data_dir
-from scratchcnn.harness.checkpoint import load_checkpoint
+from scratchcnn.formats.checkpoint import load_checkpoint
 from scratchcnn.harness.images import ImageError, load_digit
 from test_data_download import SHARED_MNIST, LocalServer, serve_synthetic, synthetic_dataset
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from scratchcnn.cli import main
+from scratchcnn.formats.checkpoint import load_checkpoint
 from scratchcnn.harness import ranks, threads
-from scratchcnn.harness.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.skipif(
     ranks.mpi_problem() is not None or threads.available_cores() < 2,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from scratchcnn.cli import main
+from scratchcnn.formats.checkpoint import load_checkpoint
 from scratchcnn.harness import training
-from scratchcnn.harness.checkpoint import load_checkpoint
 
 # One plain process (in-process, so monkeypatching reaches it); MPI ranks: test_cli_ranks.py.
 ONE = ["--threads", "1"]

@@ -20,8 +20,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from scratchcnn import nn  # noqa: E402
 from scratchcnn.cli import main  # noqa: E402
+from scratchcnn.formats.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from scratchcnn.formats.onnx import from_onnx, to_onnx  # noqa: E402
-from scratchcnn.harness.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from scratchcnn.models import MODEL_NAMES, build_model  # noqa: E402
 from test_cli_convert import run_error  # noqa: E402
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from scratchcnn.cli import main
 from scratchcnn.data import load_dataset, normalize
-from scratchcnn.harness.checkpoint import load_checkpoint
+from scratchcnn.formats.checkpoint import load_checkpoint
 from scratchcnn.harness.images import ImageError, center_digit, load_digit
 from scratchcnn.nn import no_grad
 

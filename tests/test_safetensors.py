@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 
 from scratchcnn.cli import main
+from scratchcnn.formats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from scratchcnn.formats.safetensors import (
     load_checked,
     load_state_dict,
     read_metadata,
     save_state_dict,
 )
-from scratchcnn.harness.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from scratchcnn.models import MODEL_NAMES, build_model
 from scratchcnn.nn import no_grad
 

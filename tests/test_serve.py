@@ -28,7 +28,7 @@ from scratchcnn import nn  # noqa: E402
 from scratchcnn.cli import CommandError  # noqa: E402
 from scratchcnn.cli import serve as serve_command  # noqa: E402
 from scratchcnn.data import normalize  # noqa: E402
-from scratchcnn.harness.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from scratchcnn.formats.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from scratchcnn.models import build_model  # noqa: E402
 from scratchcnn.serve.app import MAX_BODY, create_app  # noqa: E402
 from scratchcnn.serve.inference import Predictor, decode_image, mnist_like  # noqa: E402

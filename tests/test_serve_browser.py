@@ -27,7 +27,7 @@ if not os.access(CHROMIUM, os.X_OK):
 
 from PIL import Image  # noqa: E402
 
-from scratchcnn.harness.checkpoint import load_checkpoint  # noqa: E402
+from scratchcnn.formats.checkpoint import load_checkpoint  # noqa: E402
 from scratchcnn.serve.app import create_app  # noqa: E402
 from scratchcnn.serve.inference import Predictor  # noqa: E402
 from scratchcnn.serve.report import load_report  # noqa: E402

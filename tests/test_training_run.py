@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from scratchcnn.harness.checkpoint import CheckpointError, save_checkpoint
+from scratchcnn.formats.checkpoint import CheckpointError, save_checkpoint
 from scratchcnn.harness.report import finite_or_none
 from scratchcnn.harness.training import NonFiniteLossError
 from scratchcnn.harness.training_run import (

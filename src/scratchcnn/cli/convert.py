@@ -80,7 +80,7 @@ def export_torch(checkpoint_path: str | os.PathLike, out: str | os.PathLike) -> 
     ends in .safetensors (written atomically)."""
     from scratchcnn.atomic import atomic_write
     from scratchcnn.formats import safetensors
-    from scratchcnn.harness.checkpoint import load_checkpoint
+    from scratchcnn.formats.checkpoint import load_checkpoint
 
     check_output_path(out, checkpoint_path, "checkpoint")
     checkpoint = load_checkpoint(checkpoint_path)
@@ -102,7 +102,7 @@ def check_output_path(
 ) -> None:
     """Refuse, before anything is read or written, an output path that cannot receive a file:
     empty, an existing directory, or the input itself (``source``, a ``source_kind`` file)."""
-    from scratchcnn.harness.checkpoint import CheckpointError
+    from scratchcnn.formats.checkpoint import CheckpointError
 
     if not os.fspath(out):
         raise CheckpointError("the output path is empty; give the name of the file to write")
@@ -127,7 +127,7 @@ def check_output_path(
 def writing_atomically(out: str | os.PathLike) -> Iterator[None]:
     """Report the OS's refusal to write ``out`` (no such directory, read-only, disk full) as a
     one-line CheckpointError. The writes inside are atomic: they leave no partial file."""
-    from scratchcnn.harness.checkpoint import CheckpointError
+    from scratchcnn.formats.checkpoint import CheckpointError
     from scratchcnn.reference.torch_files import os_reason
 
     try:
@@ -153,7 +153,7 @@ def import_torch(
     (validated first). Settings not given come from a .safetensors file's metadata, else
     MNIST's; ``model`` must be given or found there."""
     from scratchcnn.formats import safetensors
-    from scratchcnn.harness.checkpoint import CheckpointError, save_checkpoint
+    from scratchcnn.formats.checkpoint import CheckpointError, save_checkpoint
     from scratchcnn.reference import torch_files
 
     check_settings(model, mean, std, dtype)  # as given, before any file is read
@@ -192,7 +192,7 @@ def check_settings(
     model: str | None, mean: float | None, std: float | None, dtype: str | None
 ) -> None:
     """CheckpointError for an import option that cannot be right, whatever the file holds."""
-    from scratchcnn.harness.checkpoint import CheckpointError
+    from scratchcnn.formats.checkpoint import CheckpointError
     from scratchcnn.models import MODEL_NAMES
 
     if model is not None and model not in MODEL_NAMES:
@@ -226,7 +226,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from scratchcnn.harness.checkpoint import load_checkpoint
+    from scratchcnn.formats.checkpoint import load_checkpoint
 
     _require_packages(args.state_dict, "import-torch")
     path = import_torch(

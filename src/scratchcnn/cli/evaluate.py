@@ -46,7 +46,7 @@ def per_class_accuracy(
 def run(args: argparse.Namespace) -> int:
     from scratchcnn.cli import CommandError, require
     from scratchcnn.data import load_dataset, normalize
-    from scratchcnn.harness.checkpoint import load_checkpoint
+    from scratchcnn.formats.checkpoint import load_checkpoint
     from scratchcnn.harness.training import evaluate
     from scratchcnn.harness.training_run import recorded_data_dir
 

@@ -61,7 +61,7 @@ def export_onnx(checkpoint_path: str | os.PathLike, out: str | os.PathLike) -> P
     """Write the checkpoint's model as an ONNX file (atomically) and return its path."""
     from scratchcnn.atomic import atomic_write_bytes
     from scratchcnn.formats import onnx as onnx_format
-    from scratchcnn.harness.checkpoint import load_checkpoint
+    from scratchcnn.formats.checkpoint import load_checkpoint
 
     check_output_path(out, checkpoint_path, "checkpoint")
     checkpoint = load_checkpoint(checkpoint_path)
@@ -88,8 +88,8 @@ def import_onnx(
 ) -> Path:
     """Write a checkpoint holding the model of an ONNX file (validated first). ``dataset``,
     ``mean`` and ``std`` default to the file's metadata, else MNIST's."""
+    from scratchcnn.formats.checkpoint import save_checkpoint
     from scratchcnn.formats.onnx import from_onnx
-    from scratchcnn.harness.checkpoint import save_checkpoint
 
     check_settings(None, mean, std, dtype)  # as given, before the file is read
     if dataset is not None:
@@ -133,7 +133,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_import(args: argparse.Namespace) -> int:
     _require_onnx("import-onnx")
-    from scratchcnn.harness.checkpoint import load_checkpoint
+    from scratchcnn.formats.checkpoint import load_checkpoint
 
     path = import_onnx(args.model, args.out, dataset=args.dataset, mean=args.mean,
                        std=args.std, dtype=args.dtype)

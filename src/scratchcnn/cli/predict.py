@@ -45,7 +45,7 @@ def predict_files(checkpoint, paths: list[str]) -> tuple[np.ndarray, np.ndarray]
 
 def run(args: argparse.Namespace) -> int:
     from scratchcnn.cli import require
-    from scratchcnn.harness.checkpoint import load_checkpoint
+    from scratchcnn.formats.checkpoint import load_checkpoint
 
     require("PIL", "predict (it reads PNG and JPEG images)")
     checkpoint = load_checkpoint(args.checkpoint)

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from scratchcnn.harness.checkpoint import load_checkpoint
+    from scratchcnn.formats.checkpoint import load_checkpoint
     from scratchcnn.serve.app import LOOPBACK_HOSTS, create_app
     from scratchcnn.serve.inference import Predictor
 

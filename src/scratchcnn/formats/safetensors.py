@@ -33,7 +33,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from scratchcnn.atomic import atomic_write_bytes
-from scratchcnn.harness.checkpoint import Checkpoint, CheckpointError
+from scratchcnn.formats.checkpoint import Checkpoint, CheckpointError
 
 SAFETENSORS_INSTALL = "pip install 'scratchcnn[safetensors]'"
 SUFFIX = ".safetensors"
@@ -199,7 +199,7 @@ def load_checked(
     default: the file's floating dtype, which must then be one of those), and that dtype.
     A missing BatchNorm step counter is 0, as PyTorch takes it. As import-torch reads .pt files
     (``scratchcnn.reference.torch_files``)."""
-    from scratchcnn.harness.checkpoint import check_state_matches
+    from scratchcnn.formats.checkpoint import check_state_matches
     from scratchcnn.models import build_model
     from scratchcnn.reference.torch_files import common_float_dtype, finite_as
 

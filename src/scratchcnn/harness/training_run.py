@@ -31,14 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from scratchcnn.formats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from scratchcnn.harness import ranks, training
-from scratchcnn.harness.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from scratchcnn.harness.compare import augmented_training_images, make_lr_schedulers
 from scratchcnn.harness.report import finite_or_none
 
 if TYPE_CHECKING:
     from scratchcnn.data import Dataset
-    from scratchcnn.harness.checkpoint import Checkpoint
+    from scratchcnn.formats.checkpoint import Checkpoint
 
 # Called with (epoch, number of steps) just before an epoch's training; the context it returns
 # wraps the training and yields the per-step callback (or None), e.g. a progress bar.

@@ -37,7 +37,7 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     unwrapped from a ``{"state_dict": ...}``-style dict); CheckpointError for anything else."""
     import torch
 
-    from scratchcnn.harness.checkpoint import CheckpointError
+    from scratchcnn.formats.checkpoint import CheckpointError
 
     path = Path(path)
     _check_torch_file(path)
@@ -83,7 +83,7 @@ def _check_torch_file(path: Path) -> None:
     and a .npz archive (a scratchcnn checkpoint is a zip archive too)."""
     import zipfile
 
-    from scratchcnn.harness.checkpoint import METADATA_KEY, CheckpointError
+    from scratchcnn.formats.checkpoint import METADATA_KEY, CheckpointError
 
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a PyTorch weights file")
@@ -120,7 +120,7 @@ def _check_torch_file(path: Path) -> None:
 
 
 def _not_loadable(path: Path, error: BaseException) -> Exception:
-    from scratchcnn.harness.checkpoint import CheckpointError
+    from scratchcnn.formats.checkpoint import CheckpointError
 
     text = _ANSI_ESCAPE.sub("", str(error))
     refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
@@ -160,7 +160,7 @@ def load_checked(
     A missing BatchNorm step counter is 0, as PyTorch takes it."""
     import torch
 
-    from scratchcnn.harness.checkpoint import check_state_matches
+    from scratchcnn.formats.checkpoint import check_state_matches
     from scratchcnn.models import build_model
 
     tensors = load_torch_state_dict(path)
@@ -186,7 +186,7 @@ def load_checked(
 
 
 def check_tensor_usable(path: str | os.PathLike, key: str, tensor: Any) -> None:
-    from scratchcnn.harness.checkpoint import CheckpointError
+    from scratchcnn.formats.checkpoint import CheckpointError
 
     if tensor.is_meta:
         raise CheckpointError(
@@ -206,7 +206,7 @@ def common_float_dtype(path: str | os.PathLike, float_dtypes: Iterable[str]) -> 
     """float32 or float64: the one floating dtype among ``float_dtypes`` (the weights' dtypes,
     named as torch names them: "bfloat16", "float32"...; float32 if there are none, for the
     architecture check to report)."""
-    from scratchcnn.harness.checkpoint import CheckpointError
+    from scratchcnn.formats.checkpoint import CheckpointError
 
     found = sorted(set(float_dtypes))
     if not found:
@@ -251,7 +251,7 @@ def to_numpy(path: str | os.PathLike, key: str, tensor: Any, dtype: np.dtype) ->
 def finite_as(path: str | os.PathLike, key: str, array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """A copy of weight ``key``'s ``array`` in ``dtype``; CheckpointError if it holds NaN or
     infinite values or does not fit ``dtype``."""
-    from scratchcnn.harness.checkpoint import CheckpointError
+    from scratchcnn.formats.checkpoint import CheckpointError
 
     if array.dtype.kind != "f":
         return array.astype(dtype)

@@ -23,7 +23,7 @@ import numpy as np
 
 from scratchcnn import nn
 from scratchcnn.data import normalize
-from scratchcnn.harness.checkpoint import Checkpoint
+from scratchcnn.formats.checkpoint import Checkpoint
 from scratchcnn.harness.images import IMAGE_SIZE, center_digit, light_on_dark
 
 MIN_SIDE = IMAGE_SIZE  # a drawing smaller than MNIST's own images is not a drawing
