@@ -128,7 +128,7 @@ def writing_atomically(out: str | os.PathLike) -> Iterator[None]:
     """Report the OS's refusal to write ``out`` (no such directory, read-only, disk full) as a
     one-line CheckpointError. The writes inside are atomic: they leave no partial file."""
     from scratchcnn.formats.checkpoint import CheckpointError
-    from scratchcnn.reference.torch_files import os_reason
+    from scratchcnn.formats.weights import os_reason
 
     try:
         yield

@@ -34,6 +34,7 @@ import numpy as np
 
 from scratchcnn.atomic import atomic_write_bytes
 from scratchcnn.formats.checkpoint import Checkpoint, CheckpointError
+from scratchcnn.formats.weights import common_float_dtype, finite_as, os_reason
 
 SAFETENSORS_INSTALL = "pip install 'scratchcnn[safetensors]'"
 SUFFIX = ".safetensors"
@@ -201,7 +202,6 @@ def load_checked(
     (``scratchcnn.reference.torch_files``)."""
     from scratchcnn.formats.checkpoint import check_state_matches
     from scratchcnn.models import build_model
-    from scratchcnn.reference.torch_files import common_float_dtype, finite_as
 
     path = Path(path)
     tensors, codes = _read(path)
@@ -254,7 +254,6 @@ def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 def _open(path: Path) -> BinaryIO:
     """``path`` opened for reading; CheckpointError if it is missing or unreadable."""
-    from scratchcnn.reference.torch_files import os_reason
 
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a safetensors file")

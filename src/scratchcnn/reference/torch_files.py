@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-
-def os_reason(error: OSError) -> str:
-    """The system's reason for ``error``, in lower case, to follow a file name in a message."""
-    return (error.strerror or str(error) or type(error).__name__).lower()
-
+from scratchcnn.formats.weights import common_float_dtype, finite_as, os_reason
 
 # torch.save writes a zip archive; files from before PyTorch 1.6 are a pickle (protocol 2).
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -202,23 +198,6 @@ def check_tensor_usable(path: str | os.PathLike, key: str, tensor: Any) -> None:
         raise CheckpointError(f"{path}: {key!r} has dtype {tensor.dtype}, which no model has")
 
 
-def common_float_dtype(path: str | os.PathLike, float_dtypes: Iterable[str]) -> str:
-    """float32 or float64: the one floating dtype among ``float_dtypes`` (the weights' dtypes,
-    named as torch names them: "bfloat16", "float32"...; float32 if there are none, for the
-    architecture check to report)."""
-    from scratchcnn.formats.checkpoint import CheckpointError
-
-    found = sorted(set(float_dtypes))
-    if not found:
-        return "float32"
-    if len(found) == 1 and found[0] in ("float32", "float64"):
-        return found[0]
-    kinds = f"are {found[0]}" if len(found) == 1 else f"mix {', '.join(found)}"
-    raise CheckpointError(
-        f"{path}: the weights {kinds}; pass --dtype float32 or --dtype float64 to convert them"
-    )
-
-
 def stand_in(tensor: Any, reference: np.ndarray | None) -> np.ndarray:
     """A zero-memory array with the tensor's shape and a NumPy dtype of the same kind."""
     if tensor.is_floating_point() and reference is not None and reference.dtype.kind == "f":
@@ -248,17 +227,3 @@ def to_numpy(path: str | os.PathLike, key: str, tensor: Any, dtype: np.dtype) ->
     return finite_as(path, key, tensor.numpy(), dtype)
 
 
-def finite_as(path: str | os.PathLike, key: str, array: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """A copy of weight ``key``'s ``array`` in ``dtype``; CheckpointError if it holds NaN or
-    infinite values or does not fit ``dtype``."""
-    from scratchcnn.formats.checkpoint import CheckpointError
-
-    if array.dtype.kind != "f":
-        return array.astype(dtype)
-    if not np.all(np.isfinite(array)):
-        raise CheckpointError(f"{path}: {key!r} contains NaN or infinite values")
-    with np.errstate(over="ignore"):  # said below, as the weight's problem
-        converted = array.astype(dtype)
-    if not np.all(np.isfinite(converted)):
-        raise CheckpointError(f"{path}: {key!r} has values too large for {dtype}")
-    return converted
