@@ -37,6 +37,10 @@ class Conv2d(Module):
     slice of g W^T is added back onto the input positions that tap read. A model's first layer
     skips dL/dx (``input_grad=False``, see module.py): col2im is most of its backward.
 
+    Under ``no_grad()`` forward keeps no cache and runs ``inference_forward``
+    (``F.conv2d_inference``: cache-sized pieces, reused buffers); a Sequential also hands it the
+    tiling MaxPool2d and the ReLU that follow, to run in the same pass (nn/fused.py).
+
     ``padding`` may be an int, a pair, ``"valid"`` (no padding) or ``"same"`` (output size = input
     size, stride 1 only; an odd total goes one extra row/column at the bottom/right, like PyTorch).
     The output is an NCHW-shaped view of channels-last memory (see module.py).
@@ -106,22 +110,13 @@ class Conv2d(Module):
         """(N, C, H, W) -> (N, O, OH, OW); caches the im2col matrix for ``backward``."""
         x = check_input(self, x, 4, f"(N, {self.in_channels}, H, W)", dim=1,
                         size=self.in_channels)
+        if not is_grad_enabled():
+            self._clear_cache()
+            return self.inference_forward(x)
         n, _, h, w = x.shape
-        top, bottom, left, right = self._pad
-        kh, kw = self.kernel_size
-        out_h = F.conv_output_size(h, kh, self.stride[0], top, bottom, self.dilation[0])
-        out_w = F.conv_output_size(w, kw, self.stride[1], left, right, self.dilation[1])
-        if out_h < 1 or out_w < 1:
-            raise ValueError(
-                f"{self.describe()}: input of shape {tuple(x.shape)} is padded to "
-                f"{h + top + bottom}x{w + left + right}, smaller than the kernel's span "
-                f"{F.effective_kernel(kh, self.dilation[0])}x"
-                f"{F.effective_kernel(kw, self.dilation[1])}; use a larger input or more padding")
-
-        x_nhwc = F.to_nhwc(x)
-        padded = F.pad_nhwc(x_nhwc, top, bottom, left, right) if any(self._pad) else x_nhwc
-        # (O, C, KH, KW) -> (KH, KW, C, O) matches cols' column order; the copy is small.
-        weight_matrix = self.weight.data.transpose(2, 3, 1, 0).reshape(-1, self.out_channels)
+        out_h, out_w = self.output_size(x)
+        padded = self.padded_input(x)
+        weight_matrix = self.weight_matrix()
         per_piece = F.cols_piece_samples(padded, weight_matrix.shape[0], (out_h, out_w))
         if per_piece == 0:
             # The one im2col copy: rows are output pixels, columns are (kh, kw, c) taps, so the
@@ -136,14 +131,11 @@ class Conv2d(Module):
         if self.bias is not None:
             F.add_to_rows(out, self.bias.data)
 
-        if is_grad_enabled():
-            self._cols, self._weight_matrix = cols, weight_matrix
-            self._padded = padded if cols is None else None
-            self._samples_per_piece = per_piece
-            self._padded_shape, self._input_hw = padded.shape, (h, w)
-            self._output_shape = (n, self.out_channels, out_h, out_w)
-        else:
-            self._clear_cache()
+        self._cols, self._weight_matrix = cols, weight_matrix
+        self._padded = padded if cols is None else None
+        self._samples_per_piece = per_piece
+        self._padded_shape, self._input_hw = padded.shape, (h, w)
+        self._output_shape = (n, self.out_channels, out_h, out_w)
         return F.to_nchw(out.reshape(n, out_h, out_w, self.out_channels))
 
     def backward(self, grad_output: np.ndarray, *, input_grad: bool = True) -> np.ndarray | None:
@@ -179,6 +171,45 @@ class Conv2d(Module):
         top, _, left, _ = self._pad
         h, w = self._input_hw
         return F.to_nchw(grad_padded[:, top:top + h, left:left + w, :])
+
+    def inference_forward(self, x: np.ndarray, pool: tuple[int, int] = (1, 1),
+                          relu: bool = False) -> np.ndarray:
+        """``forward`` without a cache for backward (what ``no_grad`` runs), optionally followed
+        by a max pool with (PH, PW) windows and strides and by a ReLU, in one pass over pieces of
+        the batch (``F.conv2d_inference``): (N, C, H, W) -> (N, O, OH // PH, OW // PW)."""
+        out_size = self.output_size(x)
+        padded = self.padded_input(x, scratch_name="conv_input")
+        bias = None if self.bias is None else self.bias.data
+        out = F.conv2d_inference(padded, self.weight_matrix(), bias, self.kernel_size,
+                                 self.stride, self.dilation, out_size, pool, relu)
+        return F.to_nchw(out)
+
+    def output_size(self, x: np.ndarray) -> tuple[int, int]:
+        """(OH, OW) for an (N, C, H, W) input; a ValueError if the kernel does not fit."""
+        h, w = x.shape[2:]
+        top, bottom, left, right = self._pad
+        kh, kw = self.kernel_size
+        out_h = F.conv_output_size(h, kh, self.stride[0], top, bottom, self.dilation[0])
+        out_w = F.conv_output_size(w, kw, self.stride[1], left, right, self.dilation[1])
+        if out_h < 1 or out_w < 1:
+            raise ValueError(
+                f"{self.describe()}: input of shape {tuple(x.shape)} is padded to "
+                f"{h + top + bottom}x{w + left + right}, smaller than the kernel's span "
+                f"{F.effective_kernel(kh, self.dilation[0])}x"
+                f"{F.effective_kernel(kw, self.dilation[1])}; use a larger input or more padding")
+        return out_h, out_w
+
+    def padded_input(self, x: np.ndarray, scratch_name: str | None = None) -> np.ndarray:
+        """The channels-last (N, H + padding, W + padding, C) input the kernel slides over."""
+        x_nhwc = F.to_nhwc(x)
+        if not any(self._pad):
+            return x_nhwc
+        return F.pad_nhwc(x_nhwc, *self._pad, scratch_name=scratch_name)
+
+    def weight_matrix(self) -> np.ndarray:
+        """The weight as (KH*KW*C, O): (O, C, KH, KW) -> (KH, KW, C, O) matches im2col's column
+        order; the copy is small."""
+        return self.weight.data.transpose(2, 3, 1, 0).reshape(-1, self.out_channels)
 
     def extra_repr(self) -> str:
         text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

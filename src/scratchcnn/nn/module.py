@@ -19,7 +19,9 @@ one: a ReLU directly followed by a MaxPool2d runs after the pool (4x fewer eleme
 windows, the same values and gradients), and a large batch under ``no_grad()`` runs through the
 leading layers whose bits do not depend on the batch size (``Module.splits_exactly``: the
 convolutions and pools, and in eval mode BatchNorm2d and Dropout too) in pieces of
-``INFERENCE_PIECE`` samples, whose activations stay in cache; the rest on the whole batch.
+``INFERENCE_PIECE`` samples, whose activations stay in cache; the rest on the whole batch. Under
+``no_grad()`` a Conv2d also runs with the tiling MaxPool2d and ReLU after it as one step, the same
+values in one pass (nn/fused.py).
 
 Activations are logically NCHW like PyTorch's. A layer may return an array whose *memory* is
 channels-last (a transposed view, like ``torch.channels_last``), because that is the faster layout
@@ -666,6 +668,8 @@ class Sequential(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
         object.__setattr__(self, "_backward_state", None)
         order = self.execution_order()
+        if not is_grad_enabled():
+            order = _fused_for_inference(order)
         if not is_grad_enabled() and isinstance(x, np.ndarray) and x.ndim >= 2 \
                 and len(x) > INFERENCE_PIECE:
             # The leading layers that split exactly run piece by piece, so each piece's
@@ -761,6 +765,13 @@ def _pool_before_relu(children: list[Module]) -> list[Module]:
         if type(first) is ReLU and not first.inplace and type(second) is MaxPool2d:
             order[index], order[index + 1] = second, first
     return order
+
+
+def _fused_for_inference(order: list[Module]) -> list[Module]:
+    """``order`` with each Conv2d and the MaxPool2d and ReLU after it as one step (fused.py)."""
+    from scratchcnn.nn.fused import fuse_for_inference  # it imports the layers, which import us
+
+    return fuse_for_inference(order)
 
 
 def _backward(module: Module, grad_output: np.ndarray, *,
