@@ -9,7 +9,7 @@ from types import MappingProxyType
 import numpy as np
 import pytest
 
-from scratchcnn.harness import bench
+from scratchcnn.harness import bench, bench_report
 from scratchcnn.harness.bench_report import busy_warning, check_targets, render_markdown
 from scratchcnn.harness.flops import TRAINING_FACTOR, forward_flops, layer_flops, module_flops
 from scratchcnn.models import MODEL_NAMES, build_model
@@ -113,6 +113,53 @@ def test_summarize_injected_timings() -> None:
         bench.summarize([1.0], [1.0, 2.0])
 
 
+def test_summarize_with_onnxruntime_adds_its_side_and_both_ratios_to_it() -> None:
+    summary = bench.summarize([2.0, 4.0, 3.0], [8.0, 8.0, 6.0], [1.0, 2.0, 2.0])
+    assert summary["ratio"] == pytest.approx(3.0 / 8.0)  # NumPy/PyTorch unchanged
+    assert summary["onnxruntime"]["median"] == 2.0
+    assert summary["onnxruntime"]["rounds"] == [1.0, 2.0, 2.0]
+    versus = summary["numpy_vs_onnxruntime"]
+    assert versus["ratio"] == pytest.approx(1.5)
+    assert versus["round_ratios"] == pytest.approx([2.0, 2.0, 1.5])
+    assert versus["median_round_ratio"] == pytest.approx(2.0)
+    assert summary["torch_vs_onnxruntime"]["ratio"] == pytest.approx(4.0)
+    assert "onnxruntime" not in bench.summarize([1.0], [2.0])
+    with pytest.raises(ValueError, match="same"):
+        bench.summarize([1.0], [1.0], [1.0, 2.0])
+
+
+def test_run_alternating_with_three_sides() -> None:
+    calls: list[str] = []
+    bench.run_alternating(2, lambda side: calls.append(side) or 1.0,
+                          (*bench.SIDES, bench.ONNX_RUNTIME))
+    assert calls == ["numpy", "torch", "onnxruntime"] * 2
+
+
+def test_onnxruntime_problem_names_the_install_and_float64(monkeypatch) -> None:
+    import importlib.util
+
+    assert bench.onnxruntime_problem(np.dtype(np.float32)) is None  # installed for the tests
+    assert "float64" in bench.onnxruntime_problem(np.dtype(np.float64))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    problem = bench.onnxruntime_problem(np.dtype(np.float32))
+    assert "not installed" in problem and "pip install 'scratchcnn[onnx]'" in problem
+
+
+def test_onnxruntime_side_computes_the_numpy_models_logits(rng) -> None:
+    pytest.importorskip("onnxruntime")
+    from scratchcnn import nn
+
+    model = build_model("simple-cnn", rng=np.random.default_rng(0)).eval()
+    side = bench.onnxruntime_model(model, threads=1)
+    x = rng.standard_normal((7, 1, 28, 28)).astype(np.float32)
+    with nn.no_grad():
+        expected = model(x)
+    assert side.eval() is side
+    np.testing.assert_allclose(side(x), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_round_batches_are_deterministic_and_cover_distinct_indices() -> None:
     first = bench.round_batches(100, 8, 5, seed=3)
     again = bench.round_batches(100, 8, 5, seed=3)
@@ -133,7 +180,8 @@ def _fake_report(ratios: dict[int, float], inference: float, memory_ratio: float
         "model": model, "forward_flops_per_image": 2_436_096,
         "training": [{"batch_size": b, "ratio": r, "round_ratios": [r], "numpy": side,
                       "torch": side} for b, r in ratios.items()],
-        "inference": {"ratio": inference, "round_ratios": [inference], "numpy": side,
+        "inference": {"ratio": inference, "round_ratios": [inference],
+                      "median_round_ratio": inference, "numpy": side,
                       "torch": side, "images": 100, "eval_batch_size": 1000},
         "memory": {"training": [{"batch_size": 64, "numpy": 5.0, "torch": 6.0,
                                  "ratio": memory_ratio}], "inference": None},
@@ -151,6 +199,29 @@ def test_targets_met_and_not_met() -> None:
     other = check_targets(_fake_report({64: 1.2}, inference=1.6, memory_ratio=None,
                                        model="lenet5"))
     assert other == [{"target": "lenet5 worst ratio", "value": 1.6, "limit": 1.5, "met": False}]
+
+
+def test_onnxruntime_targets_and_markdown() -> None:
+    report = _fake_report({64: 0.8}, inference=0.3, memory_ratio=None)
+    inference = report["models"][0]["inference"]
+    side = {"median": 0.2, "min": 0.2, "max": 0.2, "rounds": [0.2], "gflops": 2.0}
+    inference.update(onnxruntime=side,
+                     numpy_vs_onnxruntime={"ratio": 1.6, "round_ratios": [1.6],
+                                           "median_round_ratio": 1.6},
+                     torch_vs_onnxruntime={"ratio": 5.0, "round_ratios": [5.0],
+                                           "median_round_ratio": 5.0})
+    status = {t["target"]: (t["value"], t["met"]) for t in check_targets(report)}
+    assert status["simple-cnn inference vs ONNX Runtime"] == (1.6, False)
+    lines = bench_report._inference_lines(inference, lambda value: f"{value:.1f}")
+    assert "| ONNX Runtime | 0.200 s (0.200 s-0.200 s) | 2.0 |" in lines
+    assert any(line.startswith("| NumPy / ONNX Runtime | **1.60** |") for line in lines)
+    assert any(line.startswith("| PyTorch / ONNX Runtime | **5.00** |") for line in lines)
+    del inference["onnxruntime"], inference["numpy_vs_onnxruntime"]
+    assert "simple-cnn inference vs ONNX Runtime" not in {
+        t["target"] for t in check_targets(report)}
+    assert not any("ONNX" in line for line in bench_report._inference_lines(inference, str))
+    assert bench_report._onnxruntime_line({"version": "1.0", "problem": "not installed (x)"}) \
+        == "- ONNX Runtime: not installed (x)"
 
 
 # -- textbook loop baseline ----------------------------------------------------------------------
@@ -238,6 +309,13 @@ def test_cli_end_to_end(tmp_path, capsys, torch) -> None:
     assert train["ratio"] == pytest.approx(train["numpy"]["median"] / train["torch"]["median"])
     inference = model["inference"]
     assert inference["images"] == 200 and len(inference["round_ratios"]) == 1
+    if report["onnxruntime"]["problem"] is None:  # installed: the third side, its two ratios
+        assert len(inference["onnxruntime"]["rounds"]) == 1
+        for versus in ("numpy_vs_onnxruntime", "torch_vs_onnxruntime"):
+            assert inference[versus]["ratio"] > 0
+        assert "| NumPy / ONNX Runtime |" in markdown
+        assert "tiny-cnn" in report["one_process"]["model"]
+        assert "numpy_vs_onnxruntime" in report["one_process"]["inference"]
     memory = model["memory"]
     assert [e["batch_size"] for e in memory["training"]] == [8]
     for entry in [*memory["training"], memory["inference"]]:

@@ -12,6 +12,14 @@ PyTorch on one thread: training at batch 64 and inference); N ranks against N th
 side as N MPI ranks with DistributedDataParallel, PyTorch on rank 0 with N threads while the
 other ranks wait, asleep), every model and batch size; and the scaling of NumPy's step from one
 process to N ranks. Rank 0 times and reports.
+
+Inference has a third side when ONNX Runtime is installed: the practitioner's CPU inference
+engine, on the same weights (exported by ``formats.onnx.to_onnx``), images, batches and thread
+count (its ``intra_op_num_threads``; on rank 0 while the other ranks wait, like PyTorch), run
+through the same ``evaluate`` loop, alternating NumPy, PyTorch, ONNX Runtime. Its ratios
+NumPy/ONNX Runtime and PyTorch/ONNX Runtime are reported beside NumPy/PyTorch. Without it (or
+for a float64 run: ONNX Runtime has no float64 convolution) the side is left out and the report
+says why in one line.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from scratchcnn.harness.threads import apply_threads
 from scratchcnn.models import build_model
 
 SIDES = ("numpy", "torch")
+ONNX_RUNTIME = "onnxruntime"  # the third side of inference, when installed
 EPOCH_IMAGES = 60_000  # MNIST's training set: one epoch-equivalent
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 DATASET_CHOICES = ("mnist", "fashion-mnist", "mnist-sample", "random")
@@ -92,23 +101,33 @@ def run_alternating(rounds: int, run_side: Callable[[str], float],
     return times
 
 
-def summarize(numpy_times: Sequence[float], torch_times: Sequence[float]) -> dict[str, Any]:
-    """Medians, min-max per side, the ratio of medians NumPy/PyTorch and per-round ratios."""
-    if len(numpy_times) != len(torch_times) or not numpy_times:
+def _side(times: Sequence[float]) -> dict[str, Any]:
+    return {"median": statistics.median(times), "min": min(times), "max": max(times),
+            "rounds": list(times)}
+
+
+def compare_times(times: Sequence[float], baseline: Sequence[float]) -> dict[str, Any]:
+    """The ratio of medians ``times`` / ``baseline``, the per-round ratios (each round's time
+    over the baseline's in the same round) and their median."""
+    if len(times) != len(baseline) or not times:
         raise ValueError("summarize: both sides need the same, non-zero number of rounds")
+    per_round = [a / b for a, b in zip(times, baseline, strict=True)]
+    return {"ratio": statistics.median(times) / statistics.median(baseline),
+            "round_ratios": per_round, "median_round_ratio": statistics.median(per_round)}
 
-    def side(times: Sequence[float]) -> dict[str, Any]:
-        return {"median": statistics.median(times), "min": min(times), "max": max(times),
-                "rounds": list(times)}
 
-    per_round = [a / b for a, b in zip(numpy_times, torch_times, strict=True)]
-    return {
-        "numpy": side(numpy_times),
-        "torch": side(torch_times),
-        "ratio": statistics.median(numpy_times) / statistics.median(torch_times),
-        "round_ratios": per_round,
-        "median_round_ratio": statistics.median(per_round),
-    }
+def summarize(numpy_times: Sequence[float], torch_times: Sequence[float],
+              onnxruntime_times: Sequence[float] | None = None) -> dict[str, Any]:
+    """Medians, min-max per side, the ratio of medians NumPy/PyTorch and per-round ratios; with
+    ONNX Runtime's times, its side and the ratios NumPy/ONNX Runtime and PyTorch/ONNX Runtime
+    (``numpy_vs_onnxruntime``, ``torch_vs_onnxruntime``)."""
+    summary = {"numpy": _side(numpy_times), "torch": _side(torch_times),
+               **compare_times(numpy_times, torch_times)}
+    if onnxruntime_times is not None:
+        summary[ONNX_RUNTIME] = _side(onnxruntime_times)
+        summary["numpy_vs_onnxruntime"] = compare_times(numpy_times, onnxruntime_times)
+        summary["torch_vs_onnxruntime"] = compare_times(torch_times, onnxruntime_times)
+    return summary
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -235,22 +254,79 @@ def bench_training(model_name: str, config: BenchConfig, dtype: np.dtype, images
     return summary
 
 
+# -- ONNX Runtime ------------------------------------------------------------------------------
+
+class OnnxRuntimeModel:
+    """An ONNX Runtime session behind the calls ``training.evaluate`` makes on a NumPy model
+    (``eval()``, then ``model(batch)`` for logits), so that its side runs the very same loop."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+
+    def eval(self) -> OnnxRuntimeModel:
+        return self
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0]
+
+
+def onnxruntime_problem(dtype: np.dtype) -> str | None:
+    """Why ONNX Runtime cannot be a side of this run (one line), or None when it can."""
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        return (f"not installed ({' and '.join(missing)} missing; pip install "
+                "'scratchcnn[onnx]'): its side is left out")
+    if np.dtype(dtype) != np.float32:
+        return f"left out: it has no {np.dtype(dtype)} convolution"
+    return None
+
+
+def onnxruntime_model(model: Any, threads: int) -> OnnxRuntimeModel:
+    """``model`` (a NumPy model, possibly inside DistributedDataParallel) exported with
+    ``to_onnx`` and loaded in ONNX Runtime's CPU provider with ``threads`` intra-op threads and
+    one inter-op thread (a chain of layers has no parallel branches); otherwise its defaults."""
+    import onnxruntime
+
+    from scratchcnn.formats.onnx import to_onnx
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    graph = to_onnx(ranks.unwrapped(model)).SerializeToString()
+    return OnnxRuntimeModel(onnxruntime.InferenceSession(
+        graph, options, providers=["CPUExecutionProvider"]))
+
+
 def bench_inference(model_name: str, config: BenchConfig, dtype: np.dtype, images: np.ndarray,
-                    labels: np.ndarray, ranked: bool = True) -> dict[str, Any]:
+                    labels: np.ndarray, ranked: bool = True, threads: int = 1) -> dict[str, Any]:
+    """Inference of every image in batches of ``config.eval_batch_size`` through
+    ``training.evaluate``: NumPy (as the ranks when ``ranked``) against PyTorch and, when
+    available, ONNX Runtime with ``threads`` threads (both on rank 0)."""
     models = _build_sides(model_name, config, dtype, ranked)
+    sides: tuple[str, ...] = SIDES
+    if onnxruntime_problem(dtype) is None:
+        sides = (*SIDES, ONNX_RUNTIME)
+        models[ONNX_RUNTIME] = (onnxruntime_model(models["numpy"], threads) if ranks.is_main()
+                                else None)
+    # ONNX Runtime's model takes evaluate's NumPy path: eval(), then a call per batch.
+    framework = {"numpy": "numpy", "torch": "torch", ONNX_RUNTIME: "numpy"}
     warm = slice(0, min(len(labels), config.eval_batch_size))
-    for side in SIDES:
+    for side in sides:
         _on_its_ranks(side, ranked, lambda side=side: training.evaluate(
-            side, models[side], images[warm], labels[warm], batch_size=config.eval_batch_size))
+            framework[side], models[side], images[warm], labels[warm],
+            batch_size=config.eval_batch_size))
 
     def run_side(side: str) -> float:
         return _on_its_ranks(side, ranked, lambda: training.evaluate(
-            side, models[side], images, labels, batch_size=config.eval_batch_size))
+            framework[side], models[side], images, labels, batch_size=config.eval_batch_size))
 
-    times = run_alternating(config.rounds, run_side)
-    summary = summarize(times["numpy"], times["torch"])
+    times = run_alternating(config.rounds, run_side, sides)
+    summary = summarize(times["numpy"], times["torch"], times.get(ONNX_RUNTIME))
     flops = forward_flops(model_name) * len(labels)
-    for side in SIDES:
+    for side in sides:
         summary[side]["gflops"] = gflops_per_second(flops, summary[side]["median"])
     summary.update(images=len(labels), eval_batch_size=config.eval_batch_size,
                    unit="seconds for all images")
@@ -364,7 +440,8 @@ def bench_model(model_name: str, config: BenchConfig, threads: int, dtype: np.dt
         result["training"].append(
             bench_training(model_name, config, dtype, train_x, train_y, batch_size))
     _log(config, f"[{model_name}] inference of {len(test_y)} images: {config.rounds} rounds")
-    result["inference"] = bench_inference(model_name, config, dtype, test_x, test_y)
+    result["inference"] = bench_inference(model_name, config, dtype, test_x, test_y,
+                                          threads=threads)
     if config.memory:
         _log(config, f"[{model_name}] peak memory (one subprocess per side and task)")
         result["memory"] = ranks.only_main(
@@ -392,7 +469,8 @@ def bench_one_process(model_name: str, config: BenchConfig, dtype: np.dtype,
                      f"{config.single_batch_size}, inference")
         training_result = bench_training(model_name, config, dtype, train_x, train_y,
                                          config.single_batch_size, ranked=False)
-        inference = bench_inference(model_name, config, dtype, test_x, test_y, ranked=False)
+        inference = bench_inference(model_name, config, dtype, test_x, test_y, ranked=False,
+                                    threads=1)
     finally:
         if limiter is not None:
             limiter.restore_original_limits()
@@ -459,7 +537,16 @@ def run_bench(config: BenchConfig) -> dict[str, Any] | None:
         "environment": describe_environment(threads),
         "load_average": {"start": load_before, "end": load_average()},
         "matmul_peak": peak,
+        "onnxruntime": {"version": _onnxruntime_version(), "problem": onnxruntime_problem(dtype)},
         "one_process": one_process,
         "scaling": scaling(one_process, models[0]),
         "models": models,
     }
+
+
+def _onnxruntime_version() -> str | None:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return str(onnxruntime.__version__)

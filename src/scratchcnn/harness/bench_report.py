@@ -15,6 +15,8 @@ OTHER_MODELS_TARGET = 1.5
 # One process, one thread each: the plain loop at batch 64, and inference.
 ONE_PROCESS_TRAINING_TARGET = 0.9
 ONE_PROCESS_INFERENCE_TARGET = 0.4
+# Both parts: NumPy's inference time at most this multiple of ONNX Runtime's (issue 21).
+ONNX_RUNTIME_INFERENCE_TARGET = 1.5
 
 
 def _target(name: str, value: float | None, limit: float) -> dict[str, Any]:
@@ -33,6 +35,8 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                                        t["ratio"], ONE_PROCESS_TRAINING_TARGET))
         targets.append(_target(f"{TARGET_MODEL} one process, 1 thread: inference",
                                single["inference"]["ratio"], ONE_PROCESS_INFERENCE_TARGET))
+        targets += _onnxruntime_target(f"{TARGET_MODEL} one process, 1 thread: inference",
+                                       single["inference"])
     count = report.get("ranks", 1)
     where = "" if count == 1 else f"{count} ranks vs {count} threads: "
     for model in report["models"]:
@@ -46,6 +50,7 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                                            TRAINING_TARGETS[batch]))
             targets.append(_target(f"{name} {where}inference", model["inference"]["ratio"],
                                    INFERENCE_TARGET))
+            targets += _onnxruntime_target(f"{name} {where}inference", model["inference"])
             for entry in model.get("memory", {}).get("training", []):
                 targets.append(_target(f"{name} training memory batch {entry['batch_size']}",
                                        entry.get("ratio"), 1.0))
@@ -53,6 +58,15 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             worst = max([ratio for _, ratio, _ in ratios] + [model["inference"]["ratio"]])
             targets.append(_target(f"{name} {where}worst ratio", worst, OTHER_MODELS_TARGET))
     return targets
+
+
+def _onnxruntime_target(label: str, inference: dict[str, Any]) -> list[dict[str, Any]]:
+    """NumPy/ONNX Runtime for an inference entry that has ONNX Runtime's side, else nothing."""
+    versus = inference.get("numpy_vs_onnxruntime")
+    if versus is None:
+        return []
+    return [_target(f"{label} vs ONNX Runtime", versus["ratio"],
+                    ONNX_RUNTIME_INFERENCE_TARGET)]
 
 
 def busy_warning(load_average: dict[str, list[float]], cores: int) -> str | None:
@@ -79,6 +93,16 @@ def _load_lines(load_average: dict[str, list[float] | None], cores: int) -> list
     return [*lines, f"- **{warning}**"] if warning else lines
 
 
+def _onnxruntime_line(onnxruntime: dict[str, Any] | None) -> str:
+    """The header's line on ONNX Runtime: the third side of inference, or why it is left out."""
+    if not onnxruntime:
+        return "- ONNX Runtime: not measured in this run"
+    if onnxruntime.get("problem"):
+        return f"- ONNX Runtime: {onnxruntime['problem']}"
+    return (f"- inference also against ONNX Runtime {onnxruntime.get('version')} (CPU provider, "
+            "the same threads, the same weights exported by to_onnx, alternating rounds)")
+
+
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f}"
 
@@ -95,6 +119,27 @@ def _s(seconds: float | None) -> str:
 
 def _range(side: dict[str, Any], fmt) -> str:
     return f"{fmt(side['median'])} ({fmt(side['min'])}-{fmt(side['max'])})"
+
+
+def _inference_lines(inf: dict[str, Any], gf) -> list[str]:
+    """One row per side (NumPy, PyTorch, ONNX Runtime when measured), then one per ratio."""
+    names = {"numpy": "NumPy", "torch": "PyTorch", "onnxruntime": "ONNX Runtime"}
+    sides = [side for side in names if inf.get(side)]
+    lines = ["| side | seconds | GFLOP/s (% peak) |", "|---|---:|---:|"]
+
+    def seconds(value: float) -> str:  # a third digit: ONNX Runtime's times are ~0.1 s
+        return f"{value:.3f} s" if value < 10 else _s(value)
+
+    lines += [f"| {names[side]} | {_range(inf[side], seconds)} | {gf(inf[side]['gflops'])} |"
+              for side in sides]
+    ratios = [("NumPy / PyTorch", inf)]
+    if "numpy_vs_onnxruntime" in inf:
+        ratios += [("NumPy / ONNX Runtime", inf["numpy_vs_onnxruntime"]),
+                   ("PyTorch / ONNX Runtime", inf["torch_vs_onnxruntime"])]
+    lines += ["", "| ratio | of medians | per-round ratios |", "|---|---:|---|"]
+    lines += [f"| {label} | **{entry['ratio']:.2f}** | {_round_ratios(entry)} |"
+              for label, entry in ratios]
+    return lines
 
 
 def _round_ratios(entry: dict[str, Any]) -> str:
@@ -126,12 +171,7 @@ def _model_section(model: dict[str, Any], peak: float) -> list[str]:
             f"{gf(t['torch']['gflops'])} |")
     inf = model["inference"]
     lines += ["", f"### Inference of {inf['images']} images (batches of {inf['eval_batch_size']})",
-              "", "| NumPy s | PyTorch s | ratio of medians | per-round ratios | "
-              "NumPy GFLOP/s (% peak) | PyTorch GFLOP/s (% peak) |",
-              "|---:|---:|---:|---|---:|---:|",
-              f"| {_range(inf['numpy'], _s)} | {_range(inf['torch'], _s)} | "
-              f"**{inf['ratio']:.2f}** | {_round_ratios(inf)} | "
-              f"{gf(inf['numpy']['gflops'])} | {gf(inf['torch']['gflops'])} |"]
+              "", *_inference_lines(inf, gf)]
     memory = model.get("memory")
     if memory:
         lines += ["", "### Peak memory above baseline (MiB, separate process per side)", "",
@@ -180,6 +220,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{report['matmul_peak']['size']}^2, best of start and "
         f"end of the run): {peak:.1f} GFLOP/s",
         *_load_lines(load, env["available_cores"]),
+        _onnxruntime_line(report.get("onnxruntime")),
         "- ratio = median NumPy time / median PyTorch time: below 1 means NumPy is faster "
         "(targets use it). Per-round ratios pair each NumPy round with the PyTorch round after "
         "it; a wide spread means the machine was busy.",
