@@ -357,6 +357,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any] | None:
                       f"{train_loss:.4f}, test loss {side.final.loss:.4f}, test accuracy "
                       f"{side.final.accuracy:.2%}, {seconds:.1f} s")
 
+    onnxruntime = _onnxruntime_evaluation(sides, test_x, test_y, config, threads, dtype)
     memory = _measure_memory(config, threads, world, train_x, train_y, test_x, test_y,
                              sampler)
     # Measured before and after the run, keeping the better one, as bench does.
@@ -370,8 +371,40 @@ def run_compare(config: CompareConfig) -> dict[str, Any] | None:
     }
     run_info = {"started": started, "finished": _now(), **run_identity(),
                 "command": equivalent_command(config), "argv": list(sys.argv)}
-    return _assemble_report(config, dataset, fallback, mean, std, threads, sides, memory,
-                            initial_difference, initial_first_layer, run_info, host, world)
+    report = _assemble_report(config, dataset, fallback, mean, std, threads, sides, memory,
+                              initial_difference, initial_first_layer, run_info, host, world)
+    if onnxruntime is not None:
+        report["onnxruntime"] = onnxruntime
+    return report
+
+
+def _onnxruntime_evaluation(sides: dict[str, _Side], test_x: np.ndarray, test_y: np.ndarray,
+                            config: CompareConfig, threads: int,
+                            dtype: np.dtype) -> dict[str, Any] | None:
+    """The trained NumPy model's test-set evaluation in ONNX Runtime (exported by to_onnx, the
+    same ``evaluate`` loop and batches, ``threads`` threads, on rank 0 after one warm-up batch):
+    a reference for NumPy's evaluation time, when onnxruntime is installed and the run is
+    float32. None otherwise, or a one-line ``problem`` if the export or session fails."""
+    from scratchcnn.harness.bench import onnxruntime_model, onnxruntime_problem
+
+    if "numpy" not in sides or onnxruntime_problem(dtype) is not None:
+        return None
+    import onnxruntime as ort
+
+    def work() -> dict[str, Any]:
+        try:
+            model = onnxruntime_model(sides["numpy"].model, threads)
+        except Exception as error:  # an optional reference must not lose the run's report
+            return {"problem": f"not measured: {error}".splitlines()[0]}
+        warm = slice(0, min(len(test_y), config.eval_batch_size))
+        training.evaluate("numpy", model, test_x[warm], test_y[warm],
+                          batch_size=config.eval_batch_size)
+        result = training.evaluate("numpy", model, test_x, test_y,
+                                   batch_size=config.eval_batch_size)
+        return {"version": ort.__version__, "threads": threads, "eval_seconds": result.seconds,
+                "test_accuracy": result.accuracy}
+
+    return ranks.only_main(work)
 
 
 def _dataset_on_every_rank(config: CompareConfig):

@@ -271,6 +271,23 @@ def _agreement_lines(agreement: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _onnxruntime_lines(report: dict[str, Any]) -> list[str]:
+    """A line under the summary: the trained NumPy model's evaluation in ONNX Runtime (the
+    practitioner's CPU inference engine) beside NumPy's, when it was measured."""
+    ort = report.get("onnxruntime")
+    if not ort:
+        return []
+    if ort.get("problem"):
+        return [f"ONNX Runtime: {ort['problem']}", ""]
+    line = (f"ONNX Runtime {ort['version']} ({ort['threads']} thread(s), the trained NumPy "
+            f"weights exported to ONNX): evaluation time {_fmt(ort['eval_seconds'], 's')}, "
+            f"test accuracy {_fmt(ort['test_accuracy'], 'pct')}")
+    numpy_seconds = (report["frameworks"].get("numpy") or {}).get("eval_seconds")
+    if numpy_seconds and ort["eval_seconds"]:
+        line += f"; NumPy's evaluation took {numpy_seconds / ort['eval_seconds']:.2f}x its time"
+    return [line + ".", ""]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     dataset, config = report["dataset"], report["config"]
     parts = [f"# scratchcnn compare: {report['model']} on {dataset['name']}", ""]
@@ -289,6 +306,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         summary_table(report),
         "",
+        *_onnxruntime_lines(report),
         "## Per epoch",
         "",
         epochs_table(report),
