@@ -8,6 +8,12 @@ time; at ``--threads 1`` it compares the frameworks core for core.
 
     python benchmarks/profile_step.py --batch 64 --steps 100 --rounds 5
     python benchmarks/profile_step.py --model lenet5 --breakdown --threads 1 --batch 32
+    python benchmarks/profile_step.py --no-train --inference-breakdown --threads 1
+
+Inference also times ONNX Runtime (the model exported by ``to_onnx``, same threads) when it is
+installed. ``--inference-breakdown`` splits NumPy's no_grad inference of 10,000 images into the
+steps the Sequential runs (a Conv2d fused with its MaxPool2d and ReLU is one step) and the kernels
+inside them, against the matrix products alone (the floor of an im2col engine).
 """
 
 from __future__ import annotations
@@ -66,18 +72,27 @@ def time_training(args) -> None:
     report(f"train {args.model} batch {args.batch}, {args.steps} steps", times, args.steps)
 
 
-def time_inference(args) -> None:
-    from scratchcnn.harness import training
+def time_inference(args, threads: int) -> None:
+    from scratchcnn.harness import bench, training
 
     images, labels = load_images(10_000, np.random.default_rng(1))
     model, _, twin, _ = build_pair(args.model)
-    times: dict[str, list[float]] = {"numpy": [], "torch": []}
+    sides = {"numpy": ("numpy", model), "torch": ("torch", twin)}
+    if bench.onnxruntime_problem(np.dtype(np.float32)) is None:
+        # evaluate's NumPy path calls it like a NumPy model (see bench.OnnxRuntimeModel).
+        sides["onnxruntime"] = ("numpy", bench.onnxruntime_model(model, threads))
+    times: dict[str, list[float]] = {name: [] for name in sides}
     for round_index in range(args.rounds + 1):
-        for name, net in (("numpy", model), ("torch", twin)):
-            result = training.evaluate(name, net, images, labels)
+        for name, (framework, net) in sides.items():
+            result = training.evaluate(framework, net, images, labels)
             if round_index:
                 times[name].append(result.seconds)
     report(f"predict {args.model} 10k images", times, 1)
+    if "onnxruntime" in times:
+        ratios = [a / b for a, b in zip(times["numpy"], times["onnxruntime"], strict=True)]
+        print(f"  onnxruntime {statistics.median(times['onnxruntime']) * 1e3:.2f} ms; numpy / "
+              f"onnxruntime median {statistics.median(ratios):.3f} "
+              f"[{min(ratios):.3f}..{max(ratios):.3f}]", flush=True)
 
 
 def report(title: str, times: dict[str, list[float]], per: int) -> None:
@@ -86,6 +101,71 @@ def report(title: str, times: dict[str, list[float]], per: int) -> None:
     print(f"{title}: numpy {numpy_s / per * 1e3:.2f} ms, torch {torch_s / per * 1e3:.2f} ms "
           f"(per step/pass); ratio median {statistics.median(ratios):.3f} "
           f"[{min(ratios):.3f}..{max(ratios):.3f}]", flush=True)
+
+
+def inference_breakdown(args) -> None:
+    """Where NumPy's no_grad inference of 10,000 images (batches of 1000) goes: seconds per step
+    as the Sequential runs them and per kernel inside them (timers wrapped around
+    nn.functional's kernels), and the share of the matrix products (convolutions' and Linear
+    layers'): the floor of an im2col engine at this BLAS's speed."""
+    from scratchcnn import nn
+    from scratchcnn.nn import functional as F
+    from scratchcnn.nn import module
+
+    images, _ = load_images(10_000, np.random.default_rng(1))
+    model = build_pair(args.model)[0].eval()
+    kernels: dict[str, float] = {}
+    steps: dict[str, float] = {}
+
+    def timed(table: dict[str, float], key: str, function):
+        def wrapper(*arguments, **keywords):
+            start = time.perf_counter()
+            try:
+                return function(*arguments, **keywords)
+            finally:
+                table[key] = table.get(key, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    for name in ("pad_nhwc", "pooled_im2col", "matmul_rows", "add_to_rows"):
+        setattr(F, name, timed(kernels, name, getattr(F, name)))
+    fuse = module._fused_for_inference
+    step_list: list = []
+
+    def fused_once(order):  # the same step objects every batch, each wrapped by a timer
+        if not step_list:
+            for index, step in enumerate(fuse(order)):
+                label = f"{index}: {type(step).__name__}"
+                if isinstance(step, nn.Linear):
+                    label += " (its product is the step)"
+                step.forward = timed(steps, label, step.forward)
+                step_list.append(step)
+        return step_list
+
+    module._fused_for_inference = fused_once
+    rounds = max(args.rounds, 1)
+    try:
+        with nn.no_grad():
+            for round_index in range(rounds + 1):
+                if round_index == 1:
+                    kernels.clear()
+                    steps.clear()
+                    start = time.perf_counter()
+                for begin in range(0, len(images), 1000):
+                    model(images[begin:begin + 1000])
+        total = (time.perf_counter() - start) / rounds
+    finally:
+        module._fused_for_inference = fuse
+    print(f"no_grad inference of 10,000 images, {args.model}: {total:.3f} s per pass")
+    for label, seconds in steps.items():
+        print(f"  step {label:40s} {seconds / rounds:.4f} s")
+    for label, seconds in kernels.items():
+        print(f"  kernel {label:38s} {seconds / rounds:.4f} s")
+    print(f"  outside the steps (pieces, concatenation)    "
+          f"{total - sum(steps.values()) / rounds:.4f} s")
+    products = kernels["matmul_rows"] + sum(seconds for label, seconds in steps.items()
+                                            if "Linear" in label)
+    print(f"  matrix products alone: {products / rounds:.4f} s "
+          f"({100 * products / rounds / total:.0f}% of the pass)")
 
 
 def breakdown(args) -> None:
@@ -229,17 +309,21 @@ def main() -> None:
     parser.add_argument("--no-train", action="store_true")
     parser.add_argument("--no-infer", action="store_true")
     parser.add_argument("--breakdown", action="store_true")
+    parser.add_argument("--inference-breakdown", action="store_true")
     args = parser.parse_args()
 
     from scratchcnn.harness.threads import apply_threads
 
-    print(f"threads: {apply_threads(args.threads)}")
+    threads = apply_threads(args.threads)
+    print(f"threads: {threads}")
     if args.breakdown:
         breakdown(args)
     if not args.no_train:
         time_training(args)
     if not args.no_infer:
-        time_inference(args)
+        time_inference(args, threads)
+    if args.inference_breakdown:
+        inference_breakdown(args)
 
 
 if __name__ == "__main__":
