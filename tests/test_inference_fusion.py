@@ -94,6 +94,15 @@ def test_pooled_im2col_is_im2col_with_its_rows_in_phase_order(rng, channels):
     np.testing.assert_array_equal(got, rows.transpose(2, 4, 0, 1, 3, 5).reshape(len(got), -1))
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_im2col_into_a_scratch_buffer_is_im2col(rng, channels):
+    padded = rng.standard_normal((2, 7, 6, channels)).astype(np.float32)
+    args = ((3, 2), (3, 3), (2, 1), (1, 2))
+    got = F.im2col(padded, *args, scratch_name="test_cols")
+    np.testing.assert_array_equal(got, F.im2col(padded, *args))
+    assert np.shares_memory(got, F.scratch("test_cols", (1,), np.float32))
+
+
 def test_scratch_buffers_are_reused_per_name_and_thread_and_large_ones_are_not_kept():
     first = F.scratch("test", (10, 3), np.float32)
     again = F.scratch("test", (3, 5), np.float64)  # as many bytes
@@ -128,6 +137,10 @@ def test_what_fuses():
                         nn.AvgPool2d(2)):
         assert _kinds(fuse_for_inference([conv, overlapping])) == [
             "Conv2d", type(overlapping).__name__]
+    # One input channel and a 5x5 kernel: the pool and the ReLU run as themselves.
+    assert _kinds(fuse_for_inference([nn.Conv2d(1, 2, 5), pool, relu])) == [
+        "Conv2d", "MaxPool2d", "ReLU"]
+    assert _kinds(fuse_for_inference([nn.Conv2d(2, 2, 5), pool, relu])) == ["ConvPoolReLU"]
     probed = nn.ReLU()
     probed.forward = lambda x: x  # a replaced forward runs as itself
     assert _kinds(fuse_for_inference([conv, probed])) == ["Conv2d", "ReLU"]

@@ -127,17 +127,24 @@ def sliding_windows(padded: np.ndarray, kernel: Pair, out_size: Pair, stride: Pa
 
 
 def im2col(padded: np.ndarray, kernel: Pair, out_size: Pair, stride: Pair,
-           dilation: Pair = (1, 1)) -> np.ndarray:
+           dilation: Pair = (1, 1), scratch_name: str | None = None) -> np.ndarray:
     """The (N*OH*OW, KH*KW*C) matrix of ``sliding_windows``: row = output pixel, columns = taps
-    in (kh, kw, c) order. Possibly a transposed (F-ordered) view; BLAS takes either."""
+    in (kh, kw, c) order. Possibly a transposed (F-ordered) view; BLAS takes either. With
+    ``scratch_name``, written into that ``scratch`` buffer rather than a new array."""
     n, c = padded.shape[0], padded.shape[3]
     rows = n * out_size[0] * out_size[1]
     if c > 1:
         windows = sliding_windows(padded, kernel, out_size, stride, dilation)
-        return windows.reshape(rows, kernel[0] * kernel[1] * c)  # one strided copy
+        if scratch_name is None:
+            return windows.reshape(rows, kernel[0] * kernel[1] * c)  # one strided copy
+        cols = scratch(scratch_name, windows.shape, padded.dtype)
+        np.copyto(cols, windows)
+        return cols.reshape(rows, kernel[0] * kernel[1] * c)
     # One channel: the strided copy would move single elements; writing the matrix transposed,
     # one tap (whole image rows) at a time, is ~10x faster.
-    cols_t = np.empty((kernel[0] * kernel[1], n, *out_size, 1), dtype=padded.dtype)
+    shape = (kernel[0] * kernel[1], n, *out_size, 1)
+    cols_t = (np.empty(shape, dtype=padded.dtype) if scratch_name is None
+              else scratch(scratch_name, shape, padded.dtype))
     for tap_index in range(kernel[0] * kernel[1]):
         cols_t[tap_index] = tap_view(padded, *divmod(tap_index, kernel[1]), out_size, stride,
                                      dilation)
@@ -346,6 +353,8 @@ def pooled_im2col(padded: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair
     sn, sh, sw, sc = padded.strides
     (kh, kw), (ph, pw), (poh, pow_) = kernel, pool, pooled_size
     rows = ph * pw * n * poh * pow_
+    if pool == (1, 1):  # the plain order: im2col's copies, into the scratch buffer
+        return im2col(padded, kernel, pooled_size, stride, dilation, scratch_name="cols")
     # Strides of (ph, pw, n, i, j): conv output row i*PH + ph reads padded row (i*PH + ph)*stride.
     output_strides = (stride[0] * sh, stride[1] * sw, sn, ph * stride[0] * sh,
                       pw * stride[1] * sw)
@@ -386,7 +395,9 @@ def conv2d_inference(padded: np.ndarray, weight_matrix: np.ndarray, bias: np.nda
     rows_per_sample = phases * pooled[0] * pooled[1]
     result = np.empty((n, *pooled, o), dtype=padded.dtype)
     row_bytes = rows_per_sample * weight_matrix.shape[0] * padded.itemsize
-    per_piece = max(1, INFERENCE_COLS_BYTES // max(row_bytes, 1))
+    # Pieces of equal size: a small last piece would cost nearly a whole piece's calls.
+    pieces = max(1, math.ceil(n * row_bytes / INFERENCE_COLS_BYTES))
+    per_piece = max(1, math.ceil(n / pieces))
     for start in range(0, n, per_piece):
         piece = padded[start:start + per_piece]
         target = result[start:start + per_piece].reshape(-1, o)
