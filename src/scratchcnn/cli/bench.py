@@ -18,7 +18,10 @@ peaks), GFLOP/s against this machine's measured float32 matmul peak, and the tex
 layers on a few images, extrapolated; and NumPy's step in one process against N ranks
 (speed-up, efficiency). Rounds alternate NumPy, PyTorch, NumPy, PyTorch, ... after a warm-up;
 the report gives median (min-max) per side and the ratio NumPy/PyTorch (below 1: NumPy is
-faster).
+faster). When ONNX Runtime is installed (pip install 'scratchcnn[onnx]'), inference has a third
+side: the same weights exported with to_onnx, the same images, batches and thread count, with
+the ratios NumPy/ONNX Runtime and PyTorch/ONNX Runtime; without it, one line says it was left
+out.
 
 Writes DIR/bench.json (every per-round number, environment) and DIR/bench.md, and prints the
 Markdown. Threads: --threads, else $SCRATCHCNN_NUM_THREADS, else all available cores.
