@@ -94,6 +94,25 @@ def test_pooled_im2col_is_im2col_with_its_rows_in_phase_order(rng, channels):
     np.testing.assert_array_equal(got, rows.transpose(2, 4, 0, 1, 3, 5).reshape(len(got), -1))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bias_then_relu_is_the_bias_add_then_relu_bit_for_bit(rng, dtype):
+    bias = np.array([0.5, -0.5, 0.0, -0.0, 1e-30, 3.0, np.nan, 2.0], dtype)
+    special = np.array([-0.5, 0.5, -0.0, 0.0, -1e-30, -3.0000002, 1.0, np.nan], dtype)
+    rows = np.concatenate([np.tile(special, (3, 1)), np.tile(-special, (3, 1)),
+                           rng.standard_normal((500, 8)).astype(dtype) * 4,
+                           np.full((2, 8), np.inf, dtype), np.full((2, 8), -np.inf, dtype)])
+    for with_bias, relu in ((True, True), (True, False), (False, True)):
+        expected = rows + bias if with_bias else rows.copy()
+        if relu:
+            expected = np.maximum(expected, 0)
+        got = rows.copy()
+        F.bias_then_relu(got, bias if with_bias else None, relu)
+        # Bit for bit; a NaN stays a NaN (from a NaN bias, -NaN + NaN may carry another sign).
+        nan = np.isnan(expected)
+        assert np.array_equal(np.isnan(got), nan), (with_bias, relu)
+        assert got[~nan].tobytes() == expected[~nan].tobytes(), (with_bias, relu)
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_im2col_into_a_scratch_buffer_is_im2col(rng, channels):
     padded = rng.standard_normal((2, 7, 6, channels)).astype(np.float32)

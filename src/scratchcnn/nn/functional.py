@@ -411,11 +411,21 @@ def conv2d_inference(padded: np.ndarray, weight_matrix: np.ndarray, bias: np.nda
             np.maximum(blocks[0], blocks[1], out=target)
             for block in blocks[2:]:
                 np.maximum(target, block, out=target)
-        if bias is not None:
-            add_to_rows(target, bias)
-        if relu:
-            np.maximum(target, 0, out=target)
+        bias_then_relu(target, bias, relu)
     return result
+
+
+def bias_then_relu(rows: np.ndarray, bias: np.ndarray | None, relu: bool) -> None:
+    """``rows = relu(rows + bias)`` in place (each part optional), for a C-contiguous (M, O)
+    matrix, bit for bit as the bias add and ``np.maximum(x, 0)`` give, but with vector operands:
+    np.maximum against the scalar 0 ran ~2.5x slower than against a vector (NumPy 2.4, float32).
+    With a bias it is max(rows, -bias) + bias, which rounds to the same bits: x + b rounds
+    monotonically in x, -b + b is +0, and a NaN stays a NaN (its sign bit may differ)."""
+    if relu:
+        floor = np.zeros(rows.shape[1], rows.dtype) if bias is None else -bias
+        apply_to_rows(np.maximum, rows, floor, rows)
+    if bias is not None:
+        add_to_rows(rows, bias)
 
 
 # -- max pooling ------------------------------------------------------------------------------
