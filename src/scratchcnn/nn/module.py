@@ -124,7 +124,9 @@ def as_float_dtype(dtype: Any) -> np.dtype:
     except TypeError:
         raise ValueError(f"dtype must be float32 or float64, got {dtype!r}") from None
     if resolved not in FLOAT_DTYPES:
-        raise ValueError(f"dtype must be float32 or float64, got {resolved}")
+        # Quoted like the branch above: with ml_dtypes installed (onnx brings it) NumPy knows
+        # 'bfloat16', without it np.dtype refuses the name; the message is the same either way.
+        raise ValueError(f"dtype must be float32 or float64, got '{resolved}'")
     return resolved
 
 
