@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from scratchcnn.models import architecture
+from scratchcnn.nn.module import as_float_dtype
 
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
@@ -18,10 +19,7 @@ def torch_dtype(dtype: Any) -> torch.dtype:
     """The torch dtype for a NumPy float32/float64 dtype (or a torch dtype, returned as is)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    resolved = np.dtype(np.float32 if dtype is None else dtype)
-    if resolved not in _TORCH_DTYPES:
-        raise ValueError(f"dtype must be float32 or float64, got {resolved}")
-    return _TORCH_DTYPES[resolved]
+    return _TORCH_DTYPES[as_float_dtype(dtype)]
 
 
 def build_torch_model(name: str, *, dtype: Any = None) -> torch.nn.Sequential:
