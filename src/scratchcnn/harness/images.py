@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,18 @@ INK_THRESHOLD = 0.1  # fraction of the brightest pixel that counts as ink when c
 
 class ImageError(ValueError):
     """An image file that cannot be read or used; the message names the file."""
+
+
+def grayscale_on_paper(image: Any) -> np.ndarray:
+    """A loaded PIL image as a 2-D uint8 array (0 black .. 255 white), transparent pixels laid
+    on white paper first: a digit drawn on a transparent canvas is dark ink on white."""
+    from PIL import Image
+
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        image = image.convert("RGBA")
+        paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(paper, image)
+    return np.asarray(image.convert("L"), dtype=np.uint8).copy()
 
 
 def read_grayscale(path: str | os.PathLike) -> np.ndarray:
@@ -39,11 +52,7 @@ def read_grayscale(path: str | os.PathLike) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
-                if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                    image = image.convert("RGBA")
-                    paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
-                    image = Image.alpha_composite(paper, image)
-                return np.asarray(image.convert("L"), dtype=np.uint8).copy()
+                return grayscale_on_paper(image)
     except Image.DecompressionBombError as error:
         # PIL's message gives the image's size and the limit.
         raise ImageError(f"{path}: too large to be a digit: {error} Scale it down.") from None

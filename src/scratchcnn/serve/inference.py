@@ -24,7 +24,12 @@ import numpy as np
 from scratchcnn import nn
 from scratchcnn.data import normalize
 from scratchcnn.formats.checkpoint import Checkpoint
-from scratchcnn.harness.images import IMAGE_SIZE, center_digit, light_on_dark
+from scratchcnn.harness.images import (
+    IMAGE_SIZE,
+    center_digit,
+    grayscale_on_paper,
+    light_on_dark,
+)
 
 MIN_SIDE = IMAGE_SIZE  # a drawing smaller than MNIST's own images is not a drawing
 MAX_SIDE = 1024  # the page's canvas is 280 x 280; this bounds the decoded size (no PNG bombs)
@@ -61,11 +66,7 @@ def decode_image(text: Any) -> np.ndarray:
                     f"the image is {width} x {height} pixels; each side must be between "
                     f"{MIN_SIDE} and {MAX_SIDE}")
             image.load()
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                image = image.convert("RGBA")
-                paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(paper, image)
-            return np.asarray(image.convert("L"), dtype=np.uint8).copy()
+            return grayscale_on_paper(image)
     except InputError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
