@@ -174,16 +174,16 @@ def breakdown(args) -> None:
     side in one process, as each MPI rank runs its part of a batch)."""
     images, labels = load_images(args.batch, np.random.default_rng(2))
     model, opt, twin, twin_opt = build_pair(args.model)
-    names = [f"{name}: {layer.describe()}" for name, layer in model.named_children()]
-    numpy_times, numpy_other = numpy_layer_times(model, opt, images, labels, args.steps)
+    steps, numpy_times, numpy_other = numpy_step_times(model, opt, images, labels, args.steps)
     torch_times, torch_other, torch_plain = torch_layer_times(twin, twin_opt, images, labels,
                                                               args.steps)
     print(f"ms per training step, batch {args.batch}, threads {args.threads or 'all'} "
-          "(forward / backward; NumPy runs each ReLU -> MaxPool2d pair pool-first):")
+          "(forward / backward; NumPy runs each ReLU -> MaxPool2d pair pool-first, and a "
+          "first Conv2d with its pool and ReLU as one step):")
     print(f"  {'layer':44s} {'NumPy':>15s} {'PyTorch':>15s}")
-    for name, (fwd, bwd), (torch_fwd, torch_bwd) in zip(names, numpy_times, torch_times,
-                                                          strict=True):
-        print(f"  {name[:44]:44s} {fwd:7.2f} {bwd:7.2f} {torch_fwd:7.2f} {torch_bwd:7.2f}")
+    for (label, covered), (fwd, bwd) in zip(steps, numpy_times, strict=True):
+        torch_fwd, torch_bwd = torch_times[covered].sum(axis=0)
+        print(f"  {label[:44]:44s} {fwd:7.2f} {bwd:7.2f} {torch_fwd:7.2f} {torch_bwd:7.2f}")
     numpy_total = numpy_times.sum() + numpy_other
     torch_total = torch_times.sum() + torch_other
     print(f"  {'loss + optimizer':44s} {numpy_other:15.2f} {torch_other:15.2f}")
@@ -192,15 +192,21 @@ def breakdown(args) -> None:
           "in its per-layer figures)")
 
 
-def numpy_layer_times(model, opt, images: np.ndarray, labels: np.ndarray,
-                      steps: int) -> tuple[np.ndarray, float]:
-    """((layers, 2) ms forward/backward per step in the model's layer order, ms loss +
-    optimizer), timed layer by layer."""
+def numpy_step_times(model, opt, images: np.ndarray, labels: np.ndarray, steps: int
+                     ) -> tuple[list[tuple[str, list[int]]], np.ndarray, float]:
+    """The steps a training forward runs, each as (label, the model's layer indices it
+    covers), in the model's order; ((steps, 2) ms forward/backward per training step, ms loss +
+    optimizer), timed step by step."""
     from scratchcnn import nn
+    from scratchcnn.nn.fused import ConvPoolReLU, fuse_first_for_training
 
     criterion = nn.CrossEntropyLoss()
-    layers = model.execution_order()  # the order Sequential runs them in (pool before ReLU)
+    # The order Sequential runs them in (pool before ReLU, the first conv and pool fused).
     position = {id(layer): index for index, layer in enumerate(model)}
+    names = [name for name, _ in model.named_children()]
+    layers = fuse_first_for_training(model.execution_order())
+    covered = [sorted(position[id(inner)] for inner in layer.children())
+               if isinstance(layer, ConvPoolReLU) else [position[id(layer)]] for layer in layers]
     totals = np.zeros((len(layers), 2))
     other = 0.0
     for step in range(steps + 1):  # step 0 warms up
@@ -227,8 +233,15 @@ def numpy_layer_times(model, opt, images: np.ndarray, labels: np.ndarray,
         if step:
             totals += times
             other += step_other
-    order = np.argsort([position[id(layer)] for layer in layers])  # the model's order
-    return totals[order] * 1e3 / steps, other * 1e3 / steps
+    order = np.argsort([indices[0] for indices in covered])  # the model's order
+    labels_out = []
+    for index in order:
+        layer, indices = layers[index], covered[index]
+        label = (f"{indices[0]}: {layer.describe()}" if len(indices) == 1 else
+                 f"{'+'.join(names[i] for i in indices)}: fused " +
+                 "+".join(type(inner).__name__ for inner in layer.children()))
+        labels_out.append((label, indices))
+    return labels_out, totals[order] * 1e3 / steps, other * 1e3 / steps
 
 
 def torch_layer_times(twin, opt, images: np.ndarray, labels: np.ndarray,

@@ -11,6 +11,7 @@ import pytest
 from scratchcnn import nn, optim
 from scratchcnn.models import MODEL_NAMES, build_model
 from scratchcnn.nn import MaxPool2d, ReLU, Sequential
+from scratchcnn.nn.fused import fuse_first_for_training
 from scratchcnn.nn.module import INFERENCE_PIECE
 
 
@@ -18,15 +19,17 @@ class _OldHarnessPath:
     """The rewrites the harness used to apply, by hand and independently of Sequential: the
     layers run one by one with each ReLU->MaxPool2d pair swapped, the first layer without an
     input gradient (``needs_input_grad = False``), parameters laid out by
-    ``nn.flatten_parameters`` before the optimizer is created."""
+    ``nn.flatten_parameters`` before the optimizer is created; and the one rewrite the engine
+    added since, a first Conv2d with its pool and ReLU as one step (its own tests against the
+    layers are in test_training_fusion.py)."""
 
     def __init__(self, model: Sequential) -> None:
         layers = list(model)
         for index in range(len(layers) - 1):
             if type(layers[index]) is ReLU and type(layers[index + 1]) is MaxPool2d:
                 layers[index], layers[index + 1] = layers[index + 1], layers[index]
-        self.layers = layers
         layers[0].needs_input_grad = False
+        self.layers = fuse_first_for_training(layers)
         nn.flatten_parameters(model.parameters())
 
     def forward(self, x: np.ndarray) -> np.ndarray:

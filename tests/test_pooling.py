@@ -301,7 +301,9 @@ def _registration_order_loss_and_grads(model, x, labels):
 
 def test_pool_first_is_exact_including_ties_and_nonpositive_windows():
     """Values, input and parameter gradients bit-identical to the registration order, on inputs
-    with tied maxima (positive, zero and negative) and windows that are entirely negative."""
+    with tied maxima (positive, zero and negative) and windows that are entirely negative. (The
+    first Conv2d, MaxPool2d and ReLU run as one fused step, whose weight gradient sums its rows
+    in another order: those two agree to rounding.)"""
     from scratchcnn.nn import CrossEntropyLoss
 
     gen = np.random.default_rng(11)
@@ -323,8 +325,11 @@ def test_pool_first_is_exact_including_ties_and_nonpositive_windows():
     (loss_a, grad_a, params_a), (loss_b, grad_b, params_b) = results
     assert loss_a == loss_b
     np.testing.assert_array_equal(grad_a, grad_b)
-    for a, b in zip(params_a, params_b, strict=True):
-        np.testing.assert_array_equal(a, b)
+    for index, (a, b) in enumerate(zip(params_a, params_b, strict=True)):
+        if index < 2:  # the fused first convolution's weight and bias
+            np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+        else:
+            np.testing.assert_array_equal(a, b)
     assert np.count_nonzero(grad_a) > 0
 
 

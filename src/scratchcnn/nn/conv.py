@@ -148,7 +148,6 @@ class Conv2d(Module):
         grad_output = check_grad_output(self, grad_output, self._output_shape,
                                         weight_matrix.dtype)
         _, o, out_h, out_w = self._output_shape
-        kh, kw = self.kernel_size
         grad_2d = F.to_nhwc(grad_output).reshape(-1, o)  # free if grad_output is channels-last
 
         if cols is not None:
@@ -158,18 +157,30 @@ class Conv2d(Module):
             grad_weight_2d = F.im2col_t_matmul(self._padded, grad_2d, self._samples_per_piece,
                                                self.kernel_size, (out_h, out_w), self.stride,
                                                self.dilation)
-        grad_weight = grad_weight_2d.reshape(kh, kw, self.in_channels, o).transpose(3, 2, 0, 1)
-        self.weight.accumulate_grad(grad_weight)
+        self.accumulate_grads(grad_weight_2d, grad_2d)
+        if not (input_grad and self.needs_input_grad):
+            return None
+        return self.grad_of_input(grad_2d, weight_matrix, self._padded_shape, self._input_hw,
+                                  (out_h, out_w))
+
+    def accumulate_grads(self, grad_weight_2d: np.ndarray, grad_2d: np.ndarray) -> None:
+        """Add dL/dW, given as the (KH*KW*C, O) product cols^T g, and dL/db = the column sums
+        of g (any row order), into the parameters' ``.grad``."""
+        kh, kw = self.kernel_size
+        self.weight.accumulate_grad(
+            grad_weight_2d.reshape(kh, kw, self.in_channels, -1).transpose(3, 2, 0, 1))
         if self.bias is not None:
             self.bias.accumulate_grad(F.sum_rows(grad_2d))
 
-        if not (input_grad and self.needs_input_grad):
-            return None
-        grad_padded = F.col2im_per_tap(grad_2d, weight_matrix, self._padded_shape,
-                                       self.kernel_size, (out_h, out_w), self.stride,
-                                       self.dilation)
+    def grad_of_input(self, grad_2d: np.ndarray, weight_matrix: np.ndarray,
+                   padded_shape: tuple[int, ...], input_hw: tuple[int, int],
+                   out_size: tuple[int, int]) -> np.ndarray:
+        """dL/dx (N, C, H, W) from g = dL/d(out) as (N*OH*OW, O), rows in output order:
+        col2im(g W^T) over the padded input, cropped to the input."""
         top, _, left, _ = self._pad
-        h, w = self._input_hw
+        h, w = input_hw
+        grad_padded = F.col2im_per_tap(grad_2d, weight_matrix, padded_shape, self.kernel_size,
+                                       out_size, self.stride, self.dilation)
         return F.to_nchw(grad_padded[:, top:top + h, left:left + w, :])
 
     def inference_forward(self, x: np.ndarray, pool: tuple[int, int] = (1, 1),

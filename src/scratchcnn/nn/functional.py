@@ -12,6 +12,7 @@ Everything here works on channels-last (NHWC) arrays, the layout the layers comp
 * ``im2col_matmul``, ``im2col_t_matmul`` and ``col2im_per_tap`` are Conv2d's products in
   cache-sized pieces of samples (forward and dL/dW for large im2col matrices, dL/dx always);
 * ``first_max_and_argmax`` is MaxPool2d's maximum and winning tap in one tournament;
+  ``unpool_phases`` its backward in phase order, ``phase_rows_to_nhwc`` back to the layout;
 * ``conv2d_inference`` is a convolution under ``no_grad``, with the tiling max pool, bias and
   ReLU after it in one pass over cache-sized pieces (``pooled_im2col`` orders its rows so the
   pool is a maximum of contiguous blocks), its temporaries in reused ``scratch`` buffers;
@@ -342,19 +343,25 @@ def scratch(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 
 
 def pooled_im2col(padded: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, pool: Pair,
-                  pooled_size: Pair) -> np.ndarray:
+                  pooled_size: Pair, scratch_name: str | None = "cols") -> np.ndarray:
     """The im2col matrix (PH*PW*N*POH*POW, KH*KW*C) of the convolution outputs that a max pool
     with (PH, PW) windows and strides (no padding) reads, rows in phase order (ph, pw, n, i, j):
     conv output (i*PH + ph, j*PW + pw), so each of the PH*PW window positions is one contiguous
     block of rows, and the pool is an elementwise maximum of those blocks. Outputs no window
-    reads (the floor of the division) are left out. pool = (1, 1) gives ``im2col``'s rows. Written
-    into the thread's ``scratch`` buffer "cols": valid until the next call."""
+    reads (the floor of the division) are left out. pool = (1, 1) gives ``im2col``'s rows.
+    Written into the thread's ``scratch`` buffer ``scratch_name`` (valid until the next call
+    with that name), or into a new array when it is None."""
     n, c = padded.shape[0], padded.shape[3]
     sn, sh, sw, sc = padded.strides
     (kh, kw), (ph, pw), (poh, pow_) = kernel, pool, pooled_size
     rows = ph * pw * n * poh * pow_
-    if pool == (1, 1):  # the plain order: im2col's copies, into the scratch buffer
-        return im2col(padded, kernel, pooled_size, stride, dilation, scratch_name="cols")
+
+    def buffer(shape: tuple[int, ...]) -> np.ndarray:
+        return (np.empty(shape, padded.dtype) if scratch_name is None
+                else scratch(scratch_name, shape, padded.dtype))
+
+    if pool == (1, 1):  # the plain order: im2col's copies
+        return im2col(padded, kernel, pooled_size, stride, dilation, scratch_name=scratch_name)
     # Strides of (ph, pw, n, i, j): conv output row i*PH + ph reads padded row (i*PH + ph)*stride.
     output_strides = (stride[0] * sh, stride[1] * sw, sn, ph * stride[0] * sh,
                       pw * stride[1] * sw)
@@ -362,11 +369,11 @@ def pooled_im2col(padded: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair
         windows = as_strided(padded, (ph, pw, n, poh, pow_, kh, kw, c),
                              (*output_strides, dilation[0] * sh, dilation[1] * sw, sc),
                              writeable=False)
-        cols = scratch("cols", windows.shape, padded.dtype)
+        cols = buffer(windows.shape)
         np.copyto(cols, windows)
         return cols.reshape(rows, kh * kw * c)
     # One channel: written transposed, one tap at a time (see ``im2col``).
-    cols_t = scratch("cols", (kh, kw, ph, pw, n, poh, pow_), padded.dtype)
+    cols_t = buffer((kh, kw, ph, pw, n, poh, pow_))
     for tap_h in range(kh):
         for tap_w in range(kw):
             cols_t[tap_h, tap_w] = as_strided(
@@ -464,6 +471,44 @@ def first_max_and_argmax(taps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray
     if len(taps) == 1:  # a 1x1 kernel: copy, so the output never aliases the input
         return best.copy(), np.zeros(best.shape, dtype=index_dtype)
     return best, argmax
+
+
+def no_winner_where(winner: np.ndarray, mask: np.ndarray, phases: int) -> np.ndarray:
+    """``winner`` (winning phases, 0 .. phases-1) with ``phases`` wherever ``mask`` is True:
+    outputs whose gradient ``unpool_phases`` sends nowhere. In place when its dtype holds it."""
+    if phases > np.iinfo(winner.dtype).max:
+        winner = winner.astype(np.min_scalar_type(phases))
+    np.putmask(winner, mask, phases)
+    return winner
+
+
+def unpool_phases(grad_pooled: np.ndarray, winner: np.ndarray, phases: int) -> np.ndarray:
+    """Max pooling's backward in phase order: the (phases*M, O) gradient of the pooled
+    convolution outputs (blocks as ``pooled_im2col`` orders them) from the (M, O) gradient of
+    the pool's output and the winning phase of each output. Block k is grad_pooled where winner
+    == k, else 0; a winner of ``phases`` or more (a ReLU after the pool that let nothing
+    through) gets 0 in every block. Contiguous passes, where the layers' own backward writes
+    strided slices of the input's shape."""
+    grad = np.empty((phases, *grad_pooled.shape), grad_pooled.dtype)
+    for phase in range(phases):
+        np.multiply(grad_pooled, winner == phase, out=grad[phase])
+    return grad.reshape(-1, grad_pooled.shape[1])
+
+
+def phase_rows_to_nhwc(rows: np.ndarray, n: int, pool: Pair, pooled_size: Pair,
+                       out_size: Pair) -> np.ndarray:
+    """The (N, OH, OW, O) channels-last array of a (PH*PW*N*POH*POW, O) matrix in
+    ``pooled_im2col``'s phase order; outputs no pool window read (the floor of the division)
+    are 0."""
+    (ph, pw), (poh, pow_) = pool, pooled_size
+    o = rows.shape[1]
+    exact = (out_size[0] == ph * poh and out_size[1] == pw * pow_)
+    natural = (np.empty if exact else np.zeros)((n, *out_size, o), rows.dtype)
+    blocks = rows.reshape(ph, pw, n, poh, pow_, o)
+    for phase_h in range(ph):
+        for phase_w in range(pw):
+            natural[:, phase_h:ph * poh:ph, phase_w:pw * pow_:pw] = blocks[phase_h, phase_w]
+    return natural
 
 
 # -- per-channel passes over (N, C, H, W) arrays (BatchNorm2d) ----------------------------------

@@ -1,12 +1,20 @@
-"""Inference steps fused across layers: what a Sequential runs under ``no_grad()``.
+"""Steps fused across layers: what a Sequential runs in place of a Conv2d and the layers after it.
 
 A ``Conv2d`` directly followed (in execution order, see ``Sequential``) by a ``MaxPool2d`` whose
-windows tile its output (when ``phase_order_pays``) and/or a ``ReLU`` runs as one ``ConvPoolReLU``
-step: one pass of ``F.conv2d_inference`` over cache-sized pieces of the batch, where the pool is
-a maximum of contiguous blocks of the product and the bias and ReLU touch only the pooled values.
-Nothing changes with gradients on (backward needs each layer's cache), and the values are the
-layers' own: the same products, the bias added after the pool (exact, see
-``F.conv2d_inference``).
+windows tile its output (when ``phase_order_pays``) and/or a ``ReLU`` runs as one
+``ConvPoolReLU`` step, whose im2col rows are in pool-phase order (``F.pooled_im2col``): the pool
+is then a maximum of contiguous blocks of the product rather than of strided slices.
+
+* Under ``no_grad()`` every such run fuses: one pass of ``F.conv2d_inference`` over cache-sized
+  pieces of the batch, the bias and ReLU on the pooled values only.
+* With gradients, only a Sequential's first step (``fuse_first_for_training``), with its pool:
+  the input gradient there is not wanted by default (see module.py), and the pool's forward and
+  backward run over contiguous blocks. A later convolution needs its input gradient, which
+  wants the rows back in layout order first, so it runs as its layers.
+
+The values are the layers' own: the same products and bias adds, the pool's winners with its
+ties. Only the training step's weight gradient sums its rows in another order (float32 bits
+differ from the layers', ~1e-7 relative; float64 agrees to ~1e-16).
 
 Only the exact layer types fuse, and not a layer whose ``forward`` was replaced on the instance
 (a hook, a probe in a test): that layer runs as itself.
@@ -14,17 +22,42 @@ Only the exact layer types fuse, and not a layer whose ``forward`` was replaced 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
+from scratchcnn.nn import functional as F
 from scratchcnn.nn.activation import ReLU
 from scratchcnn.nn.conv import Conv2d
-from scratchcnn.nn.module import Module, check_input
+from scratchcnn.nn.module import Module, check_grad_output, check_input, is_grad_enabled
 from scratchcnn.nn.pooling import MaxPool2d
 
 
+class _TrainingCache(NamedTuple):
+    cols: np.ndarray  # the im2col matrix, rows in pool-phase order
+    weight_matrix: np.ndarray
+    winner: np.ndarray  # (M, O) winning phase per output; ``phases`` where the ReLU was 0
+    padded_shape: tuple[int, ...]
+    input_hw: tuple[int, int]
+    conv_size: tuple[int, int]  # (OH, OW) of the convolution
+    output_shape: tuple[int, ...]  # (N, O, OH // PH, OW // PW)
+    phases: int  # PH * PW
+
+
 class ConvPoolReLU(Module):
-    """Inference only: ``relu(pool(conv(x)))`` with the pool and the ReLU optional, as one step.
-    The layers are its children (their parameters, no copies); it has no backward."""
+    """``relu(pool(conv(x)))`` with the pool and the ReLU optional, as one step. The layers are
+    its children (their parameters, no copies); shapes as the layers': (N, C, H, W) ->
+    (N, O, OH // PH, OW // PW).
+
+    Training (needs the pool): the rows of cols are in phase order, so the product is PH*PW
+    blocks of (M, O), M = N * OH//PH * OW//PW; forward adds the bias, pools the blocks with
+    ``F.first_max_and_argmax`` (the winning phase of each output, first on ties) and applies
+    the ReLU. Backward, with g = dL/d(out) as (M, O):
+        dL/d(conv out), phase order = g in the winner's block, 0 elsewhere and where the ReLU
+                                      gave 0 (``F.unpool_phases``)
+        dL/dW = cols^T dL/d(conv out),  dL/db = its column sums,
+        dL/dx = the Conv2d's col2im of dL/d(conv out) in layout order (only if asked).
+    """
 
     splits_exactly = True  # per sample, like the layers it stands for
 
@@ -35,25 +68,78 @@ class ConvPoolReLU(Module):
             self.pool = pool
         if relu is not None:
             self.relu = relu
+        self._cache: _TrainingCache | None = None
+        self._ran_layers = False  # the input was too small to fuse: forward ran the layers
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         conv = self.conv
         pool: MaxPool2d | None = self._modules.get("pool")  # type: ignore[assignment]
+        relu: ReLU | None = self._modules.get("relu")  # type: ignore[assignment]
         x = check_input(conv, x, 4, f"(N, {conv.in_channels}, H, W)", dim=1,
                         size=conv.in_channels)
         window = (1, 1) if pool is None else pool._kernel
         out_h, out_w = conv.output_size(x)
-        if out_h < window[0] or out_w < window[1]:
-            # The pool's input would be too small: its own message says so.
+        self._cache = None
+        self._ran_layers = out_h < window[0] or out_w < window[1]
+        if self._ran_layers:  # the pool's input would be too small: its own message says so
             return self._layer_by_layer(x)
-        # Drop what a training forward cached, as each layer does under no_grad.
+        # Drop what an earlier forward cached, so the layers' own backward cannot use it.
         conv._clear_cache()
         if pool is not None:
             pool._argmax = None
-        relu: ReLU | None = self._modules.get("relu")  # type: ignore[assignment]
         if relu is not None:
             relu._output = None
-        return conv.inference_forward(x, window, relu=relu is not None)
+        if not is_grad_enabled():
+            return conv.inference_forward(x, window, relu=relu is not None)
+        if pool is None:
+            raise RuntimeError("ConvPoolReLU: training needs the pool (fuse_first_for_training)")
+        return self._training_forward(x, window, relu is not None, (out_h, out_w))
+
+    def _training_forward(self, x: np.ndarray, window: tuple[int, int], relu: bool,
+                          conv_size: tuple[int, int]) -> np.ndarray:
+        conv, o, phases = self.conv, self.conv.out_channels, window[0] * window[1]
+        pooled = (conv_size[0] // window[0], conv_size[1] // window[1])
+        padded = conv.padded_input(x)
+        cols = F.pooled_im2col(padded, conv.kernel_size, conv.stride, conv.dilation, window,
+                               pooled, scratch_name=None)
+        weight_matrix = conv.weight_matrix()
+        product = F.matmul_rows(cols, weight_matrix)
+        if conv.bias is not None:
+            F.add_to_rows(product, conv.bias.data)  # before the pool: the layers' ties
+        best, winner = F.first_max_and_argmax(list(product.reshape(phases, -1, o)))
+        if relu:
+            passed = best > 0  # False for NaN too: ReLU's gradient there is 0
+            F.bias_then_relu(best, None, relu=True)
+            winner = F.no_winner_where(winner, ~passed, phases)
+        self._cache = _TrainingCache(cols, weight_matrix, winner, padded.shape,
+                                     (x.shape[2], x.shape[3]), conv_size,
+                                     (x.shape[0], o, *pooled), phases)
+        return F.to_nchw(best.reshape(x.shape[0], *pooled, o))
+
+    def backward(self, grad_output: np.ndarray, *, input_grad: bool = True) -> np.ndarray | None:
+        """(N, O, OH // PH, OW // PW) -> (N, C, H, W), or None when ``input_grad`` (or the
+        Conv2d's ``needs_input_grad``) is False; adds dL/dW and dL/db into ``.grad``."""
+        if self._ran_layers:
+            for module in reversed(list(self._modules.values())[1:]):
+                grad_output = module.backward(grad_output)
+            return self.conv.backward(grad_output, input_grad=input_grad)
+        cache, conv = self._cache, self.conv
+        if cache is None:
+            raise RuntimeError(f"{self.describe()}: backward called without a preceding forward "
+                               "with gradients on; call forward first")
+        grad_output = check_grad_output(self, grad_output, cache.output_shape,
+                                        cache.weight_matrix.dtype)
+        o = conv.out_channels
+        grad_pooled = np.ascontiguousarray(F.to_nhwc(grad_output)).reshape(-1, o)
+        grad_conv = F.unpool_phases(grad_pooled, cache.winner, cache.phases)
+        conv.accumulate_grads(cache.cols.T @ grad_conv, grad_conv)
+        if not (input_grad and conv.needs_input_grad):
+            return None
+        pool: MaxPool2d = self._modules["pool"]  # type: ignore[assignment]
+        grad_nhwc = F.phase_rows_to_nhwc(grad_conv, cache.output_shape[0], pool._kernel,
+                                         cache.output_shape[2:], cache.conv_size)
+        return conv.grad_of_input(grad_nhwc.reshape(-1, o), cache.weight_matrix,
+                                  cache.padded_shape, cache.input_hw, cache.conv_size)
 
     def _layer_by_layer(self, x: np.ndarray) -> np.ndarray:
         for module in self._modules.values():
@@ -105,3 +191,14 @@ def fuse_for_inference(order: list[Module]) -> list[Module]:
             index += 1
         steps.append(ConvPoolReLU(module, pool, relu) if pool or relu else module)
     return steps
+
+
+def fuse_first_for_training(order: list[Module]) -> list[Module]:
+    """``order`` with its first Conv2d, a tiling MaxPool2d right after it and the ReLU after
+    that (optional) as one ``ConvPoolReLU``, when ``phase_order_pays``; else ``order``."""
+    if not (len(order) >= 2 and _plain(order[0], Conv2d) and _plain(order[1], MaxPool2d)
+            and tiles(order[1]) and phase_order_pays(order[0])):  # type: ignore[arg-type]
+        return order
+    relu = order[2] if len(order) > 2 and _plain(order[2], ReLU) else None
+    step = ConvPoolReLU(order[0], order[1], relu)  # type: ignore[arg-type]
+    return [step, *order[3 if relu is not None else 2:]]

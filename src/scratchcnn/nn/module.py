@@ -21,7 +21,8 @@ leading layers whose bits do not depend on the batch size (``Module.splits_exact
 convolutions and pools, and in eval mode BatchNorm2d and Dropout too) in pieces of
 ``INFERENCE_PIECE`` samples, whose activations stay in cache; the rest on the whole batch. Under
 ``no_grad()`` a Conv2d also runs with the tiling MaxPool2d and ReLU after it as one step, the same
-values in one pass (nn/fused.py).
+values in one pass; with gradients, so does a first Conv2d followed by a tiling MaxPool2d, whose
+pool then runs over contiguous blocks both ways (nn/fused.py).
 
 Activations are logically NCHW like PyTorch's. A layer may return an array whose *memory* is
 channels-last (a transposed view, like ``torch.channels_last``), because that is the faster layout
@@ -618,6 +619,9 @@ class Sequential(Module):
     # The order the children run in (see the class docstring); None until the next forward
     # computes it, and again whenever a child is set or replaced.
     _execution_order: list[Module] | None = None
+    # The steps the last forward with gradients on ran (the first possibly fused), which
+    # backward runs in reverse; None after a forward under no_grad.
+    _training_steps: list[Module] | None = None
 
     def __init__(self, *modules: Module | Mapping[str, Module]) -> None:
         super().__init__()
@@ -670,8 +674,9 @@ class Sequential(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
         object.__setattr__(self, "_backward_state", None)
         order = self.execution_order()
-        if not is_grad_enabled():
-            order = _fused_for_inference(order)
+        order = _fused_first_for_training(order) if is_grad_enabled() \
+            else _fused_for_inference(order)
+        object.__setattr__(self, "_training_steps", order if is_grad_enabled() else None)
         if not is_grad_enabled() and isinstance(x, np.ndarray) and x.ndim >= 2 \
                 and len(x) > INFERENCE_PIECE:
             # The leading layers that split exactly run piece by piece, so each piece's
@@ -702,7 +707,7 @@ class Sequential(Module):
                 "gradients over several batches, run forward and backward once per batch "
                 "(they add up in .grad until zero_grad())"
             )
-        order = self.execution_order()
+        order = self._training_steps or self.execution_order()
         for module in reversed(order[1:]):
             grad_output = _backward(module, grad_output, input_grad=True)
         grad_input: np.ndarray | None = grad_output if input_grad else None
@@ -774,6 +779,13 @@ def _fused_for_inference(order: list[Module]) -> list[Module]:
     from scratchcnn.nn.fused import fuse_for_inference  # it imports the layers, which import us
 
     return fuse_for_inference(order)
+
+
+def _fused_first_for_training(order: list[Module]) -> list[Module]:
+    """``order`` with a first Conv2d and the MaxPool2d (and ReLU) after it as one step."""
+    from scratchcnn.nn.fused import fuse_first_for_training
+
+    return fuse_first_for_training(order)
 
 
 def _backward(module: Module, grad_output: np.ndarray, *,
