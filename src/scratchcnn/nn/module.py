@@ -608,7 +608,8 @@ class Sequential(Module):
     relu(max(window)); a window whose maximum is <= 0 gives 0 and a zero gradient either way, and
     a positive maximum wins at the same (first) position, ties included, because the ReLU only
     lowers non-maxima to 0. Iteration, indexing, names and ``state_dict`` keep the registration
-    order.
+    order. A forward then runs a Conv2d and the tiling MaxPool2d and ReLU after it as one step
+    (nn/fused.py): every such run under ``no_grad()``, the first one with gradients on.
     """
 
     splits_exactly = True  # a container: _splits_exactly checks every layer inside it
