@@ -69,7 +69,6 @@ class ConvPoolReLU(Module):
         if relu is not None:
             self.relu = relu
         self._cache: _TrainingCache | None = None
-        self._ran_layers = False  # the input was too small to fuse: forward ran the layers
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         conv = self.conv
@@ -80,8 +79,8 @@ class ConvPoolReLU(Module):
         window = (1, 1) if pool is None else pool._kernel
         out_h, out_w = conv.output_size(x)
         self._cache = None
-        self._ran_layers = out_h < window[0] or out_w < window[1]
-        if self._ran_layers:  # the pool's input would be too small: its own message says so
+        if out_h < window[0] or out_w < window[1]:
+            # The pool's input would be too small: the layers raise with its own message.
             return self._layer_by_layer(x)
         # Drop what an earlier forward cached, so the layers' own backward cannot use it.
         conv._clear_cache()
@@ -119,10 +118,6 @@ class ConvPoolReLU(Module):
     def backward(self, grad_output: np.ndarray, *, input_grad: bool = True) -> np.ndarray | None:
         """(N, O, OH // PH, OW // PW) -> (N, C, H, W), or None when ``input_grad`` (or the
         Conv2d's ``needs_input_grad``) is False; adds dL/dW and dL/db into ``.grad``."""
-        if self._ran_layers:
-            for module in reversed(list(self._modules.values())[1:]):
-                grad_output = module.backward(grad_output)
-            return self.conv.backward(grad_output, input_grad=input_grad)
         cache, conv = self._cache, self.conv
         if cache is None:
             raise RuntimeError(f"{self.describe()}: backward called without a preceding forward "
