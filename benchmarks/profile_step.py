@@ -128,7 +128,7 @@ def inference_breakdown(args) -> None:
 
     for name in ("pad_nhwc", "pooled_im2col", "matmul_rows", "add_to_rows"):
         setattr(F, name, timed(kernels, name, getattr(F, name)))
-    fuse = module._fused_for_inference
+    fuse = module._fused
     step_list: list = []
 
     def fused_once(order):  # the same step objects every batch, each wrapped by a timer
@@ -141,7 +141,7 @@ def inference_breakdown(args) -> None:
                 step_list.append(step)
         return step_list
 
-    module._fused_for_inference = fused_once
+    module._fused = fused_once
     rounds = max(args.rounds, 1)
     try:
         with nn.no_grad():
@@ -154,7 +154,7 @@ def inference_breakdown(args) -> None:
                     model(images[begin:begin + 1000])
         total = (time.perf_counter() - start) / rounds
     finally:
-        module._fused_for_inference = fuse
+        module._fused = fuse
     print(f"no_grad inference of 10,000 images, {args.model}: {total:.3f} s per pass")
     for label, seconds in steps.items():
         print(f"  step {label:40s} {seconds / rounds:.4f} s")

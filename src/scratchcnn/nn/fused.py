@@ -41,7 +41,6 @@ class _TrainingCache(NamedTuple):
     input_hw: tuple[int, int]
     conv_size: tuple[int, int]  # (OH, OW) of the convolution
     output_shape: tuple[int, ...]  # (N, O, OH // PH, OW // PW)
-    phases: int  # PH * PW
 
 
 class ConvPoolReLU(Module):
@@ -112,7 +111,7 @@ class ConvPoolReLU(Module):
             winner = F.no_winner_where(winner, ~passed, phases)
         self._cache = _TrainingCache(cols, weight_matrix, winner, padded.shape,
                                      (x.shape[2], x.shape[3]), conv_size,
-                                     (x.shape[0], o, *pooled), phases)
+                                     (x.shape[0], o, *pooled))
         return F.to_nchw(best.reshape(x.shape[0], *pooled, o))
 
     def backward(self, grad_output: np.ndarray, *, input_grad: bool = True) -> np.ndarray | None:
@@ -125,13 +124,13 @@ class ConvPoolReLU(Module):
         grad_output = check_grad_output(self, grad_output, cache.output_shape,
                                         cache.weight_matrix.dtype)
         o = conv.out_channels
-        grad_pooled = np.ascontiguousarray(F.to_nhwc(grad_output)).reshape(-1, o)
-        grad_conv = F.unpool_phases(grad_pooled, cache.winner, cache.phases)
+        window = self._modules["pool"]._kernel  # type: ignore[attr-defined]
+        grad_pooled = F.to_nhwc(grad_output).reshape(-1, o)  # free if channels-last
+        grad_conv = F.unpool_phases(grad_pooled, cache.winner, window[0] * window[1])
         conv.accumulate_grads(cache.cols.T @ grad_conv, grad_conv)
         if not (input_grad and conv.needs_input_grad):
             return None
-        pool: MaxPool2d = self._modules["pool"]  # type: ignore[assignment]
-        grad_nhwc = F.phase_rows_to_nhwc(grad_conv, cache.output_shape[0], pool._kernel,
+        grad_nhwc = F.phase_rows_to_nhwc(grad_conv, cache.output_shape[0], window,
                                          cache.output_shape[2:], cache.conv_size)
         return conv.grad_of_input(grad_nhwc.reshape(-1, o), cache.weight_matrix,
                                   cache.padded_shape, cache.input_hw, cache.conv_size)

@@ -675,8 +675,7 @@ class Sequential(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
         object.__setattr__(self, "_backward_state", None)
         order = self.execution_order()
-        order = _fused_first_for_training(order) if is_grad_enabled() \
-            else _fused_for_inference(order)
+        order = _fused(order)
         object.__setattr__(self, "_training_steps", order if is_grad_enabled() else None)
         if not is_grad_enabled() and isinstance(x, np.ndarray) and x.ndim >= 2 \
                 and len(x) > INFERENCE_PIECE:
@@ -775,18 +774,13 @@ def _pool_before_relu(children: list[Module]) -> list[Module]:
     return order
 
 
-def _fused_for_inference(order: list[Module]) -> list[Module]:
-    """``order`` with each Conv2d and the MaxPool2d and ReLU after it as one step (fused.py)."""
-    from scratchcnn.nn.fused import fuse_for_inference  # it imports the layers, which import us
+def _fused(order: list[Module]) -> list[Module]:
+    """``order`` with Conv2d -> tiling MaxPool2d -> ReLU runs as single steps (nn/fused.py):
+    every such run under ``no_grad()``, the first one with gradients on."""
+    # Imported here: fused.py imports the layers, which import this module.
+    from scratchcnn.nn.fused import fuse_first_for_training, fuse_for_inference
 
-    return fuse_for_inference(order)
-
-
-def _fused_first_for_training(order: list[Module]) -> list[Module]:
-    """``order`` with a first Conv2d and the MaxPool2d (and ReLU) after it as one step."""
-    from scratchcnn.nn.fused import fuse_first_for_training
-
-    return fuse_first_for_training(order)
+    return fuse_first_for_training(order) if is_grad_enabled() else fuse_for_inference(order)
 
 
 def _backward(module: Module, grad_output: np.ndarray, *,
