@@ -293,10 +293,11 @@ def test_large_im2col_goes_in_pieces_with_the_same_results(rng, monkeypatch, kwa
 
 
 @pytest.mark.parametrize("kwargs", [dict(padding=1), dict(stride=2, dilation=(1, 2)),
-                                    dict(padding="valid")])
+                                    dict(padding="valid"), dict(padding=2, dilation=2)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_input_gradient_in_pieces_is_bit_identical(rng, monkeypatch, kwargs, dtype):
-    """The input gradient is computed a few samples at a time (``F.GRAD_PIECE_BYTES``): one sample
+    """The input gradient is computed a few samples at a time (``F.GRAD_COLS_BYTES`` of the
+    output gradient's im2col with stride 1, ``F.GRAD_PIECE_BYTES`` of it for col2im): one sample
     per piece, or 3 with a shorter last piece, gives the whole batch's bits."""
     from scratchcnn.nn import functional as F
 
@@ -304,10 +305,15 @@ def test_input_gradient_in_pieces_is_bit_identical(rng, monkeypatch, kwargs, dty
     layer = Conv2d(3, 4, 3, dtype=dtype, rng=np.random.default_rng(1), **kwargs)
     out = layer(x)
     upstream = rng.standard_normal(out.shape).astype(dtype)
-    sample_bytes = out.shape[2] * out.shape[3] * 4 * np.dtype(dtype).itemsize
+    itemsize = np.dtype(dtype).itemsize
+    grad_bytes = out.shape[2] * out.shape[3] * 4 * itemsize  # one sample's output gradient
+    cols_bytes = 9 * 8 * 3 * 3 * 4 * itemsize  # one sample's im2col of it (9x8 input, K = 36)
     grads = []
-    for piece_bytes in (2**40, 1, 3 * sample_bytes):
-        monkeypatch.setattr(F, "GRAD_PIECE_BYTES", piece_bytes)
+    for samples in (None, 1, 3):
+        monkeypatch.setattr(F, "GRAD_PIECE_BYTES", 2**40 if samples is None
+                            else samples * grad_bytes)
+        monkeypatch.setattr(F, "GRAD_COLS_BYTES", 2**40 if samples is None
+                            else samples * cols_bytes)
         layer(x)
         grads.append(layer.backward(upstream))
     assert grads[0].dtype == dtype
@@ -321,3 +327,27 @@ def test_input_gradient_in_pieces_is_bit_identical(rng, monkeypatch, kwargs, dty
         reference[sample] = single.backward(upstream[sample:sample + 1].astype(np.float64))[0]
     tolerance = 1e-12 if dtype == np.float64 else 1e-5
     np.testing.assert_allclose(grads[2], reference, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_next_forward_rewrites_the_cached_cols_in_place_with_the_same_results(rng, in_channels):
+    """A training forward writes its im2col matrix into the last forward's (F.recycled): same
+    memory when the batch has the same size, new memory when not, and every step's outputs and
+    gradients those of a layer that allocates afresh."""
+    layer = Conv2d(in_channels, 4, 3, padding=1, rng=np.random.default_rng(3))
+    batches = [rng.standard_normal((n, in_channels, 6, 5)).astype(np.float32)
+               for n in (4, 4, 2, 4)]
+    previous = None
+    for step, x in enumerate(batches):
+        out = layer(x)
+        upstream = rng.standard_normal(out.shape).astype(np.float32)
+        layer.zero_grad()
+        grad_input = layer.backward(upstream)
+        fresh = Conv2d(in_channels, 4, 3, padding=1, rng=np.random.default_rng(3))
+        np.testing.assert_array_equal(out, fresh(x))
+        fresh.zero_grad()
+        np.testing.assert_array_equal(grad_input, fresh.backward(upstream))
+        np.testing.assert_array_equal(layer.weight.grad, fresh.weight.grad)
+        if step in (1, 3):  # same size as the batch before: 4 samples after 4; not after 2
+            assert np.shares_memory(layer._cols, previous) == (step == 1)
+        previous = layer._cols

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scratchcnn.nn import functional as F
 
@@ -111,3 +113,58 @@ def test_maxpool_inference_path_equals_training_path(rng, kwargs):
         fast = pool(x)
     np.testing.assert_array_equal(fast, pool(x))
     assert not np.shares_memory(fast, x)
+
+
+@settings(max_examples=60, deadline=None)
+@given(kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+       dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+       channels=st.tuples(st.integers(1, 3), st.integers(1, 3)), n=st.integers(0, 3),
+       seed=st.integers(0, 2**16), data=st.data())
+def test_input_grad_by_full_correlation_is_col2im(kernel, dilation, channels, n, seed, data):
+    """Wherever it applies (stride 1, no padding wider than the kernel's reach), the correlation
+    of the padded output gradient with the turned kernel is col2im(g W^T) cropped to the input,
+    with asymmetric paddings, dilation, one channel and an empty batch too."""
+    reach = tuple(d * (k - 1) for k, d in zip(kernel, dilation, strict=True))
+    pads = tuple(data.draw(st.integers(0, reach[axis // 2])) for axis in range(4))
+    top, bottom, left, right = pads
+    assert F.full_correlation_fits((1, 1), kernel, dilation, pads)
+    size = tuple(data.draw(st.integers(max(1, reach[a] + 1 - pads[2 * a] - pads[2 * a + 1]),
+                                       8)) for a in (0, 1))
+    out_size = tuple(F.conv_output_size(size[a], kernel[a], 1, pads[2 * a], pads[2 * a + 1],
+                                        dilation[a]) for a in (0, 1))
+    rng = np.random.default_rng(seed)
+    c, o = channels
+    weight_matrix = rng.standard_normal((kernel[0] * kernel[1] * c, o))
+    grad_2d = rng.standard_normal((n * out_size[0] * out_size[1], o))
+    padded_shape = (n, size[0] + top + bottom, size[1] + left + right, c)
+    expected = F.col2im_per_tap(grad_2d, weight_matrix, padded_shape, kernel, out_size, (1, 1),
+                                dilation)[:, top:top + size[0], left:left + size[1]]
+    got = F.conv2d_input_grad(grad_2d.reshape(n, *out_size, o), weight_matrix, kernel,
+                              dilation, pads, size)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_full_correlation_needs_stride_one():
+    assert F.full_correlation_fits((1, 1), (3, 3), (1, 1), (1, 1, 1, 1))
+    assert not F.full_correlation_fits((2, 1), (3, 3), (1, 1), (1, 1, 1, 1))
+    assert not F.full_correlation_fits((1, 1), (1, 1), (1, 1), (1, 1, 0, 0))  # pad > reach
+    assert F.full_correlation_fits((1, 1), (3, 2), (2, 1), (4, 0, 1, 1))
+    assert not F.full_correlation_fits((1, 1), (3, 2), (2, 1), (4, 0, 2, 1))
+
+
+def test_recycled_reuses_only_matching_contiguous_writable_memory(rng):
+    previous = np.empty((6, 4), np.float32)
+    reused = F.recycled(previous, (2, 3, 4), np.float32)
+    assert reused.shape == (2, 3, 4) and np.shares_memory(reused, previous)
+    transposed = np.empty((4, 6), np.float32).T  # F-ordered, as one-channel im2col returns
+    assert np.shares_memory(F.recycled(transposed, (24,), np.float32), transposed)
+    read_only = np.empty(24, np.float32)
+    read_only.flags.writeable = False
+    strided = np.empty((6, 8), np.float32)[:, ::2]
+    for other, shape, dtype in ((previous, (5, 4), np.float32), (previous, (6, 4), np.float64),
+                                (read_only, (24,), np.float32), (strided, (24,), np.float32),
+                                (None, (24,), np.float32)):
+        fresh = F.recycled(other, shape, dtype)
+        assert fresh.shape == shape and fresh.dtype == dtype
+        assert other is None or not np.shares_memory(fresh, other)

@@ -33,9 +33,11 @@ class Conv2d(Module):
     multiplied a few samples at a time instead, never whole, and rebuilt the same way for dL/dW.
 
     Backward, with g = dL/d(out) as (N*OH*OW, O):
-    dL/dW = cols^T g, dL/db = sum of g over N, OH, OW, and dL/dx = col2im(g W^T): each kernel tap's
-    slice of g W^T is added back onto the input positions that tap read. A model's first layer
-    skips dL/dx (``input_grad=False``, see module.py): col2im is most of its backward.
+    dL/dW = cols^T g, dL/db = sum of g over N, OH, OW, and dL/dx = col2im(g W^T): each kernel
+    tap's slice of g W^T is added back onto the input positions that tap read. With stride 1
+    that sum is itself a convolution, computed as one: g, zero-padded by d*(K-1) - p, correlated
+    with the kernel turned 180 degrees and its channel axes swapped (``F.conv2d_input_grad``).
+    A model's first layer skips dL/dx (``input_grad=False``, see module.py).
 
     Under ``no_grad()`` forward keeps no cache and runs ``inference_forward``
     (``F.conv2d_inference``: cache-sized pieces, reused buffers); a Sequential also hands it the
@@ -115,6 +117,10 @@ class Conv2d(Module):
             return self.inference_forward(x)
         n, _, h, w = x.shape
         out_h, out_w = self.output_size(x)
+        # The last forward's cols are rewritten in place (F.recycled), so its cache goes first:
+        # an error below leaves no cache rather than a half-rewritten one.
+        previous_cols = self._cols
+        self._clear_cache()
         padded = self.padded_input(x)
         weight_matrix = self.weight_matrix()
         per_piece = F.cols_piece_samples(padded, weight_matrix.shape[0], (out_h, out_w))
@@ -122,7 +128,8 @@ class Conv2d(Module):
             # The one im2col copy: rows are output pixels, columns are (kh, kw, c) taps, so the
             # reduction over taps is one BLAS matrix product (run in pieces of rows that BLAS
             # multiplies without repacking, see F.matmul_rows).
-            cols = F.im2col(padded, self.kernel_size, (out_h, out_w), self.stride, self.dilation)
+            cols = F.im2col(padded, self.kernel_size, (out_h, out_w), self.stride, self.dilation,
+                            reuse=previous_cols)
             out = F.matmul_rows(cols, weight_matrix)
         else:
             cols = None
@@ -173,10 +180,15 @@ class Conv2d(Module):
             self.bias.accumulate_grad(F.sum_rows(grad_2d))
 
     def grad_of_input(self, grad_2d: np.ndarray, weight_matrix: np.ndarray,
-                   padded_shape: tuple[int, ...], input_hw: tuple[int, int],
-                   out_size: tuple[int, int]) -> np.ndarray:
-        """dL/dx (N, C, H, W) from g = dL/d(out) as (N*OH*OW, O), rows in output order:
-        col2im(g W^T) over the padded input, cropped to the input."""
+                      padded_shape: tuple[int, ...], input_hw: tuple[int, int],
+                      out_size: tuple[int, int]) -> np.ndarray:
+        """dL/dx (N, C, H, W) from g = dL/d(out) as (N*OH*OW, O), rows in output order: with
+        stride 1, a correlation of the zero-padded g with the turned kernel
+        (``F.conv2d_input_grad``); else col2im(g W^T) over the padded input, cropped."""
+        if F.full_correlation_fits(self.stride, self.kernel_size, self.dilation, self._pad):
+            grad_nhwc = grad_2d.reshape(padded_shape[0], *out_size, self.out_channels)
+            return F.to_nchw(F.conv2d_input_grad(grad_nhwc, weight_matrix, self.kernel_size,
+                                                 self.dilation, self._pad, input_hw))
         top, _, left, _ = self._pad
         h, w = input_hw
         grad_padded = F.col2im_per_tap(grad_2d, weight_matrix, padded_shape, self.kernel_size,
