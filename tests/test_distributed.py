@@ -366,3 +366,28 @@ def test_split_batch_parts_make_up_one_process_batches(world):
     assert [len(split_batch(np.arange(64), rank, 3)) for rank in range(3)] == [22, 21, 21]
     with pytest.raises(ValueError, match=r"rank must be in \[0, 2\]"):
         split_batch(np.arange(4), 3, 3)
+
+
+class _RequestDoneAfter:
+    """A stand-in for an MPI request whose Test() succeeds from the given call on."""
+
+    def __init__(self, calls: int) -> None:
+        self.calls, self.left = 0, calls
+
+    def Test(self) -> bool:  # noqa: N802 (mpi4py's name)
+        self.calls += 1
+        return self.calls >= self.left
+
+
+def test_a_short_wait_polls_and_a_long_one_sleeps(monkeypatch):
+    """Waiting for another rank a few microseconds behind must not sleep (a sleep lasts ~60 us
+    or more, a real cost once per training step); a wait past SPIN_SECONDS sleeps, so a rank
+    waiting for a long time leaves its core free (test_ddp_mpi checks the CPU time)."""
+    sleeps: list[float] = []
+    monkeypatch.setattr(dist.time, "sleep", sleeps.append)
+    dist._wait(_RequestDoneAfter(50))
+    assert sleeps == []
+    monkeypatch.setattr(dist, "SPIN_SECONDS", 0.0)
+    request = _RequestDoneAfter(50)
+    dist._wait(request)
+    assert request.calls == 50 and len(sleeps) >= 45 and max(sleeps) <= 2e-3

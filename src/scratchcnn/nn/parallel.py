@@ -19,6 +19,9 @@ No overlap of the all-reduce with backward (torch's buckets): measured on 2 rank
 ~6.1 ms with no communication, ~6.9 ms through this class, and ~7.6 ms with one Iallreduce per
 layer started as its backward ends: without a progress thread the reductions only advance
 inside MPI calls, and ten small non-blocking ones cost more than the one they would hide.
+(Later, same script and machine: 5.5 ms alone, 5.9-6.2 through this class, 6.1 with buckets.)
+The batch-size all-reduce started in ``forward`` is waited for at the start of ``backward``,
+where the other ranks are at most their jitter behind: ``Work.wait`` polls before it sleeps.
 """
 
 from __future__ import annotations
