@@ -374,7 +374,7 @@ class _RequestDoneAfter:
     def __init__(self, calls: int) -> None:
         self.calls, self.left = 0, calls
 
-    def Test(self) -> bool:  # noqa: N802 (mpi4py's name)
+    def Test(self) -> bool:  # mpi4py's name
         self.calls += 1
         return self.calls >= self.left
 
