@@ -55,7 +55,7 @@ class ConvPoolReLU(Module):
         dL/d(conv out), phase order = g in the winner's block, 0 elsewhere and where the ReLU
                                       gave 0 (``F.unpool_phases``)
         dL/dW = cols^T dL/d(conv out),  dL/db = its column sums,
-        dL/dx = the Conv2d's col2im of dL/d(conv out) in layout order (only if asked).
+        dL/dx = the Conv2d's input gradient of dL/d(conv out) in layout order (only if asked).
     """
 
     splits_exactly = True  # per sample, like the layers it stands for

@@ -10,7 +10,7 @@ name for name, with one deliberate difference: there is no autograd. Every modul
 
 The input gradient follows torch's rule that a model's input is data, which requires no gradient:
 ``Sequential.backward(grad_output)`` returns None and skips the work of its first layer's input
-gradient (for a first convolution, col2im: most of its backward); ask for it with
+gradient (for a first convolution, most of its backward); ask for it with
 ``backward(grad_output, input_grad=True)``. A single layer's ``backward`` returns it by default;
 a layer whose ``backward`` takes the keyword ``input_grad`` (Conv2d, Linear) skips it when False.
 
