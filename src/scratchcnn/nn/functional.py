@@ -186,8 +186,9 @@ def matmul_rows(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> 
     consecutive pieces of ``a``'s rows of at most ``SMALL_PRODUCT`` multiply-adds each, when that
     leaves ``MIN_PIECE_ROWS`` rows or more per piece. The convolutions' narrow products (N = 6-32
     output channels, K = 9-288 taps) ran 1.1-2x faster so (K = 9: 2x) than as one call, which
-    first copies ``a`` into packed panels. Each output row is the same dot products either way
-    (with OpenBLAS, the same bits for every model here: one K block either way)."""
+    first copies ``a`` into packed panels. Each output row is the same dot products either way:
+    the same bits with OpenBLAS's AVX-512 kernels; its AVX2 kernels (Haswell, Zen) round a row
+    by where it sits in the call, so there they may differ in the last place."""
     m, k = a.shape
     n = b.shape[1]
     if out is None:
@@ -459,8 +460,10 @@ def conv2d_inference(padded: np.ndarray, weight_matrix: np.ndarray, bias: np.nda
     A few samples at a time (``INFERENCE_COLS_BYTES`` of im2col): ``pooled_im2col``, one
     product, the pool as a maximum of the product's contiguous row blocks, then bias and ReLU on
     the pooled piece while it is in cache. The same values as the layers one by one: the bias is
-    added after the pool, on PH*PW times fewer values, which gives the same bits, because
-    rounding x + b is monotone in x, so max(x_k + b) = max(x_k) + b exactly.
+    added after the pool, on PH*PW times fewer values, which changes no bit, because rounding
+    x + b is monotone in x, so max(x_k + b) = max(x_k) + b exactly. (The products' rows are in
+    another order: bit for bit the layers' with OpenBLAS's AVX-512 kernels, within a few units
+    in the last place with its AVX2 ones, which round a row by where it sits.)
     """
     n = padded.shape[0]
     o = weight_matrix.shape[1]

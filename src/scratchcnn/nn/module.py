@@ -298,7 +298,7 @@ class Module:
     # False: ``backward`` never computes dL/d(input) (Conv2d and Linear return None), whatever
     # the caller asks. Rarely needed: a Sequential already skips its first layer's by default.
     needs_input_grad: bool = True
-    # Whether ``forward`` gives the same bits for a batch split into pieces as for the whole,
+    # Whether ``forward`` gives the same values for a batch split into pieces as for the whole,
     # so that a Sequential may run it in pieces under no_grad: True in either mode, False never,
     # None in eval mode only (where torch.nn-style layers compute each sample on its own).
     splits_exactly: ClassVar[bool | None] = None
@@ -752,7 +752,7 @@ def _run(modules: list[Module], x: np.ndarray) -> np.ndarray:
 
 
 def _splits_exactly(module: Module) -> bool:
-    """Whether ``module`` and every module inside it give the same bits for a batch in pieces
+    """Whether ``module`` and every module inside it give the same values for a batch in pieces
     (see ``Module.splits_exactly``)."""
     return all(inner.splits_exactly or (inner.splits_exactly is None and not inner.training)
                for inner in module.modules())
