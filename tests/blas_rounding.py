@@ -15,6 +15,8 @@ import functools
 
 import numpy as np
 
+from gradcheck import assert_close
+
 # How far rows summed in another order may drift, in units of the largest value's last place
 # (a few are seen with OpenBLAS's Haswell kernels on the models here, float32 and float64).
 ULPS = 16
@@ -39,14 +41,13 @@ def blas_rows_are_position_independent() -> bool:
 def assert_same_products(got: np.ndarray, expected: np.ndarray, err_msg: str = "",
                          computed_in: np.dtype | None = None) -> None:
     """``got`` equals ``expected`` bit for bit where this BLAS keeps a row's bits wherever the
-    row sits, and elsewhere to ``ULPS`` of the largest expected value in the precision
-    ``computed_in`` (default: their own dtype)."""
+    row sits, and elsewhere to ``ULPS`` units in the last place of the largest value (relative
+    error, see gradcheck.rel_error) in the precision ``computed_in`` (default: their own
+    dtype)."""
     got, expected = np.asarray(got), np.asarray(expected)
     assert got.shape == expected.shape and got.dtype == expected.dtype, err_msg
     if blas_rows_are_position_independent():
         np.testing.assert_array_equal(got, expected, err_msg=err_msg)
     else:
-        eps = np.finfo(np.dtype(computed_in or got.dtype)).eps
-        largest = float(np.max(np.abs(expected), initial=0.0))
-        np.testing.assert_allclose(got, expected, rtol=0, atol=ULPS * eps * largest,
-                                   err_msg=err_msg)
+        assert_close(got, expected, tol=ULPS * np.finfo(computed_in or got.dtype).eps,
+                     what=err_msg)
