@@ -22,7 +22,14 @@ import numpy as np
 import torch
 
 from scratchcnn import nn
-from scratchcnn.data import BatchSampler, DatasetError, load_dataset, normalize
+from scratchcnn.data import (
+    MNIST_MEAN,
+    MNIST_STD,
+    BatchSampler,
+    DatasetError,
+    load_dataset,
+    normalize,
+)
 from scratchcnn.models import build_model
 from scratchcnn.optim import Adam
 from scratchcnn.reference.torch_models import torch_twin
@@ -91,7 +98,7 @@ def main() -> None:
     snapshot_steps = sorted({s for s in (10, 100, 300, 1000, 3000, 10000, args.steps)
                              if s <= args.steps})
     for dtype in (np.float32, np.float64):
-        x_all = normalize(data.train_images, 0.1307, 0.3081, dtype=dtype)  # MNIST's mean, std
+        x_all = normalize(data.train_images, MNIST_MEAN, MNIST_STD, dtype=dtype)
         for framework, train in (("numpy", train_numpy), ("torch", train_torch)):
             runs[framework, dtype] = train(x_all, data.train_labels, plan, set(snapshot_steps))
     print(f"{MODEL}, Adam 1e-3, batch {args.batch_size}: relative weight difference")

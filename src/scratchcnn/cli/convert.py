@@ -19,8 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-# MNIST's training-set statistics, the usual normalisation for weights trained elsewhere.
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+from scratchcnn.data.preprocessing import MNIST_MEAN, MNIST_STD
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -205,7 +204,7 @@ def check_settings(
         # As data.normalize requires: 0-255 statistics would make every input about -0.4.
         raise CheckpointError(f"--mean and --std are on the [0, 1] scale of pixel / 255, got "
                               f"{mean} and {std}; divide 0-255 statistics by 255 (MNIST: "
-                              "0.1307 and 0.3081)")
+                              f"{MNIST_MEAN} and {MNIST_STD})")
     if dtype not in (None, "float32", "float64"):
         raise CheckpointError(f"--dtype must be float32 or float64, got {dtype!r}")
 

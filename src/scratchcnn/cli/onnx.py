@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from scratchcnn.cli.convert import (
-    MNIST_MEAN,
-    MNIST_STD,
     add_settings_options,
     check_output_path,
     check_settings,
     class_names,
     writing_atomically,
 )
+from scratchcnn.data.preprocessing import MNIST_MEAN, MNIST_STD
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -11,13 +11,15 @@ from scratchcnn.data.datasets import (
 )
 from scratchcnn.data.idx import DatasetError, read_idx, read_idx_header, write_idx
 from scratchcnn.data.loader import BatchSampler, train_val_split
-from scratchcnn.data.preprocessing import compute_mean_std, normalize
+from scratchcnn.data.preprocessing import MNIST_MEAN, MNIST_STD, compute_mean_std, normalize
 from scratchcnn.data.sampler import DistributedSampler, split_batch
 from scratchcnn.data.sources import download_dataset, search_dirs
 
 __all__ = [
     "CLASS_NAMES",
     "DATASET_NAMES",
+    "MNIST_MEAN",
+    "MNIST_STD",
     "BatchSampler",
     "Dataset",
     "DatasetError",

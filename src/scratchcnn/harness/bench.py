@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from scratchcnn.data.preprocessing import MNIST_MEAN, MNIST_STD
 from scratchcnn.harness import ranks, training
 from scratchcnn.harness.flops import TRAINING_FACTOR, forward_flops, gflops_per_second
 from scratchcnn.harness.measure import Stopwatch, measure_in_subprocess
@@ -44,7 +45,6 @@ from scratchcnn.models import build_model
 SIDES = ("numpy", "torch")
 ONNX_RUNTIME = "onnxruntime"  # the third side of inference, when installed
 EPOCH_IMAGES = 60_000  # MNIST's training set: one epoch-equivalent
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 DATASET_CHOICES = ("mnist", "fashion-mnist", "mnist-sample", "random")
 
 
