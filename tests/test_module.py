@@ -71,6 +71,47 @@ def test_registration_order_and_plain_attributes():
         module.scale = np.zeros(3)
 
 
+def test_none_or_del_unregisters_as_in_torch(torch):
+    # Dropping a head, a layer or a bias: what is gone must not train, run or be saved.
+    x = np.ones((1, 2), dtype=np.float32)
+    model = Sequential(Linear(2, 3), ReLU(), Linear(3, 5))
+    model(x)  # the forward order is cached: removing a child must reset it
+    delattr(model, "2")
+    assert model(x).shape == (1, 3) and len(model) == 2
+    twin = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 5))
+    delattr(twin, "2")
+    assert list(model.state_dict()) == list(twin.state_dict())
+
+    module = Affine()
+    module.inner = None
+    assert list(module.state_dict()) == ["scale", "shift", "calls"]
+    assert [name for name, _ in module.named_modules()] == [""]
+    del module.shift
+    del module.calls
+    assert [name for name, _ in module.named_parameters()] == ["scale"]
+    assert list(module.state_dict()) == ["scale"]
+    module.inner = Linear(3, 3)
+    with pytest.raises(TypeError, match="child module 'inner'"):
+        module.inner = 5  # would hide a child that still trains and is saved
+    module.register_buffer("calls", np.zeros(1))
+    with pytest.raises(TypeError, match="buffer 'calls'"):
+        module.calls = 3
+
+
+def test_a_module_held_twice_is_visited_once_but_saved_under_both_names(torch):
+    shared = Linear(2, 2)
+    module, twin = Module(), torch.nn.Module()
+    module.first, module.second = shared, shared
+    twin.first = twin.second = torch.nn.Linear(2, 2)
+    assert [name for name, _ in module.named_modules()] == ["", "first"]
+    assert [name for name, _ in module.named_modules(remove_duplicate=False)] == [
+        "", "first", "second"]
+    assert [name for name, _ in module.named_modules()] == [
+        name for name, _ in twin.named_modules()]
+    assert list(module.state_dict()) == list(twin.state_dict())
+    module.load_state_dict(module.state_dict())
+
+
 def test_assigning_before_init_is_explained():
     class Broken(Module):
         def __init__(self):
@@ -128,7 +169,8 @@ def test_load_state_dict_strict_errors_and_non_strict_result(torch, rng):
     state = model.state_dict()
     del state["1.running_var"]
     state["9.weight"] = np.zeros(1, dtype=np.float32)
-    with pytest.raises(ValueError, match=r"missing keys \['1.running_var'\].*\['9.weight'\]"):
+    # RuntimeError as torch raises it (a ported `except RuntimeError` catches it).
+    with pytest.raises(RuntimeError, match=r"missing keys \['1.running_var'\].*\['9.weight'\]"):
         model.load_state_dict(state)
     before = model.state_dict()
     state["0.weight"] = state["0.weight"] + 1

@@ -279,6 +279,7 @@ def test_state_dict_round_trip_mid_trajectory(rng, tmp_path, name, config):
 @pytest.mark.parametrize(("name", "config"), [
     ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
     ("Adam", {"lr": 0.05, "amsgrad": True}),
+    ("AdamW", {"lr": 0.05, "weight_decay": 0.5}),
 ])
 def test_loads_torch_state_dict_and_continues_like_torch(torch, rng, name, config):
     problem = Problem(rng)
@@ -302,6 +303,24 @@ def test_loads_torch_state_dict_and_continues_like_torch(torch, rng, name, confi
     assert opt.param_groups[0]["lr"] == config["lr"]
     assert "foreach" not in opt.param_groups[0]  # PyTorch's kernel switches are not copied
     run_steps(torch, opt, topt, ours, theirs, problem, rng, 10)
+
+
+@pytest.mark.parametrize(("torch_name", "torch_config", "ours"), [
+    ("Adam", {"decoupled_weight_decay": True}, "Adam"),  # torch's other spelling of AdamW
+    ("AdamW", {}, "Adam"),
+    ("Adam", {}, "AdamW"),
+])
+def test_refuses_a_torch_state_with_another_weight_decay_rule(torch, rng, torch_name,
+                                                              torch_config, ours):
+    problem = Problem(rng)
+    params, theirs = make_pair(torch, problem)
+    topt = torch_optimizer(torch, torch_name, theirs, lr=0.1, weight_decay=0.5, **torch_config)
+    state = topt.state_dict()
+    opt = OURS[ours](params, lr=0.3)
+    # Loading it would carry on with the other rule (decay through the moments or directly).
+    with pytest.raises(ValueError, match=r"decoupled_weight_decay=.*load it into Adam"):
+        opt.load_state_dict(state)
+    assert opt.param_groups[0]["lr"] == 0.3
 
 
 def test_load_state_dict_rejects_mismatched_structures(rng):

@@ -282,6 +282,11 @@ def _state_array(raw: Any, where: str) -> np.ndarray:
     return value
 
 
+class StateDictError(ValueError, RuntimeError):
+    """A state_dict that does not fit the module: torch raises RuntimeError for these, and
+    scratchcnn's one-line error handling catches ValueError, so this is both."""
+
+
 class LoadResult(NamedTuple):
     """What ``load_state_dict(..., strict=False)`` left out, as in PyTorch."""
 
@@ -327,11 +332,27 @@ class Module:
             self._modules[name] = value
         elif name in self._parameters:
             if value is not None:
-                raise TypeError(f"cannot assign {type(value).__name__} to parameter {name!r}")
+                raise TypeError(f"cannot assign {type(value).__name__} as parameter {name!r} "
+                                "(a Parameter or None expected)")
             del self._parameters[name]
+        elif name in self._modules:
+            # As in torch, None removes the child (a dropped head or layer); anything else would
+            # hide a child that still trains and is saved.
+            if value is not None:
+                raise TypeError(f"cannot assign {type(value).__name__} as child module {name!r} "
+                                "(a Module or None expected)")
+            del self._modules[name]
         elif name in self._buffers:
+            if value is not None and not isinstance(value, np.ndarray):
+                raise TypeError(f"cannot assign {type(value).__name__} as buffer {name!r} "
+                                "(a NumPy array or None expected)")
             self._buffers[name] = value
         object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        for registry in (self._parameters, self._buffers, self._modules):
+            registry.pop(name, None)
+        object.__delattr__(self, name)
 
     def register_buffer(self, name: str, array: np.ndarray | None) -> None:
         """A non-trainable array saved in ``state_dict`` (e.g. BatchNorm's running statistics)."""
@@ -358,11 +379,22 @@ class Module:
         for _, module in self.named_children():
             yield module
 
-    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
-        """This module and every submodule, depth first, in registration order."""
-        yield prefix, self
-        for name, child in self._modules.items():
-            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+    def named_modules(self, prefix: str = "", remove_duplicate: bool = True,
+                      ) -> Iterator[tuple[str, Module]]:
+        """This module and every submodule, depth first, in registration order; a module held
+        twice comes once (under its first name) unless ``remove_duplicate`` is False."""
+        seen: set[int] = set()
+
+        def visit(module: Module, name: str) -> Iterator[tuple[str, Module]]:
+            if remove_duplicate:
+                if id(module) in seen:
+                    return
+                seen.add(id(module))
+            yield name, module
+            for child_name, child in module._modules.items():
+                yield from visit(child, f"{name}.{child_name}" if name else child_name)
+
+        yield from visit(self, prefix)
 
     def modules(self) -> Iterator[Module]:
         for _, module in self.named_modules():
@@ -456,7 +488,7 @@ class Module:
     def state_dict(self) -> OrderedDict[str, np.ndarray]:
         """Copies of every parameter and buffer, keyed and ordered exactly as PyTorch's."""
         state: OrderedDict[str, np.ndarray] = OrderedDict()
-        for module_name, module in self.named_modules():
+        for module_name, module in self.named_modules(remove_duplicate=False):
             dot = f"{module_name}." if module_name else ""
             for name, param in module._parameters.items():
                 state[dot + name] = param.data.copy()
@@ -473,7 +505,7 @@ class Module:
             raise TypeError(f"Expected state_dict to be dict-like, got "
                             f"{type(state_dict).__name__}")
         targets: dict[str, tuple[Module, str, np.ndarray]] = {}
-        for module_name, module in self.named_modules():
+        for module_name, module in self.named_modules(remove_duplicate=False):
             dot = f"{module_name}." if module_name else ""
             for name, param in module._parameters.items():
                 targets[dot + name] = (module, name, param.data)
@@ -484,7 +516,7 @@ class Module:
         unexpected = [key for key in state_dict if key not in targets]
         where = f"loading state_dict into {type(self).__name__}"
         if strict and (missing or unexpected):
-            raise ValueError(
+            raise StateDictError(
                 f"{where}: missing keys {missing}, unexpected keys {unexpected}; "
                 "the state_dict must come from the same architecture"
             )
@@ -494,7 +526,7 @@ class Module:
                 continue
             value = _state_array(state_dict[key], f"{where}: {key!r}")
             if value.shape != current.shape:
-                raise ValueError(
+                raise StateDictError(
                     f"{where}: {key!r} has shape {value.shape} but the model expects "
                     f"{current.shape}; the state_dict must come from the same architecture"
                 )
@@ -641,6 +673,11 @@ class Sequential(Module):
         if isinstance(value, Module) or name in self._modules:
             object.__setattr__(self, "_execution_order", None)
         super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in self._modules:
+            object.__setattr__(self, "_execution_order", None)
+        super().__delattr__(name)
 
     def _check_not_present(self, name: str, value: Module) -> None:
         """Raise a ValueError if ``value`` or any module inside it is already in this tree

@@ -223,7 +223,16 @@ class Optimizer:
                 f"optimizer has {len(self.param_groups)}; it must come from the same setup"
             )
         param_of: dict[int, Parameter] = {}
+        decoupled = getattr(self, "_decoupled_weight_decay", False)
         for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            # torch's Adam(decoupled_weight_decay=True) is AdamW: a different update rule.
+            if bool(saved.get("decoupled_weight_decay", decoupled)) != decoupled:
+                wanted = "AdamW" if saved["decoupled_weight_decay"] else "Adam"
+                raise ValueError(
+                    f"{where}: parameter group {index} has decoupled_weight_decay="
+                    f"{bool(saved['decoupled_weight_decay'])}, an update rule this "
+                    f"{type(self).__name__} does not follow; load it into {wanted}"
+                )
             saved_ids = list(saved.get("params", ()))
             if len(saved_ids) != len(group["params"]):
                 raise ValueError(
