@@ -327,14 +327,17 @@ def test_distributed_sampler_deals_out_indices_as_torch(torch, monkeypatch, size
 
     for shuffle in (False, True):
         for drop_last in (False, True):
-            ours = [DistributedSampler(size, replicas, rank, shuffle=shuffle, seed=3,
-                                       drop_last=drop_last) for rank in range(replicas)]
+            # Keywords: torch's argument names work here too.
+            ours = [DistributedSampler(dataset=size, num_replicas=replicas, rank=rank,
+                                       shuffle=shuffle, seed=3, drop_last=drop_last)
+                    for rank in range(replicas)]
             # torch's own shuffle is torch.randperm: give it our permutation to compare the
             # padding, dropping and dealing out.
             monkeypatch.setattr(torch, "randperm", lambda n, generator=None: torch.from_numpy(
                 np.random.default_rng([3, 5]).permutation(n)))
-            theirs = [TorchSampler(range(size), replicas, rank, shuffle=shuffle, seed=3,
-                                   drop_last=drop_last) for rank in range(replicas)]
+            theirs = [TorchSampler(dataset=range(size), num_replicas=replicas, rank=rank,
+                                   shuffle=shuffle, seed=3, drop_last=drop_last)
+                      for rank in range(replicas)]
             for our, their in zip(ours, theirs, strict=True):
                 our.set_epoch(5)
                 their.set_epoch(5)

@@ -313,6 +313,15 @@ def test_no_grad_nests_and_restores_after_errors():
     assert is_grad_enabled()
 
 
+def test_no_grad_decorates_with_or_without_parentheses():
+    def grad_mode():
+        return is_grad_enabled()
+
+    assert no_grad()(grad_mode)() is False and no_grad(grad_mode)() is False
+    assert no_grad(grad_mode).__name__ == "grad_mode"
+    assert is_grad_enabled()  # decorating changes nothing until the call
+
+
 def test_scalar_parameter_keeps_its_0d_shape():
     from scratchcnn.nn import Parameter
 

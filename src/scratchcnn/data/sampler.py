@@ -38,17 +38,18 @@ class DistributedSampler:
       rank gets as many), or with ``drop_last`` cut down to one;
     * rank r takes every ``num_replicas``-th index starting at r: ``order[r::num_replicas]``.
 
+    ``dataset`` is anything with a length, or the number of samples itself.
     Call ``set_epoch(e)`` before each epoch, or every epoch repeats epoch 0's order.
     ``num_replicas`` and ``rank`` default to the process group's (``init_process_group``).
     """
 
-    def __init__(self, num_samples_or_dataset: int | Sized, num_replicas: int | None = None,
+    def __init__(self, dataset: int | Sized, num_replicas: int | None = None,
                  rank: int | None = None, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False) -> None:
-        if isinstance(num_samples_or_dataset, (int, np.integer)):
-            self.dataset_size = int(num_samples_or_dataset)
+        if isinstance(dataset, (int, np.integer)):
+            self.dataset_size = int(dataset)
         else:
-            self.dataset_size = len(num_samples_or_dataset)
+            self.dataset_size = len(dataset)
         if self.dataset_size < 0:
             raise ValueError(f"DistributedSampler: the dataset size must be >= 0, got "
                              f"{self.dataset_size}")

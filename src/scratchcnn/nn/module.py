@@ -32,7 +32,6 @@ output is C-contiguous.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import math
@@ -55,14 +54,32 @@ R = TypeVar("R")
 _grad_enabled = True
 
 
-@contextlib.contextmanager
-def no_grad() -> Iterator[None]:
-    """Like ``torch.no_grad()``: inside it, layers keep no cache for ``backward``.
+class no_grad:  # torch's name; like torch's, a class
+    """Like ``torch.no_grad``: inside it, layers keep no cache for ``backward``.
 
     Inference then needs less memory and time; calling ``backward`` afterwards is an error.
+    Use it as ``with no_grad():``, or as a decorator, ``@no_grad()`` or ``@no_grad``.
     """
-    with set_grad_enabled(False):
-        yield
+
+    def __new__(cls, function: Callable[P, R] | None = None) -> Any:
+        if function is None:
+            return super().__new__(cls)
+        return cls()(function)  # ``@no_grad`` without parentheses
+
+    def __enter__(self) -> None:
+        self.previous = _grad_enabled
+        _set_grad_mode(False)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _set_grad_mode(self.previous)
+
+    def __call__(self, function: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(function)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            with no_grad():
+                return function(*args, **kwargs)
+
+        return wrapper
 
 
 def _set_grad_mode(mode: bool) -> None:
