@@ -19,7 +19,16 @@ fi
 # Reinstall when pyproject.toml changed since the last install.
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     "$PY" -m pip install --quiet --upgrade pip
-    # torch is pinned to the CPU build; an unpinned torch pulls several GB of CUDA packages.
+    # PyPI's Linux x86-64 torch wheels are CUDA builds that pull several GB of nvidia packages;
+    # the CPU build of the pinned version comes from PyTorch's own index, when it is reachable.
+    # Offline (a local mirror, as on CI) that step is skipped and the mirror's wheel is used.
+    torch_pin="$(grep -o 'torch==[0-9.]*' pyproject.toml | head -n 1)"
+    cpu_index="https://download.pytorch.org/whl/cpu"
+    if [ "$(uname -s -m)" = "Linux x86_64" ] && ! "$PY" -c "import torch" 2>/dev/null \
+        && "$PY" -c "import urllib.request; urllib.request.urlopen('$cpu_index/torch/', timeout=10)" \
+            2>/dev/null; then
+        "$PY" -m pip install --quiet --index-url "$cpu_index" "$torch_pin"
+    fi
     "$PY" -m pip install --quiet -e ".[test]"
     touch "$STAMP"
 fi

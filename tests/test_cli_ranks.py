@@ -101,7 +101,8 @@ def test_compare_as_two_ranks_writes_one_report_equal_to_torch(tmp_path):
                       "--threads", "2", "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("| Test accuracy |") == 1, done.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["numpy-model.npz", "report.json",
+                                                      "report.md"]
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["ranks"] == 2 and report["config"]["threads"] == 2
     numpy_side, torch_side = report["frameworks"]["numpy"], report["frameworks"]["torch"]

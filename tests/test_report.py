@@ -141,3 +141,28 @@ def test_fallback_warning_reaches_markdown_and_files_are_complete(tmp_path):
     paths = write_report(report, tmp_path / "new" / "dir")
     assert json.loads(paths["json"].read_text())["dataset"]["fallback"].startswith("full")
     assert sorted(p.name for p in paths["json"].parent.iterdir()) == ["report.json", "report.md"]
+
+
+def test_the_trained_numpy_model_is_saved_as_a_checkpoint_serve_finds(run):
+    import numpy as np
+
+    from scratchcnn import nn
+    from scratchcnn.data import load_dataset, normalize
+    from scratchcnn.formats.checkpoint import load_checkpoint
+    from scratchcnn.serve.locate import newest_checkpoint
+
+    out, report = run
+    assert newest_checkpoint(out.parent) == out / "numpy-model.npz"
+    checkpoint = load_checkpoint(out / "numpy-model.npz")
+    assert (checkpoint.architecture, checkpoint.epoch, checkpoint.metadata["dataset"]) == (
+        "tiny-cnn", 2, "mnist-sample")
+    normalization = report["dataset"]["normalization"]
+    assert (checkpoint.mean, checkpoint.std) == (normalization["mean"], normalization["std"])
+    # The weights are the trained ones: they give the report's final test loss.
+    test = load_dataset("mnist-sample").limit(0, 100)
+    model = checkpoint.build_model().eval()
+    with nn.no_grad():
+        logits = model(normalize(test.test_images, checkpoint.mean, checkpoint.std,
+                                 dtype=checkpoint.dtype))
+    loss = nn.CrossEntropyLoss()(logits, test.test_labels).item()
+    assert np.isclose(loss, report["frameworks"]["numpy"]["test_loss"], rtol=1e-5)

@@ -11,7 +11,8 @@ from scratchcnn.models import MODEL_NAMES
 
 DESCRIPTION = """\
 Train the same architecture in NumPy (scratchcnn) and PyTorch from identical initial weights on
-identical batches, then write DIR/report.json, DIR/report.md and PNG plots.
+identical batches, then write DIR/report.json, DIR/report.md, PNG plots and the trained NumPy
+model as a checkpoint, DIR/numpy-model.npz (for serve, predict and evaluate).
 
 With no arguments: full MNIST (found locally or downloaded), simple-cnn, 3 epochs, batch 64,
 adam lr 1e-3, seed 0, float32, all cores, output in runs/compare. On an idle 2-core machine that
@@ -24,6 +25,10 @@ back. For a quick look use e.g. --limit-train 10000 --epochs 1.
 --threads N (default: all cores) gives PyTorch N threads and runs the NumPy side as N MPI
 ranks of one BLAS thread each (DistributedDataParallel, BatchNorm synchronised), rank 0 also
 running PyTorch while the others wait; --threads 1 is one plain process each."""
+
+
+# The trained NumPy model, as a checkpoint beside the report.
+NUMPY_MODEL_FILE = "numpy-model.npz"
 
 
 def _frameworks(text: str) -> tuple[str, ...]:
@@ -155,10 +160,17 @@ def run(args: argparse.Namespace) -> int:
 
         report["plots"] = write_plots(report, out)
     paths = write_report(report, out)
+    numpy_checkpoint = report["_artifacts"]["numpy_checkpoint"]
+    if numpy_checkpoint is not None:
+        from scratchcnn.formats.checkpoint import save_checkpoint
+
+        paths["model"] = save_checkpoint(out / NUMPY_MODEL_FILE, *numpy_checkpoint)
     print(summary_table(report))
     if report["dataset"].get("fallback"):
         print(f"\nWARNING: {report['dataset']['fallback']}")
     for warning in report.get("warnings", []):
         print(f"\n{warning}")
     print(f"\nReport: {paths['json']}, {paths['markdown']}")
+    if "model" in paths:
+        print(f"NumPy model: {paths['model']} (scratchcnn serve, predict and evaluate use it)")
     return 0

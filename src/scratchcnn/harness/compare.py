@@ -640,6 +640,19 @@ def _memory_note(memory: dict[str, dict[str, Any]], probe: dict[str, Any]) -> st
     return note
 
 
+def _numpy_checkpoint(config, dataset, mean, std, sides) -> tuple[dict, dict] | None:
+    """The trained NumPy model as ``save_checkpoint``'s (model_state, metadata), so that
+    ``serve``, ``predict`` and ``evaluate`` can use it; None without a NumPy side."""
+    if "numpy" not in sides:
+        return None
+    metadata = {
+        "architecture": config.model, "dataset": dataset.name, "classes": list(dataset.classes),
+        "normalization": {"mean": float(mean), "std": float(std)}, "dtype": config.dtype,
+        "epoch": config.epochs, "framework": "numpy",
+    }
+    return _model_state(sides["numpy"]), metadata
+
+
 def _assemble_report(config, dataset, fallback, mean, std, threads, sides, memory,
                      initial_difference, initial_first_layer, run_info=None,
                      host=None, world: int = 1) -> dict[str, Any]:
@@ -736,6 +749,7 @@ def _assemble_report(config, dataset, fallback, mean, std, threads, sides, memor
             "predictions": {name: side.final.predictions for name, side in sides.items()},
             "first_layer": {name: _first_weight(side) for name, side in sides.items()},
             "initial_first_layer": initial_first_layer,
+            "numpy_checkpoint": _numpy_checkpoint(config, dataset, mean, std, sides),
         },
     }
     report["warnings"] = run_warnings(report)
