@@ -27,7 +27,9 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     if [ "$(uname -s -m)" = "Linux x86_64" ] && ! "$PY" -c "import torch" 2>/dev/null \
         && "$PY" -c "import urllib.request; urllib.request.urlopen('$cpu_index/torch/', timeout=10)" \
             2>/dev/null; then
-        "$PY" -m pip install --quiet --index-url "$cpu_index" "$torch_pin"
+        # PyPI stays the index for torch's dependencies; the CPU index's "+cpu" wheel outranks
+        # PyPI's of the same version.
+        "$PY" -m pip install --quiet --extra-index-url "$cpu_index" "$torch_pin"
     fi
     "$PY" -m pip install --quiet -e ".[test]"
     touch "$STAMP"
