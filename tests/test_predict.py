@@ -12,7 +12,7 @@ from PIL import Image
 from scratchcnn.cli import main
 from scratchcnn.data import load_dataset, normalize
 from scratchcnn.formats.checkpoint import load_checkpoint
-from scratchcnn.harness.images import ImageError, center_digit, load_digit
+from scratchcnn.harness.images import ImageError, center_digit, grayscale_on_paper, load_digit
 from scratchcnn.nn import no_grad
 
 
@@ -78,6 +78,50 @@ def test_transparent_background_counts_as_paper(mnist, tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
     on_white = load_digit(save_png(tmp_path / "white.png", 255 - digit))
     assert correlation(load_digit(tmp_path / "alpha.png")[0], on_white[0]) > 0.99
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped(mnist, tmp_path):
+    # PIL's convert("L") clips 16-bit values to 0..255: paper and ink both came out white.
+    for i in range(5):
+        digit = mnist.test_images[i, 0]
+        eight = load_digit(save_png(tmp_path / "8.png", 255 - digit))
+        wide = (65535 - digit.astype(np.uint16) * 257).astype(np.uint16)  # x 257: exact in 8 bits
+        Image.fromarray(wide).save(tmp_path / "16.png")
+        with Image.open(tmp_path / "16.png") as image:
+            assert image.mode.startswith("I;16")
+        np.testing.assert_array_equal(load_digit(tmp_path / "16.png"), eight)
+    # The auditor's picture: paper at 60000, ink at 3000 (233 and 12 in 8 bits).
+    page = np.full((60, 40), 60000, dtype=np.uint16)
+    page[10:50, 18:24] = 3000
+    Image.fromarray(page).save(tmp_path / "page.png")
+    with Image.open(tmp_path / "page.png") as image:
+        gray = grayscale_on_paper(image)
+    assert gray[0, 0] == 233 and gray[30, 20] == 12
+    assert (load_digit(tmp_path / "page.png") > 0).sum() > 40
+
+
+def test_a_16_bit_png_with_a_transparent_key_colour_lays_it_on_paper(tmp_path):
+    page = np.zeros((60, 40), dtype=np.uint16)  # 0 is the tRNS key: transparent, not black
+    page[10:50, 18:24] = 3000
+    Image.fromarray(page).save(tmp_path / "key.png", transparency=0)
+    with Image.open(tmp_path / "key.png") as image:
+        gray = grayscale_on_paper(image)
+    assert gray[0, 0] == 255 and gray[30, 20] == 12
+
+
+@pytest.mark.parametrize(("values", "mode", "expected"), [
+    ([0, 3000, 65535], "I", [0, 12, 255]),  # how Pillow before 10 opened 16-bit PNGs
+    ([0, 100, 255], "I", [0, 100, 255]),  # Image.convert("I") of an 8-bit picture
+    ([0, 2**30, 2**31 - 1], "I", [0, 128, 255]),
+    ([0.0, 0.5, 1.0], "F", [0, 128, 255]),
+    ([0.0, 100.0, 255.0], "F", [0, 100, 255]),  # Image.convert("F") of an 8-bit picture
+    ([0.0, 3000.0, 65535.0], "F", [0, 12, 255]),  # Image.convert("F") of a 16-bit picture
+])
+def test_int_and_float_pictures_are_scaled_by_their_range(values, mode, expected):
+    dtype = np.int32 if mode == "I" else np.float32
+    image = Image.fromarray(np.array([values] * 2, dtype=dtype), mode)
+    assert image.mode == mode
+    np.testing.assert_array_equal(grayscale_on_paper(image)[0], expected)
 
 
 def test_blank_image_gives_blank_field():

@@ -10,7 +10,11 @@ import importlib.util
 import io
 import json
 import os
+import socket
+import struct
+import threading
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -176,6 +180,17 @@ def test_a_jpeg_and_a_transparent_png_are_read_like_predict_reads_files(served, 
     assert decoded[0, 0] == 255 and decoded[50, 50] == 0
 
 
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header announces width x height 8-bit gray pixels, with one row of data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit gray
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1001)) + chunk(b"IEND", b""))
+
+
 def _too_large_stream():
     for _ in range(40):
         yield b"x" * 100_000
@@ -191,6 +206,11 @@ BAD_REQUESTS = {
                   422, "5 x 5 pixels"),
     "too large": (dict(json={"image": data_url(png_bytes(Image.new("1", (4000, 30))))}),
                   422, "4000 x 30 pixels"),
+    "declared 100000 x 100000": (dict(json={"image": data_url(png_declaring(100_000, 100_000))}),
+                                 422, "the image is 100000 x 100000 pixels"),
+    "deeply nested JSON": (dict(content=b'{"image":' + b"[" * 100_000,
+                                headers={"content-type": "application/json"}),
+                           400, "nested too deeply"),
     "invalid JSON": (dict(content=b'{"image": ', headers={"content-type": "application/json"}),
                      400, "not valid JSON"),
     "not UTF-8": (dict(content=b'\xff\xfe{', headers={"content-type": "application/json"}),
@@ -224,6 +244,23 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_goes_on(case, client):
     assert "\n" not in body["error"]
     good = client.post("/api/predict", json={"image": data_url(digit_png())})
     assert good.status_code == 200
+
+
+def test_a_jpeg_declaring_a_huge_size_is_too_large_not_unreadable():
+    buffer = io.BytesIO()
+    Image.new("L", (40, 30), 255).save(buffer, "JPEG")
+    jpeg = bytearray(buffer.getvalue())
+    frame = jpeg.index(b"\xff\xc0")  # SOF0: length, precision, height, width
+    jpeg[frame + 5: frame + 9] = struct.pack(">HH", 60_000, 60_000)
+    with pytest.raises(ValueError, match="the image is too large; each side must be between"):
+        decode_image(data_url(bytes(jpeg)))
+
+
+def test_a_16_bit_png_is_read_like_its_8_bit_twin(client):
+    # Gray paper (233) and ink (12): clipping 16-bit values instead of scaling made both white.
+    light = np.asarray(Image.open(io.BytesIO(digit_png())).convert("L")) // 255 * 221 + 12
+    wide = Image.fromarray((light.astype(np.uint16) * 257).astype(np.uint16))
+    np.testing.assert_array_equal(decode_image(data_url(png_bytes(wide))), light)
 
 
 def test_unknown_paths_and_methods_are_json_errors(client):
@@ -445,6 +482,97 @@ def test_an_internal_error_is_a_json_500_and_the_server_goes_on(served, monkeypa
                                             "server's log"}
         assert client.post("/api/predict", json={"image": data_url(digit_png())}).status_code \
             == 200
+
+
+# -- a real server: what only shows over a socket -------------------------------------------------
+
+
+class LiveServer:
+    """``app`` served by uvicorn on 127.0.0.1 in a thread, as ``scratchcnn serve`` serves it.
+    ``raised``: the exceptions the app let out, each of which uvicorn logs with a traceback;
+    ``answered``: released once per request the app has finished with."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.raised: list[BaseException] = []
+        self.answered = threading.Semaphore(0)
+
+        async def watched(scope, receive, send):
+            try:
+                await app(scope, receive, send)
+            except BaseException as error:
+                self.raised.append(error)
+                raise
+            finally:
+                self.answered.release()
+
+        self.sock = serve_command.bind("127.0.0.1", 0)
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(
+            watched, log_config=None, log_level="critical", access_log=False, lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=5)
+
+    def exchange(self, data: bytes) -> bytes:
+        """Sends ``data`` and reads the answer until the server closes the connection."""
+        with self.connect() as connection:
+            connection.sendall(data)
+            answer = b""
+            while chunk := connection.recv(65536):
+                answer += chunk
+        return answer
+
+
+PREDICT_HEAD = (b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\n")
+
+
+def test_a_body_shorter_than_its_content_length_gets_408_and_the_connection_closes(served):
+    _, predictor, report = served
+    with LiveServer(create_app(predictor, report, body_timeout=0.3)) as live:
+        start = time.monotonic()
+        # 9 bytes of the 1000 announced; before the deadline this was held open for ever.
+        answer = live.exchange(PREDICT_HEAD + b"Content-Length: 1000\r\n\r\n" + b'{"image":')
+        assert time.monotonic() - start < 4
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer
+        assert b"connection: close" in head.lower()
+        message = json.loads(body)["error"]
+        assert "did not all arrive within 0.3 s" in message and "\n" not in message
+        good = json.dumps({"image": data_url(digit_png())}).encode()
+        answer = live.exchange(PREDICT_HEAD + b"Connection: close\r\nContent-Length: %d\r\n\r\n"
+                               % len(good) + good)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert live.raised == []
+
+
+def test_a_client_that_leaves_mid_body_is_not_a_server_error(served):
+    _, predictor, report = served
+    with LiveServer(create_app(predictor, report)) as live:
+        with live.connect() as connection:
+            connection.sendall(PREDICT_HEAD + b"Content-Length: 1000\r\n\r\n" + b'{"image":')
+            time.sleep(0.2)  # the app is waiting for the rest of the body
+        assert live.answered.acquire(timeout=5), "the app did not finish the request"
+        assert live.raised == []  # uvicorn logged each as "Exception in ASGI application"
+        answer = live.exchange(b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               b"Connection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200")
 
 
 def test_the_scratchcnn_command_runs_serve_once_registered(tmp_path, capsys):

@@ -162,6 +162,12 @@ def run(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)
     print(f"scratchcnn serve: {url_of(sock)} (checkpoint {checkpoint_path}, "
           f"report {report.directory if report else 'none'}); Ctrl+C stops", flush=True)
+    # A request body that stops arriving is cut off by the app (serve.app.BODY_TIMEOUT, 408).
+    # Headers that stop arriving are not: uvicorn has no deadline for them (timeout_keep_alive
+    # starts only after a response, h11_max_incomplete_event_size bounds their size, not their
+    # time), so 64 connections that never finish their headers hold every slot and the rest get
+    # 503 until they close. Acceptable for the default 127.0.0.1; off loopback, put the page
+    # behind a proxy that times headers out (e.g. nginx's client_header_timeout).
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             limit_concurrency=64)
     try:

@@ -27,14 +27,45 @@ class ImageError(ValueError):
 
 def grayscale_on_paper(image: Any) -> np.ndarray:
     """A loaded PIL image as a 2-D uint8 array (0 black .. 255 white), transparent pixels laid
-    on white paper first: a digit drawn on a transparent canvas is dark ink on white."""
+    on white paper first: a digit drawn on a transparent canvas is dark ink on white. 16-bit,
+    32-bit and float grayscale are scaled to 8 bits (see ``eight_bit_gray``)."""
     from PIL import Image
 
+    if image.mode == "F" or image.mode.startswith("I"):
+        return eight_bit_gray(image)
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         image = image.convert("RGBA")
         paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(paper, image)
     return np.asarray(image.convert("L"), dtype=np.uint8).copy()
+
+
+_INT_SCALES = (255.0, 65535.0, 2.0**31 - 1)
+_FLOAT_SCALES = (1.0, *_INT_SCALES)
+
+
+def eight_bit_gray(image: Any) -> np.ndarray:
+    """A PIL image of mode I;16*, I or F as a 2-D uint8 array, white at the top of its range.
+
+    PIL's own convert("L") clips such values to 0..255 instead of scaling them, so a 16-bit
+    PNG's paper and ink (say 60000 and 3000) both come out white. The range is the bit depth the
+    mode declares (I;16: 0..65535); modes I and F do not declare one, so it is the narrowest
+    usual range that holds the largest value (F: 0..1, then for both 0..255, 0..65535, the
+    int32 range): a wider one would make the picture black. Never the image's own min..max,
+    which would stretch a faint drawing into a bold one. A tRNS key colour counts as paper."""
+    raw = np.asarray(image)
+    values = np.nan_to_num(raw.astype(np.float64), nan=0.0)
+    if image.mode.startswith("I;16"):
+        full = 65535.0
+    else:
+        highest = values.max(initial=0.0)
+        scales = _FLOAT_SCALES if image.mode == "F" else _INT_SCALES
+        full = next((scale for scale in scales if highest <= scale), scales[-1])
+    gray = np.clip(np.rint(values * (255.0 / full)), 0, 255).astype(np.uint8)
+    key = image.info.get("transparency")
+    if isinstance(key, (int, float)):
+        gray[raw == key] = 255
+    return gray
 
 
 def read_grayscale(path: str | os.PathLike) -> np.ndarray:

@@ -14,6 +14,7 @@ import base64
 import binascii
 import importlib.util
 import io
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from scratchcnn.harness.images import (
 MIN_SIDE = IMAGE_SIZE  # a drawing smaller than MNIST's own images is not a drawing
 MAX_SIDE = 1024  # the page's canvas is 280 x 280; this bounds the decoded size (no PNG bombs)
 _FORMATS = ("PNG", "JPEG")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class InputError(ValueError):
@@ -60,18 +62,25 @@ def decode_image(text: Any) -> np.ndarray:
         raise InputError('"image" is not valid base64') from None
     try:
         with Image.open(io.BytesIO(raw), formats=_FORMATS) as image:
-            width, height = image.size
-            if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
-                raise InputError(
-                    f"the image is {width} x {height} pixels; each side must be between "
-                    f"{MIN_SIDE} and {MAX_SIDE}")
+            _check_size(*image.size)
             image.load()
             return grayscale_on_paper(image)
     except InputError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-            Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        # PIL refuses it in open(), before its size can be asked for; a PNG says it in IHDR.
+        if raw.startswith(_PNG_SIGNATURE) and raw[12:16] == b"IHDR" and len(raw) >= 24:
+            _check_size(*struct.unpack(">II", raw[16:24]))
+        raise InputError(f"the image is too large; each side must be between {MIN_SIDE} and "
+                         f"{MAX_SIDE} pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise InputError('"image" is not a PNG or JPEG picture') from None
+
+
+def _check_size(width: int, height: int) -> None:
+    if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+        raise InputError(f"the image is {width} x {height} pixels; each side must be between "
+                         f"{MIN_SIDE} and {MAX_SIDE}") from None
 
 
 def mnist_like(gray: np.ndarray) -> np.ndarray:
