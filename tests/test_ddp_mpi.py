@@ -167,10 +167,13 @@ def test_run_under_mpiexec_returns_the_ranks_exit_code(capfd):
     script = ("import os, sys, time; rank = os.environ['OMPI_COMM_WORLD_RANK']; "
               "print('rank', rank, os.environ['OPENBLAS_NUM_THREADS'], "
               f"os.environ['{launch.LAUNCH_MARKER}'], flush=True); time.sleep(0.3); "
+              "rank == '1' and print('rank 1: error: fails on purpose', file=sys.stderr); "
               "sys.exit(3 if rank == '1' else 0)")
     assert launch.run_under_mpiexec(2, ["-c", script], module=None) == 3
-    out = capfd.readouterr().out
+    out, err = capfd.readouterr()
     assert "rank 0 1 1" in out and "rank 1 1 1" in out
+    # The rank's own line, not Open MPI's banner about its exit status after it.
+    assert "rank 1: error: fails on purpose\n" in err and "non-zero status" not in err, err
 
 
 def test_one_process_run_of_the_worker_needs_no_mpiexec(tmp_path):

@@ -5,11 +5,14 @@ gradient arithmetic against a stand-in for two identical ranks. Real ranks: test
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import scratchcnn.distributed as dist
 from scratchcnn import nn
@@ -394,3 +397,36 @@ def test_a_short_wait_polls_and_a_long_one_sleeps(monkeypatch):
     request = _RequestDoneAfter(50)
     dist._wait(request)
     assert request.calls == 50 and len(sleeps) >= 45 and max(sleeps) <= 2e-3
+
+
+# -- the launcher's stderr filter ------------------------------------------------------------
+
+OPEN_MPI_BANNER = (
+    b"-" * 74 + b"\n"
+    b"prterun detected that one or more processes exited with non-zero status,\n"
+    b"thus causing the job to be terminated. The first process to do so was:\n\n"
+    b"   Process name: [prterun-vm-1953@1,0]\n   Exit code:    2\n" + b"-" * 74 + b"\n"
+)
+# What the ranks say around it: a progress bar redrawn with \r, a line that starts with a dash,
+# a rule that starts another banner, and output with no final newline.
+RANK_OUTPUT_BEFORE = (b"train epoch 1:  40%|####  | 4/10\rtrain epoch 1: 100%|#####| 10/10\n"
+                      b"- a list item\n" + b"-" * 74 + b"\nMPI_ABORT was invoked on rank 1\n")
+RANK_OUTPUT_AFTER = b"scratchcnn train: error: the data is truncated\n---\nno newline"
+
+
+@given(cuts=st.lists(st.integers(0, len(RANK_OUTPUT_BEFORE + OPEN_MPI_BANNER
+                                          + RANK_OUTPUT_AFTER)), max_size=12))
+@settings(max_examples=200, deadline=None)
+def test_the_launcher_drops_open_mpis_non_zero_exit_banner_and_nothing_else(cuts):
+    stream = RANK_OUTPUT_BEFORE + OPEN_MPI_BANNER + RANK_OUTPUT_AFTER
+    banner_filter = launch.NonZeroExitBannerFilter()
+    bounds = [0, *sorted(cuts), len(stream)]
+    passed = b"".join(banner_filter.feed(stream[start:end])
+                      for start, end in itertools.pairwise(bounds))
+    assert passed + banner_filter.close() == RANK_OUTPUT_BEFORE + RANK_OUTPUT_AFTER
+
+
+def test_the_launcher_passes_a_progress_bar_on_before_its_line_ends():
+    banner_filter = launch.NonZeroExitBannerFilter()
+    assert banner_filter.feed(b"epoch 1:  40%|####") == b"epoch 1:  40%|####"
+    assert banner_filter.feed(b"\repoch 1: 50%") == b"\repoch 1: 50%"

@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 
 from scratchcnn.distributed._environment import (
@@ -97,11 +98,16 @@ def mpiexec_command(ranks: int, argv: Sequence[str], *, python: str = sys.execut
 def run_under_mpiexec(ranks: int, argv: Sequence[str], *,
                       module: str | None = "scratchcnn") -> int:
     """Run ``python -m module *argv`` as ``ranks`` MPI ranks and return mpiexec's exit code
-    (non-zero when any rank failed). Their output goes straight to ours. Ctrl-C (SIGINT) and
+    (non-zero when any rank failed). Their output goes to ours as it comes, less Open MPI's
+    banner about a rank's non-zero exit (see ``NonZeroExitBannerFilter``). Ctrl-C (SIGINT) and
     SIGTERM sent to this process are passed to mpiexec, which ends every rank; an interrupted
     run returns 130."""
     command, env = mpiexec_command(ranks, argv, module=module)
-    process = subprocess.Popen(command, env=env)
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+    assert process.stderr is not None
+    forwarder = threading.Thread(target=_forward_stderr, args=(process.stderr.fileno(),),
+                                 daemon=True)
+    forwarder.start()
     previous = None
     with contextlib.suppress(ValueError):  # not the main thread: SIGTERM stays as it is
         previous = signal.signal(signal.SIGTERM,
@@ -116,6 +122,91 @@ def run_under_mpiexec(ranks: int, argv: Sequence[str], *,
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        forwarder.join(timeout=STOP_GRACE)
+        if not forwarder.is_alive():  # never close a descriptor a thread still reads
+            process.stderr.close()
+
+
+class NonZeroExitBannerFilter:
+    """Passes a byte stream through as it comes, except the banner Open MPI prints when a rank
+    exits with a non-zero status: a rule of dashes, "prterun detected that one or more
+    processes exited with non-zero status ...", and a closing rule. Our ranks say what went
+    wrong in one line before they exit; the banner would bury it. Open MPI has no option to
+    silence it alone (``--runtime-options error-nonzero-status=false`` also loses the exit
+    code). Only lines that start with a dash wait, until it is clear they are not the banner.
+    """
+
+    MARKER = b"detected that one or more processes exited with non-zero status"
+
+    def __init__(self) -> None:
+        self.pending = b""
+        self.at_line_start = True
+
+    def feed(self, data: bytes) -> bytes:
+        """What of ``data`` (after what came before) can be passed on now."""
+        self.pending += data
+        passed = []
+        while self.pending:
+            if self.at_line_start and self.pending.startswith(b"-"):
+                banner_end = self._banner_end()
+                if banner_end is None:
+                    break  # undecided: wait for more
+                if banner_end > 0:
+                    self.pending = self.pending[banner_end:]
+                    continue
+            newline = self.pending.find(b"\n")
+            cut = len(self.pending) if newline < 0 else newline + 1
+            passed.append(self.pending[:cut])
+            self.pending = self.pending[cut:]
+            self.at_line_start = newline >= 0
+        return b"".join(passed)
+
+    def close(self) -> bytes:
+        """The rest, at the end of the stream: whatever was still undecided."""
+        rest, self.pending = self.pending, b""
+        return rest
+
+    def _banner_end(self) -> int | None:
+        """Where the banner at the start of ``pending`` ends; 0 if ``pending`` does not start
+        with it; None while that is undecided."""
+        lines = self.pending.split(b"\n")
+        complete = lines[:-1]  # the last piece has no newline yet
+        if not complete:
+            return None
+        if complete[0].strip(b"-") or len(complete[0]) < 20:
+            return 0
+        if len(complete) < 2:
+            return None
+        if self.MARKER not in complete[1]:
+            return 0
+        for index in range(2, len(complete)):
+            if complete[index] and not complete[index].strip(b"-"):
+                return sum(len(line) + 1 for line in complete[:index + 1])
+        return None
+
+
+def _forward_stderr(fd: int) -> None:
+    """Copy the pipe ``fd`` to our stderr through ``NonZeroExitBannerFilter`` until it ends."""
+    banner_filter = NonZeroExitBannerFilter()
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # closed under us after a stop
+            data = b""
+        passed = banner_filter.feed(data) if data else banner_filter.close()
+        if passed:
+            _write_stderr(passed)
+        if not data:
+            return
+
+
+def _write_stderr(data: bytes) -> None:
+    stream = getattr(sys.stderr, "buffer", None)
+    if stream is not None:
+        stream.write(data)
+    else:
+        sys.stderr.write(data.decode(errors="replace"))
+    sys.stderr.flush()
 
 
 def _stop(process: subprocess.Popen, signum: int) -> None:
