@@ -258,10 +258,29 @@ def _bad_std(path: Path) -> None:
     np.savez(path, **resign(arrays, meta))
 
 
+def _three_classes(path: Path) -> None:
+    arrays = read_raw(path)
+    np.savez(path, **resign(arrays, {**raw_metadata(arrays), "classes": ["a", "b", "c"]}))
+
+
+def _negative_epoch(path: Path) -> None:
+    arrays = read_raw(path)
+    np.savez(path, **resign(arrays, {**raw_metadata(arrays), "epoch": -1}))
+
+
+def _a_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
         (_truncated, "truncated or corrupted"),
+        (_three_classes, "3 class names for a model with 10 outputs"),
+        (_negative_epoch, "epoch must be >= 0, got -1"),
+        (_a_directory, r"is a directory, not a checkpoint file \(the checkpoints of a run are "
+                       r"DIR/best.npz and DIR/last.npz\)"),
         (_text, "neither a zip archive nor a NumPy file"),
         (_empty, "the file is empty"),
         (_npy, r"not a checkpoint \(.npz archive\)"),

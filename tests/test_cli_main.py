@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from scratchcnn.cli import build_parser, main
@@ -63,6 +64,20 @@ def test_build_parser_is_reusable():
 
 def _raise_permission_error(*args, **kwargs):
     raise PermissionError(13, "Permission denied", "runs/compare/curves.png")
+
+
+def test_running_out_of_memory_is_one_line_that_says_what_to_do(monkeypatch, tmp_path, capsys):
+    from scratchcnn.harness import compare
+
+    def allocate(*args, **kwargs):
+        return np.empty((1 << 62,), dtype=np.uint8)  # NumPy refuses: far above any RAM
+
+    monkeypatch.setattr(compare, "run_compare", allocate)
+    command = ["compare", "--frameworks", "numpy", "--out", str(tmp_path), "--threads", "1"]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("scratchcnn compare: error: out of memory (Unable to allocate ")
+    assert err.endswith("use smaller sizes (batch size, images, --limit-train / --limit-test)\n")
 
 
 def test_os_error_is_one_line_with_the_file(monkeypatch, tmp_path, capsys):

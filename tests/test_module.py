@@ -344,6 +344,19 @@ def test_vector_views_cut_a_vector_into_consecutive_arrays_that_write_through():
     assert vector[7] == -1.0
 
 
+def test_a_state_dict_without_num_batches_tracked_loads_as_in_torch(torch, rng):
+    model, twin = numpy_model(rng), torch_model(torch)
+    model.train()(np.ones((2, 1, 6, 6), dtype=np.float32))  # the count is now 1
+    state = {key: value for key, value in numpy_model(rng).state_dict().items()
+             if not key.endswith("num_batches_tracked")}
+    result = model.load_state_dict(state)
+    assert result.missing_keys == [] and model[1].num_batches_tracked == 1  # left as it was
+    assert twin.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}) == result
+    del state["1.running_var"]  # any other missing buffer is still a mismatch
+    with pytest.raises(RuntimeError, match=r"missing keys \['1.running_var'\]"):
+        model.load_state_dict(state)
+
+
 def test_load_state_dict_unexpected_key_alone(rng):
     model = numpy_model(rng)
     state = {**model.state_dict(), "extra": np.zeros(1, dtype=np.float32)}

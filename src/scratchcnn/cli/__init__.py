@@ -257,6 +257,14 @@ def _run_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"scratchcnn {args.command}: interrupted", file=sys.stderr)
         return 130
+    except MemoryError as error:
+        # Sizes the options allow but the machine cannot hold (bench --batch-sizes 10**9).
+        if os.environ.get("SCRATCHCNN_DEBUG"):
+            raise
+        detail = f" ({error})" if str(error) else ""
+        _say_once(f"scratchcnn {args.command}: error: out of memory{detail}; use smaller "
+                  "sizes (batch size, images, --limit-train / --limit-test)")
+        return 2
     except BrokenPipeError:
         # The reader went away (e.g. `scratchcnn evaluate ... | head`): stop quietly, and point
         # stdout at devnull so the interpreter's final flush doesn't fail again.

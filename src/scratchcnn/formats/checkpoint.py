@@ -245,6 +245,9 @@ _PICKLE_MAGIC = b"\x80"
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file (the checkpoints "
+                              "of a run are DIR/best.npz and DIR/last.npz)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     with path.open("rb") as file:
@@ -313,6 +316,8 @@ def _check_fields(path: Path, metadata: Mapping[str, Any]) -> None:
         raise CheckpointError(f"{path}: normalization must hold a mean and a positive std")
     if not metadata["classes"] or not all(isinstance(c, str) for c in metadata["classes"]):
         raise CheckpointError(f"{path}: classes must be a non-empty list of names")
+    if metadata["epoch"] < 0:
+        raise CheckpointError(f"{path}: epoch must be >= 0, got {metadata['epoch']}")
 
 
 def _decode(
@@ -383,6 +388,14 @@ def _check_against_architecture(checkpoint: Checkpoint) -> None:
     path = checkpoint.path
     expected = _fresh_model(checkpoint.architecture, checkpoint.dtype, path).state_dict()
     check_state_matches(expected, checkpoint.model_state, f"{path}", checkpoint.architecture)
+    # The classifier's last weight is (classes, features): one name per output, or predict
+    # would name a class that is not there (or miss one).
+    outputs = [array.shape[0] for array in expected.values() if array.ndim == 2][-1]
+    if len(checkpoint.classes) != outputs:
+        raise CheckpointError(
+            f"{path}: {len(checkpoint.classes)} class names for a model with {outputs} outputs; "
+            "the classes must match the model's last layer"
+        )
 
 
 def check_state_matches(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -46,6 +46,10 @@ class BatchNorm2d(Module):
     ``_sum_over_batch``, which here returns its argument: ``SyncBatchNorm`` adds the other
     ranks' partial sums there, and nothing else differs.
     """
+
+    # As torch's BatchNorm, a state_dict without num_batches_tracked (saved before torch had it,
+    # or stripped) loads and leaves the count as it is.
+    optional_state: ClassVar[tuple[str, ...]] = ("num_batches_tracked",)
 
     def __init__(
         self,

@@ -324,6 +324,8 @@ class Module:
     # so that a Sequential may run it in pieces under no_grad: True in either mode, False never,
     # None in eval mode only (where torch.nn-style layers compute each sample on its own).
     splits_exactly: ClassVar[bool | None] = None
+    # Names of buffers that load_state_dict may find missing without calling it a mismatch.
+    optional_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", OrderedDict())
@@ -529,7 +531,8 @@ class Module:
             for name, buffer in module._buffers.items():
                 if buffer is not None:
                     targets[dot + name] = (module, name, buffer)
-        missing = [key for key in targets if key not in state_dict]
+        missing = [key for key, (module, name, _) in targets.items()
+                   if key not in state_dict and name not in module.optional_state]
         unexpected = [key for key in state_dict if key not in targets]
         where = f"loading state_dict into {type(self).__name__}"
         if strict and (missing or unexpected):
