@@ -82,6 +82,16 @@ def test_a_bad_output_path_is_refused_before_any_work(name, tmp_path, capsys, no
         assert err.count("\n") == 1 and "Traceback" not in err, (case, err)
 
 
+@pytest.mark.parametrize("name", ["compare", "bench"])
+def test_an_empty_output_directory_is_refused_not_read_as_here(name, tmp_path, monkeypatch,
+                                                               capsys, no_slow_work):
+    monkeypatch.chdir(tmp_path)
+    assert main(command(name, "")) == 2
+    err = capsys.readouterr().err
+    assert err == f"scratchcnn {name}: error: --out is empty; give a directory\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_accuracy_refuses_a_directory_as_its_results_file(tmp_path, capsys, no_slow_work):
     assert main(command("accuracy", str(tmp_path))) == 2
     err = capsys.readouterr().err

@@ -119,6 +119,8 @@ def check_output_dir(path: str | os.PathLike[str], option: str = "--out") -> Pat
     """The directory ``path``, created if missing (the command would create it anyway) and
     checked to be writable; CommandError naming ``option`` if it cannot be. Commands call it
     before loading data or training, so a bad path costs nothing."""
+    if not os.fspath(path):  # Path("") is ".": the files would land where the user stands
+        raise CommandError(f"{option} is empty; give a directory")
     path = Path(path)
     _usable_directory(path, f"{option} {path}", option, own=True)
     return path

@@ -152,14 +152,14 @@ def run(args: argparse.Namespace) -> int:
 
     predictor = Predictor(load_checkpoint(checkpoint_path), torch=not args.no_torch)
     local = is_loopback(args.host)
-    if not local:
-        print(f"scratchcnn serve: warning: listening on {args.host}, not 127.0.0.1: anyone who "
-              "can reach this machine on that address can use the page (no login, no HTTPS)",
-              file=sys.stderr)
     app = create_app(predictor, report, report_hint=hint,
                      allowed_hosts=dict.fromkeys((*LOOPBACK_HOSTS, args.host.lower()))
                      if local else None)
     sock = bind(args.host, args.port)
+    if not local:  # once the address is known to work
+        print(f"scratchcnn serve: warning: listening on {args.host}, not 127.0.0.1: anyone who "
+              "can reach this machine on that address can use the page (no login, no HTTPS)",
+              file=sys.stderr)
     print(f"scratchcnn serve: {url_of(sock)} (checkpoint {checkpoint_path}, "
           f"report {report.directory if report else 'none'}); Ctrl+C stops", flush=True)
     # A request body that stops arriving is cut off by the app (serve.app.BODY_TIMEOUT, 408).

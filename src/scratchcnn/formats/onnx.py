@@ -470,7 +470,8 @@ def _graph_dtype(image_input: Any, where: str) -> np.dtype:
         return np.dtype(np.float64)
     name = helper.tensor_dtype_to_string(elem_type) if elem_type else "an unknown type"
     raise ValueError(f"{where}: the input {image_input.name!r} is {name}, not float32 or "
-                     "float64; pass dtype='float32' or 'float64' to convert the weights")
+                     "float64; pass dtype='float32' or 'float64' (import-onnx: --dtype) to "
+                     "convert the weights")
 
 
 def _label(node: Any) -> str:
@@ -745,7 +746,7 @@ def _state_dict(reference: nn.Module, keyed: list[tuple[str, nn.Module]], layers
             if value.dtype != dtype and not convert:
                 raise ValueError(f"{where}: node {layer.node} has a {suffix} of dtype "
                                  f"{value.dtype} in a {dtype} graph; pass dtype='float32' or "
-                                 "'float64' to convert the weights")
+                                 "'float64' (import-onnx: --dtype) to convert the weights")
             if not np.all(np.isfinite(value)):
                 raise ValueError(f"{where}: node {layer.node} has NaN or infinite values in its "
                                  f"{suffix}")
