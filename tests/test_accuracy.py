@@ -176,3 +176,94 @@ def test_a_mean_exactly_on_the_target_meets_it():
     assert accuracy.summarize(target, at_limit, modified=False)["checks"][1]["passed"] is True
     beyond = [_seed(s, 0.9900, 0.9884) for s in SEEDS]
     assert accuracy.summarize(target, beyond, modified=False)["checks"][1]["passed"] is False
+
+
+def _results_document(seeds: list[dict]) -> dict:
+    """A results file as run_target writes it, with only the fields the table reads besides."""
+    target = accuracy.get_target("mnist-simple-b64")
+    return {"format": accuracy.FORMAT, "version": accuracy.VERSION, "target": target.name,
+            "dataset": {"name": "mnist", "train_size": 60000, "test_size": 10000},
+            "modified": {}, "seeds": seeds,
+            "summary": accuracy.summarize(target, seeds, modified=False)}
+
+
+def _edited(edit):
+    document = _results_document([_seed(s, 0.99, 0.99) for s in SEEDS])
+    edit(document)
+    return document
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda d: d.pop("summary"), "summary is missing"),
+    (lambda d: d.update(summary=None), "summary is null"),
+    (lambda d: d.update(seeds="x"), "seeds is \"x\""),
+    (lambda d: d.update(seeds=[]), "seeds is []"),
+    (lambda d: d["seeds"][1].update(seed="a"), "seeds[1].seed is \"a\""),
+    (lambda d: d.update(dataset=5), "dataset is 5"),
+    (lambda d: d.pop("target"), "target is missing"),
+    (lambda d: d["summary"].update(target_met="maybe"), "summary.target_met is \"maybe\""),
+    (lambda d: d["summary"].update(target_met=1), "summary.target_met is 1"),
+    (lambda d: d["summary"]["numpy"]["test_accuracy"].pop("mean"),
+     "summary.numpy.test_accuracy.mean is missing"),
+    (lambda d: d["summary"]["numpy"]["test_accuracy"].update(mean="abc"),
+     "summary.numpy.test_accuracy.mean is \"abc\""),
+    (lambda d: d["summary"]["numpy"]["test_accuracy"].update(std="x"),
+     "summary.numpy.test_accuracy.std is \"x\""),
+    (lambda d: d["summary"]["numpy"].pop("train_seconds"), "summary.numpy.train_seconds is"),
+    (lambda d: d["summary"]["torch"]["test_accuracy"].update(mean=True),
+     "summary.torch.test_accuracy.mean is true"),
+    (lambda d: d["summary"]["gap_pp"].update(mean=float("nan")), "summary.gap_pp.mean is NaN"),
+])
+def test_table_names_the_file_and_field_of_an_incomplete_results_file(tmp_path, capsys, edit,
+                                                                       field):
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(_edited(edit)))
+    assert main(["accuracy", "--table", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    error = captured.err.strip()
+    assert "\n" not in error and "Traceback" not in error
+    assert f"{path}: not a complete accuracy results file ({field}" in error, error
+
+
+def test_table_accepts_a_results_file_without_pytorch(tmp_path, capsys):
+    # NumPy-only summaries (no torch, no gap) are complete: the table shows "n/a" for them.
+    def numpy_only(document):
+        for key in ("torch", "gap_pp"):
+            document["summary"].pop(key)
+
+    path = tmp_path / "numpy.json"
+    path.write_text(json.dumps(_edited(numpy_only)))
+    assert main(["accuracy", "--table", str(path)]) == 0
+    row = "| mnist-simple-b64 | mnist | 0,1,2 | 99.00 ± 0.00% | n/a | n/a |"
+    assert row in capsys.readouterr().out
+
+
+def test_a_smoke_run_without_out_leaves_the_target_result_alone(tmp_path, monkeypatch, torch,
+                                                                 capsys):
+    monkeypatch.chdir(tmp_path)
+    result = Path("runs/accuracy/mnist-simple-b64.json")
+    result.parent.mkdir(parents=True)
+    result.write_text(json.dumps(_results_document([_seed(s, 0.99, 0.99) for s in SEEDS])))
+    before = result.read_bytes()
+    code = main(["accuracy", "mnist-simple-b64", "--seeds", "5", "--dataset", "mnist-sample",
+                 "--limit-train", "64", "--limit-test", "32", "--epochs", "1", "--threads", "1"])
+    assert code == 0
+    assert result.read_bytes() == before
+    smoke = Path("runs/accuracy/modified/mnist-simple-b64.json")
+    assert json.loads(smoke.read_text())["modified"]["limit_train"] == 64
+    assert f"results: {smoke}" in capsys.readouterr().out
+
+
+def test_an_unmodified_run_without_out_writes_the_target_result(tmp_path, monkeypatch, torch):
+    # The full recipe takes hours: stand in for it, to see only where the CLI sends the results.
+    written = []
+
+    def fake_run_target(name, seeds, out, **options):
+        written.append((out, options["overrides"]))
+        return _results_document([_seed(s, 0.99, 0.99) for s in seeds])
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(accuracy, "run_target", fake_run_target)
+    assert main(["accuracy", "mnist-simple-b64", "--threads", "1"]) == 0
+    assert written == [("runs/accuracy/mnist-simple-b64.json", {})]

@@ -22,8 +22,10 @@ Targets (one command each, full datasets; --data-dir DIR where the IDX files liv
 Then the README table:
   scratchcnn accuracy --table runs/accuracy/*.json
 
---limit-train/--limit-test/--epochs shrink a run for a smoke test; such results are marked as
-modified and never count as meeting (or missing) a target."""
+--limit-train/--limit-test/--epochs/--dataset shrink a run for a smoke test; such results are
+marked as modified and never count as meeting (or missing) a target. Without --out they go to
+runs/accuracy/modified/TARGET.json, so a smoke test never replaces a target's result (nor joins
+the table of runs/accuracy/*.json); an explicit --out FILE is written (and replaced) as given."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "least 3 to check a target)")
     parser.add_argument("--data-dir", help="directory holding the dataset's IDX files")
     parser.add_argument("--out", metavar="FILE",
-                        help="results JSON (default runs/accuracy/TARGET.json)")
+                        help="results JSON (default runs/accuracy/TARGET.json, or "
+                        "runs/accuracy/modified/TARGET.json when a smoke-test option changes "
+                        "the recipe)")
     parser.add_argument("--threads", type=thread_count,
                         help="PyTorch's threads and NumPy's MPI ranks, at most the available "
                         "cores (default: all of them; 1: one plain process each)")
@@ -71,7 +75,10 @@ def run(args: argparse.Namespace) -> int:
                                                      "dataset")
                  if getattr(args, key) is not None}
     require("torch", "an accuracy target (it trains the PyTorch twin too)")
-    out = args.out or f"runs/accuracy/{args.target}.json"
+    # A modified run's default is elsewhere: a quick smoke test must not replace an hours-long
+    # target result that sits at the target's default path.
+    out = args.out or (f"runs/accuracy/modified/{args.target}.json" if overrides
+                       else f"runs/accuracy/{args.target}.json")
     check_output_file(out)
     code = start_ranks(args, args.threads)
     if code is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -247,7 +247,82 @@ def load_results(path: str | Path) -> dict[str, Any]:
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise ValueError(f"{path}: not a scratchcnn accuracy results file; "
                          "make one with 'scratchcnn accuracy TARGET --out FILE'")
+    try:
+        _check_table_fields(document)
+    except _Incomplete as problem:
+        raise ValueError(f"{path}: not a complete accuracy results file ({problem}); "
+                         "make it again with 'scratchcnn accuracy TARGET --out FILE'") from None
     return document
+
+
+class _Incomplete(Exception):
+    """A field that ``markdown_table`` reads is missing or of the wrong type."""
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int to Python but never a figure; NaN and infinity are not figures either
+    # (json.loads accepts them although write_json never writes them).
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _field(parent: Mapping[str, Any], key: str, where: str, accepts: Callable[[Any], bool],
+           expected: str, optional: bool = False) -> Any:
+    name = f"{where}.{key}" if where else key
+    if key not in parent:
+        if optional:
+            return None
+        raise _Incomplete(f"{name} is missing")
+    value = parent[key]
+    if not accepts(value):
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise _Incomplete(f"{name} is {shown}, not {expected}")
+    return value
+
+
+def _check_table_fields(document: Mapping[str, Any]) -> None:
+    """Every field ``markdown_table`` reads, with its type: a file cut short or edited by hand
+    is refused here, by field name, rather than failing halfway through the table."""
+    def mapping(value: Any) -> bool:
+        return isinstance(value, dict)
+
+    def text(value: Any) -> bool:
+        return isinstance(value, str)
+
+    def number_or_null(value: Any) -> bool:
+        return value is None or _is_number(value)
+
+    _field(document, "target", "", text, "a target name")
+    dataset = _field(document, "dataset", "", mapping, "an object")
+    _field(dataset, "name", "dataset", text, "a dataset name")
+    seeds = _field(document, "seeds", "", lambda v: isinstance(v, list) and v != [],
+                   "a non-empty list")
+    for index, result in enumerate(seeds):
+        where = f"seeds[{index}]"
+        if not isinstance(result, dict):
+            raise _Incomplete(f"{where} is not an object")
+        _field(result, "seed", where,
+               lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+               "a non-negative integer")
+    summary = _field(document, "summary", "", mapping, "an object")
+    _field(summary, "target_met", "summary", lambda v: v is True or v is False or v is None,
+           "true, false or null")
+    # NumPy is always trained; PyTorch (and so the gap) may be absent, shown as "n/a".
+    for framework in ("numpy", "torch"):
+        side = _field(summary, framework, "summary", mapping, "an object",
+                      optional=framework == "torch")
+        if side is None:
+            continue
+        for figure in ("test_accuracy", "train_seconds"):
+            where = f"summary.{framework}.{figure}"
+            stats = _field(side, figure, f"summary.{framework}", mapping, "an object")
+            _field(stats, "mean", where, _is_number, "a number")
+            _field(stats, "std", where, number_or_null, "a number or null")
+    gap = _field(summary, "gap_pp", "summary", mapping, "an object", optional=True)
+    if gap is not None:
+        _field(gap, "mean", "summary.gap_pp", _is_number, "a number")
+        _field(gap, "std", "summary.gap_pp", number_or_null, "a number or null")
 
 
 def _pct(stats: Mapping[str, Any]) -> str:
