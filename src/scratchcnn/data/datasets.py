@@ -24,6 +24,7 @@ from scratchcnn.data.sources import (
     find_idx_file,
     identify_idx_file,
     missing_idx_files,
+    non_file_entries,
     search_dirs,
 )
 
@@ -42,6 +43,8 @@ CLASS_NAMES: dict[str, tuple[str, ...]] = {
 SAMPLE_RELATIVE_PATH = Path("data", "data", "mnist_5k.csv.gz")
 SAMPLE_TEST_PER_CLASS = 100
 SAMPLE_SPLIT_SEED = 20240607
+# (height, width) of every image in MNIST and Fashion-MNIST.
+IMAGE_SIZE = (28, 28)
 
 
 @dataclass(frozen=True)
@@ -81,11 +84,18 @@ class Dataset:
 
 
 def _check_split(images: np.ndarray, labels: np.ndarray, image_path: Path, label_path: Path,
-                 num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+                 name: str) -> tuple[np.ndarray, np.ndarray]:
     if images.dtype != np.uint8 or images.ndim != 3:
         raise DatasetError(
             f"{image_path}: expected uint8 images of shape (N, height, width), "
             f"got {images.dtype} of shape {images.shape}"
+        )
+    # Other sizes would load, then fail deep inside the first layer of any model built for these.
+    if images.shape[1:] != IMAGE_SIZE:
+        size = "x".join(map(str, images.shape[1:]))
+        raise DatasetError(
+            f"{image_path}: images are {size}, {DISPLAY_NAMES[name]}'s are "
+            f"{'x'.join(map(str, IMAGE_SIZE))} (is this the right dataset?)"
         )
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise DatasetError(
@@ -97,6 +107,7 @@ def _check_split(images: np.ndarray, labels: np.ndarray, image_path: Path, label
             f"{image_path.parent}: {len(images)} images in {image_path.name} but {len(labels)} "
             f"labels in {label_path.name}; the files do not belong together, replace them"
         )
+    num_classes = len(CLASS_NAMES[name])
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DatasetError(
             f"{label_path}: labels range over [{labels.min()}, {labels.max()}] but there are "
@@ -149,32 +160,27 @@ def load_idx_directory(directory: str | os.PathLike, name: str = "mnist",
     stems = _stems(test_only)
     missing = missing_idx_files(directory, stems)
     if missing:
+        in_the_way = "".join(f", {entry}" for entry in non_file_entries(directory, stems))
         raise DatasetError(
-            f"{directory}: missing {', '.join(missing)} (.gz or uncompressed); "
+            f"{directory}: missing {', '.join(missing)} (.gz or uncompressed){in_the_way}; "
             f"a dataset directory needs all of {', '.join(stems)}"
         )
     foreign = foreign_file(directory, name, test_only)
     if foreign is not None:
         raise DatasetError(foreign_file_message(*foreign, name, explicit))
     paths = {stem: find_idx_file(directory, stem) for stem in stems}
-    num_classes = len(CLASS_NAMES[name])
     splits = {}
     for prefix in ("t10k",) if test_only else ("train", "t10k"):
         image_path = paths[f"{prefix}-images-idx3-ubyte"]
         label_path = paths[f"{prefix}-labels-idx1-ubyte"]
         splits[prefix] = _check_split(read_idx(image_path), read_idx(label_path),
-                                      image_path, label_path, num_classes)
+                                      image_path, label_path, name)
     test_images, test_labels = splits["t10k"]
     if test_only:
         train_images = np.empty((0, *test_images.shape[1:]), dtype=np.uint8)
         train_labels = np.empty(0, dtype=np.int64)
     else:
         train_images, train_labels = splits["train"]
-    if train_images.shape[1:] != test_images.shape[1:]:
-        raise DatasetError(
-            f"{directory}: train images are {train_images.shape[2:]} but test images are "
-            f"{test_images.shape[2:]}; the files do not belong together"
-        )
     return Dataset(name, train_images, train_labels, test_images, test_labels,
                    CLASS_NAMES[name], str(directory))
 
@@ -287,7 +293,8 @@ def _why_not_here(directory: Path, stems: tuple[str, ...]) -> str:
     try:
         if not directory.is_dir():
             return f"{directory} does not exist"
-        return f"{directory} lacks {', '.join(missing_idx_files(directory, stems))}"
+        in_the_way = "".join(f", {entry}" for entry in non_file_entries(directory, stems))
+        return f"{directory} lacks {', '.join(missing_idx_files(directory, stems))}{in_the_way}"
     except OSError as error:
         return f"{directory} cannot be read ({error.strerror or error})"
 

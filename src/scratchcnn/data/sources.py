@@ -163,11 +163,15 @@ def default_download_dir(name: str) -> Path:
     return search_dirs(name)[0]
 
 
+def _idx_file_names(stem: str) -> tuple[str, ...]:
+    dotted = stem.replace("-idx", ".idx")
+    return (f"{stem}.gz", stem, f"{dotted}.gz", dotted)
+
+
 def find_idx_file(directory: Path, stem: str) -> Path | None:
     """The file holding ``stem`` in ``directory``: gzip-compressed, raw, or with the dotted name
     (``train-images.idx3-ubyte``) that some unpackers produce."""
-    dotted = stem.replace("-idx", ".idx")
-    for candidate in (f"{stem}.gz", stem, f"{dotted}.gz", dotted):
+    for candidate in _idx_file_names(stem):
         path = directory / candidate
         if path.is_file():
             return path
@@ -177,6 +181,20 @@ def find_idx_file(directory: Path, stem: str) -> Path | None:
 def missing_idx_files(directory: Path, stems: Sequence[str] = IDX_STEMS) -> list[str]:
     """The ``stems`` (default: all four) that ``directory`` has no file for."""
     return [stem for stem in stems if find_idx_file(directory, stem) is None]
+
+
+def non_file_entries(directory: Path, stems: Sequence[str] = IDX_STEMS) -> list[str]:
+    """For the ``stems`` that ``directory`` has no file for, what sits under their file names
+    instead, e.g. "t10k-images-idx3-ubyte.gz is a directory": calling those files missing would
+    send the user to download them, and a download cannot replace a directory."""
+    entries = []
+    for stem in missing_idx_files(directory, stems):
+        for name in _idx_file_names(stem):
+            path = directory / name
+            if path.exists():  # and is no file, or find_idx_file would have found it
+                kind = "a directory" if path.is_dir() else "not a regular file"
+                entries.append(f"{name} is {kind}")
+    return entries
 
 
 def check_data_dir(data_dir: str | os.PathLike, name: str = "mnist") -> Path:
@@ -696,6 +714,16 @@ def download_dataset(
         raise DatasetError(f"dataset {name!r} cannot be downloaded (downloadable: {known})")
     timeouts = timeouts or Timeouts.from_environment()
     directory = Path(directory) if directory is not None else default_download_dir(name)
+    wanted = [remote for remote in (files if files is not None else REMOTE_DATASETS[name].files)
+              if stems is None or remote.filename.removesuffix(".gz") in stems]
+    if directory.is_dir():
+        in_the_way = non_file_entries(directory, [r.filename.removesuffix(".gz") for r in wanted])
+        if in_the_way:
+            raise DatasetError(
+                f"{directory}: {'; '.join(in_the_way)} where an IDX file should be; move it "
+                f"out of the way, then try again"
+            )
+    created = [path for path in (directory, *directory.parents) if not os.path.lexists(path)]
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -704,14 +732,23 @@ def download_dataset(
             "pick another directory with --data-dir"
         ) from None
     base_urls = list(mirrors_for(name, mirrors))
-    for remote in files if files is not None else REMOTE_DATASETS[name].files:
-        stem = remote.filename.removesuffix(".gz")
-        if (stems is not None and stem not in stems) or find_idx_file(directory, stem) is not None:
-            continue
-        _, served_by = _download_file(remote, base_urls, directory, timeouts, retries, backoff,
-                                      quiet)
-        # Ask the mirror that worked first for the remaining files: each one before it would
-        # cost its timeouts again, file after file.
-        base_urls.remove(served_by)
-        base_urls.insert(0, served_by)
+    try:
+        for remote in wanted:
+            if find_idx_file(directory, remote.filename.removesuffix(".gz")) is not None:
+                continue
+            _, served_by = _download_file(remote, base_urls, directory, timeouts, retries,
+                                          backoff, quiet)
+            # Ask the mirror that worked first for the remaining files: each one before it
+            # would cost its timeouts again, file after file.
+            base_urls.remove(served_by)
+            base_urls.insert(0, served_by)
+    except BaseException:
+        # An empty directory left by a failed download would look like the dataset's home
+        # and hide a mistyped --data-dir the next time; whatever holds files stays.
+        for path in created:  # deepest first
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
     return directory
