@@ -250,7 +250,7 @@ def test_a_smoke_run_without_out_leaves_the_target_result_alone(tmp_path, monkey
                  "--limit-train", "64", "--limit-test", "32", "--epochs", "1", "--threads", "1"])
     assert code == 0
     assert result.read_bytes() == before
-    smoke = Path("runs/accuracy/modified/mnist-simple-b64.json")
+    smoke = Path("runs/accuracy/modified/mnist-simple-b64-seeds-5.json")
     assert json.loads(smoke.read_text())["modified"]["limit_train"] == 64
     assert f"results: {smoke}" in capsys.readouterr().out
 
@@ -266,4 +266,7 @@ def test_an_unmodified_run_without_out_writes_the_target_result(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(accuracy, "run_target", fake_run_target)
     assert main(["accuracy", "mnist-simple-b64", "--threads", "1"]) == 0
-    assert written == [("runs/accuracy/mnist-simple-b64.json", {})]
+    # More seeds of the same recipe go beside it, not over it.
+    assert main(["accuracy", "mnist-simple-b64", "--seeds", "3,4,5", "--threads", "1"]) == 0
+    assert written == [("runs/accuracy/mnist-simple-b64.json", {}),
+                       ("runs/accuracy/mnist-simple-b64-seeds-3-4-5.json", {})]

@@ -42,9 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "least 3 to check a target)")
     parser.add_argument("--data-dir", help="directory holding the dataset's IDX files")
     parser.add_argument("--out", metavar="FILE",
-                        help="results JSON (default runs/accuracy/TARGET.json, or "
-                        "runs/accuracy/modified/TARGET.json when a smoke-test option changes "
-                        "the recipe)")
+                        help="results JSON (default runs/accuracy/TARGET.json; "
+                        "TARGET-seeds-3-4-5.json for other seeds; under runs/accuracy/modified/ "
+                        "when a smoke-test option changes the recipe)")
     parser.add_argument("--threads", type=thread_count,
                         help="PyTorch's threads and NumPy's MPI ranks, at most the available "
                         "cores (default: all of them; 1: one plain process each)")
@@ -58,6 +58,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--table", nargs="+", metavar="JSON",
                         help="print the Markdown table of these results files and exit")
     parser.set_defaults(func=run)
+
+
+def default_results_path(target: str, seeds: list[int], modified: bool) -> str:
+    """Where a run writes without --out. Only the target's own recipe on its default seeds
+    writes runs/accuracy/TARGET.json: a smoke test (modified) or other seeds must not replace
+    an hours-long result that sits there."""
+    from scratchcnn.harness.accuracy import DEFAULT_SEEDS
+
+    name = target if list(seeds) == list(DEFAULT_SEEDS) else \
+        f"{target}-seeds-{'-'.join(map(str, seeds))}"
+    return f"runs/accuracy/{'modified/' if modified else ''}{name}.json"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,10 +86,7 @@ def run(args: argparse.Namespace) -> int:
                                                      "dataset")
                  if getattr(args, key) is not None}
     require("torch", "an accuracy target (it trains the PyTorch twin too)")
-    # A modified run's default is elsewhere: a quick smoke test must not replace an hours-long
-    # target result that sits at the target's default path.
-    out = args.out or (f"runs/accuracy/modified/{args.target}.json" if overrides
-                       else f"runs/accuracy/{args.target}.json")
+    out = args.out or default_results_path(args.target, args.seeds, bool(overrides))
     check_output_file(out)
     code = start_ranks(args, args.threads)
     if code is not None:
