@@ -4,6 +4,7 @@ state_dict compatibility with torch.nn.Sequential, loading, modes, dtypes, gradi
 import numpy as np
 import pytest
 
+from scratchcnn import nn as scratch_nn
 from scratchcnn.nn import (
     BatchNorm2d,
     Conv2d,
@@ -386,3 +387,263 @@ def test_to_takes_a_device_then_a_dtype(rng):
     model = Linear(3, 2, rng=rng)
     assert model.to(None, np.float64) is model
     assert all(p.dtype == np.float64 for p in model.parameters())
+
+
+# -- torch.nn API a ported loop reaches for: apply, add_module, get_submodule, recurse, ... ----
+
+def _error(call):
+    """(type name, message) of what ``call()`` raises, to compare with torch's."""
+    try:
+        call()
+    except Exception as error:
+        return type(error), str(error)
+    raise AssertionError("no error raised")
+
+
+def test_apply_visits_children_first_then_self_as_torch(torch, rng):
+    def visits(model):
+        names = {id(module): name for name, module in model.named_modules()}
+        seen = []
+        assert model.apply(lambda module: seen.append(names[id(module)])) is model
+        return seen
+
+    ours, theirs = numpy_model(rng), torch_model(torch)
+    assert visits(ours) == visits(theirs) == ["0", "1", "2", "3", "4.0", "4.1", "4", "5", "6", ""]
+    shared, module, twin = Linear(2, 2), Module(), torch.nn.Module()
+    module.first = module.second = shared  # a child held twice is visited once, as in torch
+    twin.first = twin.second = torch.nn.Linear(2, 2)
+    assert visits(module) == visits(twin) == ["first", ""]
+
+    def init_weights(layer):
+        if isinstance(layer, Linear):
+            layer.weight.data[...] = 1.0
+
+    ours.apply(init_weights)
+    assert np.all(ours[5].weight.data == 1) and np.all(ours[6].weight.data == 1)
+
+
+def test_add_module_and_register_module_as_torch(torch):
+    ours, theirs = Affine(), torch.nn.Module()
+    theirs.scale = torch.nn.Parameter(torch.ones(3))
+    for model, nn in ((ours, None), (theirs, torch.nn)):
+        make = (lambda: Linear(2, 2)) if nn is None else (lambda: torch.nn.Linear(2, 2))
+        model.add_module("head", make())
+        model.register_module("tail", make())
+    assert [n for n, _ in ours.named_parameters()][-4:] == [
+        n for n, _ in theirs.named_parameters()][-4:] == [
+        "head.weight", "head.bias", "tail.weight", "tail.bias"]
+    assert isinstance(ours.get_submodule("head"), Linear)
+    for model in (ours, theirs):
+        model.add_module("head", None)  # removes the child, as in torch
+    assert "head.weight" not in ours.state_dict()
+    assert [n for n, _ in ours.named_modules()] == ["", "inner", "tail"]
+    bad = [(1, "x"), ("a.b", "x"), ("", "x"), ("scale", "x"), ("training", "x"), ("ok", 5)]
+    for name, module in bad:
+        errors = []
+        for model, layer in ((ours, Linear(2, 2)), (theirs, torch.nn.Linear(2, 2))):
+            value = layer if module == "x" else module
+            errors.append(_error(lambda m=model, n=name, v=value: m.add_module(n, v)))
+        assert errors[0][0] is errors[1][0], (name, errors)
+        # The same words as torch's but for torch's module name, and torch's typename in one.
+        assert errors[0][1] == errors[1][1] or name == "ok", (name, errors)
+
+
+def test_sequential_refuses_a_name_torch_refuses_and_a_module_twice_via_add_module(torch):
+    from collections import OrderedDict
+
+    for build, layer in ((Sequential, Linear), (torch.nn.Sequential, torch.nn.Linear)):
+        with pytest.raises(KeyError, match="attribute 'forward' already exists"):
+            build(OrderedDict(forward=layer(2, 2)))
+    model = Sequential(Linear(2, 2))
+    with pytest.raises(ValueError, match="appears twice"):
+        model.add_module("again", model[0])
+
+
+def test_get_submodule_as_torch(torch, rng):
+    ours, theirs = numpy_model(rng), torch_model(torch)
+    assert ours.get_submodule("") is ours
+    assert ours.get_submodule("4.1") is ours[4][1] and ours.get_submodule("5") is ours[5]
+    for target in ("9", "4.2", "4.0.x", "5.weight", "0.weight.data", "4..1"):
+        ours_error = _error(lambda t=target: ours.get_submodule(t))
+        assert ours_error == _error(lambda t=target: theirs.get_submodule(t)), target
+        assert ours_error[0] is AttributeError
+
+
+def test_parameters_and_buffers_recurse_prefix_and_duplicates_as_torch(torch, rng):
+    ours, theirs = numpy_model(rng), torch_model(torch)
+    for model in (ours, theirs):
+        model[6].weight = model[5].weight  # tied (a 5x... weight: shapes do not matter here)
+        model[4].register_buffer("shared", model[1].running_mean)
+
+    def names(pairs):
+        return [name for name, _ in pairs]
+
+    for kwargs in ({}, {"prefix": "net"}, {"remove_duplicate": False},
+                   {"prefix": "net", "recurse": False}):
+        assert names(ours.named_parameters(**kwargs)) == names(theirs.named_parameters(**kwargs))
+        assert names(ours.named_buffers(**kwargs)) == names(theirs.named_buffers(**kwargs))
+        assert names(ours[1].named_parameters(**kwargs)) == names(
+            theirs[1].named_parameters(**kwargs))
+        assert names(ours[1].named_buffers(**kwargs)) == names(theirs[1].named_buffers(**kwargs))
+    assert len(list(ours.named_parameters(remove_duplicate=False))) == 7
+    assert list(ours.parameters(recurse=False)) == [] and list(ours.buffers(recurse=False)) == []
+    assert list(ours[0].parameters(recurse=False)) == [ours[0].weight, ours[0].bias]
+    assert [b is ours[1].running_mean for b in ours.buffers()] == [True, False, False]
+    assert len(list(ours.buffers())) == len(list(theirs.buffers())) == 3
+
+
+def test_state_dict_prefix_destination_and_keep_vars(torch, rng):
+    from collections import OrderedDict
+
+    ours, theirs = numpy_model(rng), torch_model(torch)
+    assert list(ours.state_dict(prefix="model.")) == list(theirs.state_dict(prefix="model."))
+    target = OrderedDict(first=np.zeros(1))
+    assert ours.state_dict(destination=target, prefix="m.") is target
+    assert list(target) == ["first", *("m." + key for key in ours.state_dict())]
+    kept = ours.state_dict(keep_vars=True)
+    assert list(kept) == list(theirs.state_dict(keep_vars=True))
+    assert kept["0.weight"] is ours[0].weight and kept["1.running_mean"] is ours[1].running_mean
+    assert isinstance(theirs.state_dict(keep_vars=True)["0.weight"], torch.nn.Parameter)
+    copied = ours.state_dict()
+    assert copied["0.weight"] is not ours[0].weight.data  # the default stays a snapshot
+    fresh = numpy_model(np.random.default_rng(7))
+    fresh.load_state_dict(kept)  # Parameters load as their values
+    np.testing.assert_array_equal(fresh[0].weight.data, ours[0].weight.data)
+    assert fresh[0].weight.data is not ours[0].weight.data
+
+
+def test_non_persistent_buffers_stay_out_of_state_dict_as_in_torch(torch):
+    ours, theirs = Affine(), torch.nn.Linear(3, 3)
+    ours.register_buffer("mask", np.ones(3), persistent=False)
+    theirs.register_buffer("mask", torch.ones(3), persistent=False)
+    theirs.register_buffer("calls", torch.zeros(()))
+    assert list(ours.state_dict()) == ["scale", "shift", "calls", "inner.weight", "inner.bias"]
+    assert list(theirs.state_dict()) == ["weight", "bias", "calls"]
+    assert [n for n, _ in ours.named_buffers()] == ["calls", "mask"]  # still a buffer
+    assert [n for n, _ in theirs.named_buffers()] == ["mask", "calls"]
+    result = ours.load_state_dict(ours.state_dict())  # not expected ...
+    assert result.missing_keys == [] == theirs.load_state_dict(theirs.state_dict()).missing_keys
+    state = {**ours.state_dict(), "mask": np.zeros(3)}
+    assert ours.load_state_dict(state, strict=False).unexpected_keys == ["mask"]  # ... not taken
+    assert theirs.load_state_dict({**theirs.state_dict(), "mask": torch.zeros(3)},
+                                  strict=False).unexpected_keys == ["mask"]
+    assert np.all(ours.mask == 1)
+    ours.to(np.float32)
+    assert ours.mask.dtype == np.float32 and "mask" not in ours.state_dict()  # stays out
+    ours.mask = np.zeros(3)  # assigning keeps the flag, as in torch
+    assert "mask" not in ours.state_dict() and dict(ours.named_buffers())["mask"] is ours.mask
+    ours.register_buffer("mask", np.ones(3))  # persistent=True by default: saved again
+    assert list(ours.state_dict())[3] == "mask"
+    ours.register_buffer("mask", np.ones(3), persistent=False)
+    del ours.mask  # forgets the flag too, as torch's
+    theirs.register_buffer("mask", torch.ones(3), persistent=False)
+    del theirs.mask
+    assert ours._non_persistent_buffers_set == theirs._non_persistent_buffers_set == set()
+    ours.register_buffer("mask", np.ones(2))  # a new buffer of the name is persistent
+    assert "mask" in ours.state_dict()
+
+
+def _mutations(nn, layers):
+    """The same edits on a scratchcnn or a torch Sequential; the keys after each."""
+    model = nn.Sequential(*layers)
+    keys = []
+    del model[1]
+    keys.append(list(model.state_dict()))
+    del model[-3:-1]
+    keys.append(list(model._modules))
+    model.insert(0, nn.ReLU())
+    model.insert(-1, nn.Flatten())
+    model.insert(len(model), nn.ReLU())
+    keys.append(list(model._modules))
+    popped = model.pop(-1)
+    keys.append((type(popped).__name__, list(model._modules)))
+    model.extend([nn.ReLU(), nn.Flatten()])
+    model[-1] = nn.ReLU()
+    keys.append([type(layer).__name__ for layer in model])
+    return keys
+
+
+def test_sequential_mutators_give_torch_keys(torch):
+    def layers(nn):
+        return [nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(), nn.Flatten(), nn.ReLU()]
+
+    assert _mutations(scratch_nn, layers(scratch_nn)) == _mutations(torch.nn, layers(torch.nn))
+    from collections import OrderedDict
+
+    for nn in (scratch_nn, torch.nn):
+        named = nn.Sequential(OrderedDict(a=nn.Linear(2, 2), b=nn.ReLU(), c=nn.Linear(2, 2)))
+        del named[0:1]  # torch names what is left by number
+        assert list(named.state_dict()) == ["1.weight", "1.bias"] and not hasattr(named, "c")
+        assert list(named[0:][1:].state_dict()) == ["1.weight", "1.bias"]
+    for index in (3, -4):
+        assert _error(lambda i=index: Sequential(ReLU())[i])[0] is IndexError
+        assert _error(lambda i=index: Sequential(ReLU()).__delitem__(i)) == _error(
+            lambda i=index: torch.nn.Sequential(torch.nn.ReLU()).__delitem__(i))
+        assert _error(lambda i=index: Sequential(ReLU()).insert(i, ReLU())) == _error(
+            lambda i=index: torch.nn.Sequential(torch.nn.ReLU()).insert(i, torch.nn.ReLU()))
+    with pytest.raises(AssertionError):  # torch's type for insert; TypeError as elsewhere too
+        Sequential().insert(0, np.zeros(1))
+    with pytest.raises(TypeError, match="not a Module subclass"):
+        Sequential().extend([ReLU(), 5])
+
+
+def test_sequential_mutators_keep_each_module_once_and_change_nothing_when_refused():
+    from collections import OrderedDict
+
+    first, relu = Linear(2, 2), ReLU()
+    model = Sequential(first, relu, Sequential(Flatten()))
+    inner = model[2][0]
+    with pytest.raises(ValueError, match="appears twice"):
+        model.insert(0, first)
+    with pytest.raises(ValueError, match="appears twice"):
+        model[0] = inner  # held inside another child
+    model[0] = first  # replacing a child with itself is fine
+    with pytest.raises(ValueError, match="appears twice"):
+        model.extend([ReLU(), relu])
+    with pytest.raises(TypeError, match="del model"):
+        model[1] = None
+    assert list(model) == [first, relu, model[2]] and list(model._modules) == ["0", "1", "2"]
+    named = Sequential(OrderedDict(a=Linear(2, 2), b=ReLU()))
+    with pytest.raises(KeyError, match="named '0' to '1'"):
+        named.insert(0, ReLU())  # torch fails half-way through renaming here
+    assert list(named._modules) == ["a", "b"]
+    assert list(named.insert(2, ReLU())._modules) == ["a", "b", "2"]  # as torch: an append
+
+
+def test_a_mutated_sequential_runs_its_new_order(torch, rng):
+    # Each forward first, so the execution order (ReLU/MaxPool2d swap, fused first Conv2d) is
+    # cached; the forward after each edit must run the edited model, as the torch twin does.
+    nn = scratch_nn
+
+    def build(nn, **kw):
+        return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, **kw), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Flatten(), nn.Linear(2 * 3 * 3, 3, **kw))
+
+    ours, theirs = build(nn, dtype=np.float64, rng=rng), build(torch.nn, dtype=torch.float64)
+    theirs.load_state_dict({k: torch.from_numpy(v) for k, v in ours.state_dict().items()})
+    x = rng.standard_normal((2, 1, 6, 6))
+    extra = Linear(3, 3, dtype=np.float64, rng=rng)
+    twin_extra = torch.nn.Linear(3, 3, dtype=torch.float64)
+    twin_extra.load_state_dict({k: torch.from_numpy(v) for k, v in extra.state_dict().items()})
+    edits = [  # each keeps the shapes valid; the first and the second move the Conv2d
+        (lambda m: m.insert(0, nn.MaxPool2d(1)), lambda t: t.insert(0, torch.nn.MaxPool2d(1))),
+        (lambda m: m.__delitem__(0), lambda t: t.__delitem__(0)),
+        (lambda m: m.__delitem__(1), lambda t: t.__delitem__(1)),  # the ReLU before the pool
+        (lambda m: m.insert(2, nn.ReLU()), lambda t: t.insert(2, torch.nn.ReLU())),
+        (lambda m: m.__setitem__(2, nn.Flatten()), lambda t: t.__setitem__(2, torch.nn.Flatten())),
+        (lambda m: m.extend([nn.ReLU(), extra]),
+         lambda t: t.extend([torch.nn.ReLU(), twin_extra])),
+        (lambda m: m.pop(-2), lambda t: t.pop(-2)),
+    ]
+    for edit, twin_edit in edits:
+        ours(x), theirs(torch.from_numpy(x))
+        edit(ours), twin_edit(theirs)
+        ours.zero_grad(), theirs.zero_grad()
+        logits, twin_logits = ours(x), theirs(torch.from_numpy(x))
+        np.testing.assert_allclose(logits, twin_logits.detach().numpy(), rtol=1e-12, atol=1e-14)
+        ours.backward(np.ones_like(logits))
+        twin_logits.sum().backward()
+        grads = {name: torch.from_numpy(param.grad) for name, param in ours.named_parameters()}
+        assert list(grads) == [name for name, _ in theirs.named_parameters()]
+        for name, param in theirs.named_parameters():
+            torch.testing.assert_close(grads[name], param.grad, rtol=1e-12, atol=1e-14)

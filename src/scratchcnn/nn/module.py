@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import operator
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple, ParamSpec, TypeVar
@@ -326,6 +327,10 @@ class Module:
     splits_exactly: ClassVar[bool | None] = None
     # Names of buffers that load_state_dict may find missing without calling it a mismatch.
     optional_state: ClassVar[tuple[str, ...]] = ()
+    # Names of this module's buffers registered with persistent=False: not in state_dict, not
+    # expected by load_state_dict (torch's attribute of the same name). Replaced, never mutated,
+    # so this class-level default is shared safely.
+    _non_persistent_buffers_set: frozenset[str] | set[str] = frozenset()
 
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", OrderedDict())
@@ -342,12 +347,12 @@ class Module:
                 f"call super().__init__() first in {type(self).__name__}.__init__"
             )
         if isinstance(value, Parameter):
-            self._buffers.pop(name, None)
+            self._forget_buffer(name)
             self._modules.pop(name, None)
             self._parameters[name] = value
         elif isinstance(value, Module):
             self._parameters.pop(name, None)
-            self._buffers.pop(name, None)
+            self._forget_buffer(name)
             self._modules[name] = value
         elif name in self._parameters:
             if value is not None:
@@ -369,14 +374,91 @@ class Module:
         object.__setattr__(self, name, value)
 
     def __delattr__(self, name: str) -> None:
-        for registry in (self._parameters, self._buffers, self._modules):
-            registry.pop(name, None)
+        self._parameters.pop(name, None)
+        self._forget_buffer(name)
+        self._modules.pop(name, None)
         object.__delattr__(self, name)
 
-    def register_buffer(self, name: str, array: np.ndarray | None) -> None:
-        """A non-trainable array saved in ``state_dict`` (e.g. BatchNorm's running statistics)."""
-        self._buffers[name] = array
-        object.__setattr__(self, name, array)
+    def _forget_buffer(self, name: str) -> None:
+        self._buffers.pop(name, None)
+        self._set_persistent(name, True)
+
+    def _set_persistent(self, name: str, persistent: bool) -> None:
+        if (name not in self._non_persistent_buffers_set) == persistent:
+            return
+        names = set(self._non_persistent_buffers_set)
+        if persistent:
+            names.discard(name)
+        else:
+            names.add(name)
+        object.__setattr__(self, "_non_persistent_buffers_set", names)
+
+    def register_buffer(self, name: str, tensor: np.ndarray | None,
+                        persistent: bool = True) -> None:
+        """A non-trainable array (e.g. BatchNorm's running statistics), saved in ``state_dict``
+        unless ``persistent`` is False; as torch's, with torch's checks of the name. ``None``
+        registers the name with no array (nothing saved, nothing cast)."""
+        if "_buffers" not in self.__dict__:
+            raise AttributeError("cannot assign buffer before Module.__init__() call")
+        if not isinstance(name, str):
+            raise TypeError(f"buffer name should be a string. Got {type(name).__name__}")
+        if "." in name:
+            raise KeyError('buffer name can\'t contain "."')
+        if name == "":
+            raise KeyError('buffer name can\'t be empty string ""')
+        if hasattr(self, name) and name not in self._buffers:
+            raise KeyError(f"attribute '{name}' already exists")
+        if tensor is not None and not isinstance(tensor, np.ndarray):
+            raise TypeError(f"cannot assign '{type(tensor).__name__}' object to buffer '{name}' "
+                            "(a NumPy array or None required)")
+        self._buffers[name] = tensor
+        self._set_persistent(name, bool(persistent))
+        object.__setattr__(self, name, tensor)
+
+    def add_module(self, name: str, module: Module | None) -> None:
+        """Register ``module`` as the child ``name`` (``None`` removes the child of that name),
+        with torch's checks: ``name`` a string without ".", not empty, and not already an
+        attribute other than a child."""
+        if not isinstance(module, Module) and module is not None:
+            raise TypeError(f"{type(module).__name__} is not a Module subclass")
+        if not isinstance(name, str):
+            raise TypeError(f"module name should be a string. Got {type(name).__name__}")
+        if hasattr(self, name) and name not in self._modules:
+            raise KeyError(f"attribute '{name}' already exists")
+        if "." in name:
+            raise KeyError(f'module name can\'t contain ".", got: {name}')
+        if name == "":
+            raise KeyError('module name can\'t be empty string ""')
+        setattr(self, name, module)  # a subclass's own rules (Sequential's) apply as well
+
+    def register_module(self, name: str, module: Module | None) -> None:
+        """Alias for ``add_module``."""
+        self.add_module(name, module)
+
+    def get_submodule(self, target: str) -> Module:
+        """The submodule at the dotted path ``target`` ("" is this module), or an
+        AttributeError naming the first part that is missing or not a module, as torch's."""
+        if target == "":
+            return self
+        module: Module = self
+        for item in target.split("."):
+            if not hasattr(module, item):
+                raise AttributeError(f"{type(module).__name__} has no attribute `{item}`")
+            module = getattr(module, item)
+            if not isinstance(module, Module):
+                raise AttributeError(f"`{item}` is not an nn.Module")
+        return module
+
+    def apply(self, fn: Callable[[Module], Any]) -> Module:
+        """Call ``fn`` on every child (recursively, each child's children first), then on this
+        module; returns self, as torch's (e.g. ``model.apply(init_weights)``)."""
+        seen: set[int] = set()
+        for module in self.children():
+            if id(module) not in seen:  # torch's children() lists a child held twice once
+                seen.add(id(module))
+                module.apply(fn)
+        fn(self)
+        return self
 
     # -- computation ------------------------------------------------------------------------
 
@@ -419,23 +501,40 @@ class Module:
         for _, module in self.named_modules():
             yield module
 
-    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+    def _named_members(self, registry: str, prefix: str, recurse: bool,
+                       remove_duplicate: bool) -> Iterator[tuple[str, Any]]:
+        """Torch's ``_named_members``: the entries of each module's ``registry`` (its own only
+        unless ``recurse``), each object once unless ``remove_duplicate`` is False."""
         seen: set[int] = set()
-        for module_name, module in self.named_modules(prefix):
-            for name, param in module._parameters.items():
-                if id(param) not in seen:
-                    seen.add(id(param))
-                    yield (f"{module_name}.{name}" if module_name else name), param
+        modules = (self.named_modules(prefix, remove_duplicate=remove_duplicate) if recurse
+                   else iter([(prefix, self)]))
+        for module_name, module in modules:
+            for name, value in getattr(module, registry).items():
+                if value is None or id(value) in seen:
+                    continue
+                if remove_duplicate:
+                    seen.add(id(value))
+                yield (f"{module_name}.{name}" if module_name else name), value
 
-    def parameters(self) -> Iterator[Parameter]:
-        for _, param in self.named_parameters():
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, Parameter]]:
+        """Every parameter with its name, in ``state_dict`` order; a parameter held twice (tied
+        weights) comes once unless ``remove_duplicate`` is False; only this module's own
+        unless ``recurse``."""
+        yield from self._named_members("_parameters", prefix, recurse, remove_duplicate)
+
+    def parameters(self, recurse: bool = True) -> Iterator[Parameter]:
+        for _, param in self.named_parameters(recurse=recurse):
             yield param
 
-    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
-        for module_name, module in self.named_modules(prefix):
-            for name, buffer in module._buffers.items():
-                if buffer is not None:
-                    yield (f"{module_name}.{name}" if module_name else name), buffer
+    def named_buffers(self, prefix: str = "", recurse: bool = True,
+                      remove_duplicate: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+        """Every buffer (persistent or not) with its name, as ``named_parameters``."""
+        yield from self._named_members("_buffers", prefix, recurse, remove_duplicate)
+
+    def buffers(self, recurse: bool = True) -> Iterator[np.ndarray]:
+        for _, buffer in self.named_buffers(recurse=recurse):
+            yield buffer
 
     # -- modes and dtype ----------------------------------------------------------------------
 
@@ -493,7 +592,10 @@ class Module:
         for module in self.modules():
             for name, buffer in list(module._buffers.items()):
                 if buffer is not None and buffer.dtype in FLOAT_DTYPES:
-                    module.register_buffer(name, buffer.astype(dtype, copy=False))
+                    # Not register_buffer, which would make a non-persistent buffer persistent.
+                    cast = buffer.astype(dtype, copy=False)
+                    module._buffers[name] = cast
+                    object.__setattr__(module, name, cast)
         return self
 
     def float(self) -> Module:
@@ -504,16 +606,31 @@ class Module:
 
     # -- state ------------------------------------------------------------------------------
 
-    def state_dict(self) -> OrderedDict[str, np.ndarray]:
-        """Copies of every parameter and buffer, keyed and ordered exactly as PyTorch's."""
-        state: OrderedDict[str, np.ndarray] = OrderedDict()
+    def _state_entries(self) -> Iterator[tuple[str, Module, str, Parameter | np.ndarray]]:
+        """(key, module, name, parameter or buffer) for every entry of ``state_dict``, in
+        torch's order: each module's parameters, then its persistent buffers, then its
+        children's (a child held twice under both names)."""
         for module_name, module in self.named_modules(remove_duplicate=False):
             dot = f"{module_name}." if module_name else ""
             for name, param in module._parameters.items():
-                state[dot + name] = param.data.copy()
+                yield dot + name, module, name, param
             for name, buffer in module._buffers.items():
-                if buffer is not None:
-                    state[dot + name] = buffer.copy()
+                if buffer is not None and name not in module._non_persistent_buffers_set:
+                    yield dot + name, module, name, buffer
+
+    def state_dict(self, *, destination: Any = None, prefix: str = "",
+                   keep_vars: bool = False) -> Any:
+        """Copies of every parameter and persistent buffer, keyed and ordered exactly as
+        PyTorch's (torch's are references; copies here, so a state_dict is a snapshot). Each key
+        starts with ``prefix``; the entries go into ``destination`` (returned) when given, else
+        into a new OrderedDict. ``keep_vars=True`` gives the objects themselves, as torch does:
+        the ``Parameter`` objects and the buffer arrays, no copies (``load_state_dict`` takes
+        them)."""
+        state = OrderedDict() if destination is None else destination
+        for key, _, _, value in self._state_entries():
+            if not keep_vars:
+                value = (value.data if isinstance(value, Parameter) else value).copy()
+            state[prefix + key] = value
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadResult:
@@ -523,14 +640,9 @@ class Module:
             # Otherwise a list's items were reported as "unexpected keys".
             raise TypeError(f"Expected state_dict to be dict-like, got "
                             f"{type(state_dict).__name__}")
-        targets: dict[str, tuple[Module, str, np.ndarray]] = {}
-        for module_name, module in self.named_modules(remove_duplicate=False):
-            dot = f"{module_name}." if module_name else ""
-            for name, param in module._parameters.items():
-                targets[dot + name] = (module, name, param.data)
-            for name, buffer in module._buffers.items():
-                if buffer is not None:
-                    targets[dot + name] = (module, name, buffer)
+        targets: dict[str, tuple[Module, str, np.ndarray]] = {
+            key: (module, name, value.data if isinstance(value, Parameter) else value)
+            for key, module, name, value in self._state_entries()}
         missing = [key for key, (module, name, _) in targets.items()
                    if key not in state_dict and name not in module.optional_state]
         unexpected = [key for key in state_dict if key not in targets]
@@ -544,7 +656,10 @@ class Module:
         for key, (_, _, current) in targets.items():
             if key not in state_dict:
                 continue
-            value = _state_array(state_dict[key], f"{where}: {key!r}")
+            raw = state_dict[key]
+            if isinstance(raw, Parameter):  # from state_dict(keep_vars=True)
+                raw = raw.data
+            value = _state_array(raw, f"{where}: {key!r}")
             if value.shape != current.shape:
                 raise StateDictError(
                     f"{where}: {key!r} has shape {value.shape} but the model expects "
@@ -646,6 +761,11 @@ def check_grad_output(
     return grad_output
 
 
+class _NotAModule(TypeError, AssertionError):
+    """``Sequential.insert`` given something other than a Module: torch raises AssertionError
+    there and TypeError everywhere else (``append``), so this is both."""
+
+
 class Sequential(Module):
     """Modules applied in order; children are named ``"0"``, ``"1"``, ... as in PyTorch (or by
     the keys of one mapping given instead).
@@ -662,6 +782,10 @@ class Sequential(Module):
     lowers non-maxima to 0. Iteration, indexing, names and ``state_dict`` keep the registration
     order. A forward then runs a Conv2d and the tiling MaxPool2d and ReLU after it as one step
     (nn/fused.py): every such run under ``no_grad()``, the first one with gradients on.
+
+    Edited as torch's (``model[i] = m``, ``del model[i]``, ``insert``, ``extend``, ``pop``,
+    ``append``, ``add_module``), each edit checks that no module comes twice and makes the next
+    forward run the edited children.
     """
 
     splits_exactly = True  # a container: _splits_exactly checks every layer inside it
@@ -685,7 +809,7 @@ class Sequential(Module):
         for name, module in items:
             if not isinstance(module, Module):
                 raise TypeError(f"Sequential takes Modules, got {type(module).__name__}")
-            setattr(self, name, module)
+            self.add_module(name, module)  # torch's checks of the name, as torch's Sequential
 
     def __setattr__(self, name: str, value: Any) -> None:
         if isinstance(value, Module):
@@ -701,7 +825,7 @@ class Sequential(Module):
 
     def _check_not_present(self, name: str, value: Module) -> None:
         """Raise a ValueError if ``value`` or any module inside it is already in this tree
-        (outside the child ``name`` it replaces), or is this Sequential itself."""
+        (outside the child ``name`` it replaces, if any), or is this Sequential itself."""
         where: dict[int, str] = {id(self): "the Sequential itself"}
 
         def visit(module: Module, path: str) -> None:
@@ -786,6 +910,85 @@ class Sequential(Module):
             raise ValueError(f"Sequential.append: the name {name!r} is already taken by "
                              f"{self._modules[name].describe()}; use setattr with a new name")
         setattr(self, name, module)
+        return self
+
+    def _key_at(self, index: int) -> str:
+        """The name of the child at ``index`` (negative from the end), as torch finds it."""
+        size = len(self._modules)
+        index = operator.index(index)
+        if not -size <= index < size:
+            raise IndexError(f"index {index} is out of range")
+        return list(self._modules)[index % size]
+
+    def _renumber(self, modules: list[Module]) -> None:
+        """Hold ``modules`` as the children "0", "1", ... (torch keeps the names consecutive
+        after a deletion or an insert, whatever they were)."""
+        for name in self._modules:
+            self.__dict__.pop(name, None)
+        self._modules.clear()
+        for index, module in enumerate(modules):
+            self._modules[str(index)] = module
+            object.__setattr__(self, str(index), module)
+        object.__setattr__(self, "_execution_order", None)
+
+    def __setitem__(self, index: int, module: Module) -> None:
+        """Replace the child at ``index`` (keeping its name), as torch's."""
+        key = self._key_at(index)
+        if module is None:
+            # torch would keep a None child that forward then fails to call.
+            raise TypeError(f"cannot assign None to Sequential[{index}]; "
+                            f"remove the child with del model[{index}]")
+        setattr(self, key, module)  # refuses a non-Module, checks the tree, resets the order
+
+    def __delitem__(self, index: int | slice) -> None:
+        """Remove the child(ren) at ``index``; as in torch, the children left are then named
+        "0", "1", ... (even those of a Sequential built from a mapping)."""
+        keys = list(self._modules)[index] if isinstance(index, slice) else [self._key_at(index)]
+        for key in keys:
+            delattr(self, key)
+        self._renumber(list(self._modules.values()))
+
+    def pop(self, key: int | slice) -> Module:
+        """Remove and return the child at ``key`` (a slice: a Sequential of those children)."""
+        module = self[key]
+        del self[key]
+        return module
+
+    def insert(self, index: int, module: Module) -> Sequential:
+        """Put ``module`` at ``index`` (0 <= index <= len, or negative from the end); the
+        children from there on move one place up, as in torch. Needs children named "0", "1",
+        ... (torch fails half-way on other names): build a mapping-named model anew instead."""
+        if not isinstance(module, Module):
+            raise _NotAModule(f"module should be of type: {Module}, got {type(module).__name__}")
+        size = len(self._modules)
+        index = operator.index(index)
+        if not -size <= index <= size:
+            raise IndexError(f"Index out of range: {index}")
+        if index < 0:
+            index += size
+        if index == size:
+            return self.append(module)
+        if list(self._modules) != [str(i) for i in range(size)]:
+            raise KeyError(f"Sequential.insert: needs children named '0' to '{size - 1}', got "
+                           f"{list(self._modules)}; torch's insert renames by number")
+        self._check_not_present(f"new {index}", module)  # a name no child has: replaces none
+        children = list(self._modules.values())
+        children.insert(index, module)
+        self._renumber(children)
+        return self
+
+    def extend(self, sequential: Iterable[Module]) -> Sequential:
+        """Append each module of ``sequential`` (any iterable of modules), as torch's; if one is
+        refused, none is added."""
+        modules = list(sequential)
+        size = len(self._modules)
+        try:
+            for module in modules:
+                self.append(module)
+        except BaseException:
+            for name in list(self._modules)[size:]:
+                delattr(self, name)
+            raise
         return self
 
     def __len__(self) -> int:
