@@ -1,6 +1,6 @@
 """scratchcnn.optim.lr_scheduler against torch.optim.lr_scheduler: learning-rate sequences over
-40 epochs (past the end of each schedule), chained schedulers, schedulers driving an optimizer,
-state_dict round trips and validation."""
+40 epochs (past the end of each schedule), chained and sequenced schedulers, ReduceLROnPlateau on
+metric sequences, schedulers driving an optimizer, state_dict round trips and validation."""
 
 from __future__ import annotations
 
@@ -12,9 +12,30 @@ import pytest
 
 from scratchcnn.nn.module import Parameter
 from scratchcnn.optim import SGD, Adam, lr_scheduler
-from scratchcnn.optim.lr_scheduler import CosineAnnealingLR, LinearLR, OneCycleLR, StepLR
+from scratchcnn.optim.lr_scheduler import (
+    CosineAnnealingLR,
+    ExponentialLR,
+    LambdaLR,
+    LinearLR,
+    MultiStepLR,
+    OneCycleLR,
+    ReduceLROnPlateau,
+    SequentialLR,
+    StepLR,
+)
 
 EPOCHS = 40
+
+
+class StepDecay:
+    """A callable object for LambdaLR: its attributes are what LambdaLR's state_dict saves."""
+
+    def __init__(self, every, factor):
+        self.every, self.factor = every, factor
+
+    def __call__(self, epoch):
+        return self.factor ** (epoch // self.every)
+
 LRS = (0.1, 0.03)  # two parameter groups with different learning rates
 
 SCHEDULES = [
@@ -24,7 +45,25 @@ SCHEDULES = [
     ("CosineAnnealingLR", {"T_max": 7, "eta_min": 0.01}),
     ("LinearLR", {"start_factor": 0.1, "total_iters": 5}),
     ("LinearLR", {"start_factor": 0.5, "end_factor": 0.2, "total_iters": 8}),
+    ("MultiStepLR", {"milestones": [2, 5, 5, 11], "gamma": 0.5}),
+    ("MultiStepLR", {"milestones": [30, 0, 9]}),  # any order; 0 applies at construction
+    ("ExponentialLR", {"gamma": 0.9}),
+    ("ExponentialLR", {"gamma": 1.07}),
+    ("LambdaLR", {"lr_lambda": lambda epoch: 0.95**epoch * (1 + epoch % 3)}),
+    ("LambdaLR", {"lr_lambda": [lambda epoch: min(1.0, (epoch + 1) / 6), StepDecay(4, 0.6)]}),
 ]
+
+
+def case_id(name, config):
+    """``name-{config}``, functions by name (their repr holds an address)."""
+    def show(value):
+        if isinstance(value, list):
+            return "[" + ", ".join(show(v) for v in value) + "]"
+        return getattr(value, "__name__", type(value).__name__) if callable(value) else repr(value)
+    return name + "-{" + ", ".join(f"{k!r}: {show(v)}" for k, v in config.items()) + "}"
+
+
+SCHEDULE_IDS = [case_id(n, c) for n, c in SCHEDULES]
 
 
 def our_optimizer():
@@ -51,7 +90,7 @@ def lr_sequence(optimizer, schedulers, epochs=EPOCHS):
     return np.array(sequence)
 
 
-@pytest.mark.parametrize(("name", "config"), SCHEDULES, ids=[f"{n}-{c}" for n, c in SCHEDULES])
+@pytest.mark.parametrize(("name", "config"), SCHEDULES, ids=SCHEDULE_IDS)
 def test_lr_sequence_matches_torch(torch, name, config):
     opt, topt = our_optimizer(), their_optimizer(torch)
     ours = lr_sequence(opt, [getattr(lr_scheduler, name)(opt, **config)])
@@ -61,7 +100,7 @@ def test_lr_sequence_matches_torch(torch, name, config):
     assert [g["lr"] for g in opt.param_groups] == list(ours[-1])
 
 
-@pytest.mark.parametrize(("name", "config"), SCHEDULES, ids=[f"{n}-{c}" for n, c in SCHEDULES])
+@pytest.mark.parametrize(("name", "config"), SCHEDULES, ids=SCHEDULE_IDS)
 def test_torch_scheduler_state_dict_resumes_the_same_schedule(torch, name, config):
     """A schedule saved by torch mid-way (its state_dict carries torch-only keys) continues
     here with torch's learning rates."""
@@ -141,6 +180,9 @@ def test_state_dict_round_trip_mid_schedule():
     ("CosineAnnealingLR", {"T_max": 6}),
     ("LinearLR", {"start_factor": 0.2, "total_iters": 8}),
     ("StepLR", {"step_size": 3}),
+    ("MultiStepLR", {"milestones": [2, 5, 7]}),
+    ("ExponentialLR", {"gamma": 0.8}),
+    ("LambdaLR", {"lr_lambda": lambda epoch: 1 / (1 + epoch)}),
 ])
 def test_resuming_with_last_epoch_matches_torch(torch, name, config):
     """Constructing with last_epoch=k takes the initial step from epoch k, as PyTorch does."""
@@ -269,3 +311,325 @@ def test_one_cycle_cycles_only_beta1(torch):
     theirs = run(torch.optim.lr_scheduler, torch.nn.Parameter(torch.zeros(2)), torch.optim.Adam)
     np.testing.assert_allclose(ours, theirs, rtol=1e-13, atol=0)
     assert np.all(ours[:, 1] == 0.999)
+
+
+# -- MultiStepLR, ExponentialLR, LambdaLR: what the shared tests above do not cover -------------
+
+
+def test_new_schedulers_closed_forms_when_alone():
+    epochs = np.arange(EPOCHS + 1)[:, None]
+    base = np.array(LRS)[None, :]
+    opt = our_optimizer()
+    multi = lr_sequence(opt, [MultiStepLR(opt, milestones=[3, 8, 8, 20], gamma=0.5)])
+    passed = (epochs >= 3).astype(int) + 2 * (epochs >= 8) + (epochs >= 20)
+    np.testing.assert_allclose(multi, base * 0.5**passed, rtol=1e-12)
+    opt = our_optimizer()
+    exponential = lr_sequence(opt, [ExponentialLR(opt, gamma=0.93)])
+    np.testing.assert_allclose(exponential, base * 0.93**epochs, rtol=1e-12)
+    opt = our_optimizer()
+    lambdas = lr_sequence(opt, [LambdaLR(opt, [lambda e: e + 1, StepDecay(5, 0.1)])])
+    np.testing.assert_array_equal(lambdas[:, 0], LRS[0] * (epochs[:, 0] + 1))
+    np.testing.assert_array_equal(lambdas[:, 1], LRS[1] * 0.1 ** (epochs[:, 0] // 5))
+
+
+@pytest.mark.parametrize(("name", "config"), SCHEDULES[6:], ids=SCHEDULE_IDS[6:])
+def test_new_schedulers_state_dict_round_trip_through_json(name, config):
+    opt = our_optimizer()
+    scheduler = getattr(lr_scheduler, name)(opt, **config)
+    lr_sequence(opt, [scheduler], epochs=7)
+    saved = json.loads(json.dumps(scheduler.state_dict()))
+    saved_opt = json.loads(json.dumps(opt.state_dict()))
+    rest = lr_sequence(opt, [scheduler], epochs=20)
+    resumed = our_optimizer()
+    again = getattr(lr_scheduler, name)(resumed, **config)
+    again.load_state_dict(saved)
+    resumed.load_state_dict(saved_opt)
+    np.testing.assert_array_equal(lr_sequence(resumed, [again], epochs=20), rest)
+
+
+def test_multistep_state_dict_is_torchs_counter_and_loads_into_torch(torch):
+    from collections import Counter
+
+    opt = our_optimizer()
+    sched = MultiStepLR(opt, milestones=[6, 2, 6])
+    assert sched.milestones == Counter({6: 2, 2: 1})
+    lr_sequence(opt, [sched], epochs=3)
+    state = sched.state_dict()
+    assert state["milestones"] == Counter({6: 2, 2: 1})
+    state["milestones"][9] = 1  # a copy
+    assert 9 not in sched.milestones
+    # torch's MultiStepLR takes ours (the same keys and types) and continues as we do
+    topt = their_optimizer(torch)
+    theirs = torch.optim.lr_scheduler.MultiStepLR(topt, milestones=[1])
+    theirs.load_state_dict(sched.state_dict())
+    for group, lr in zip(topt.param_groups, sched.get_last_lr(), strict=True):
+        group["lr"] = lr
+    np.testing.assert_array_equal(lr_sequence(opt, [sched], epochs=8),
+                                  lr_sequence(topt, [theirs], epochs=8))
+
+
+def test_lambda_state_dict_saves_callable_objects_only(torch):
+    decay = StepDecay(3, 0.5)
+    opt = our_optimizer()
+    sched = LambdaLR(opt, [lambda epoch: 1.0, decay])
+    topt = their_optimizer(torch)
+    tsched = torch.optim.lr_scheduler.LambdaLR(topt, [lambda epoch: 1.0, StepDecay(3, 0.5)])
+    assert sched.state_dict().keys() == tsched.state_dict().keys() - {
+        "_get_lr_called_within_step"}
+    assert sched.state_dict()["lr_lambdas"] == [None, {"every": 3, "factor": 0.5}]
+    assert sched.state_dict()["lr_lambdas"] == tsched.state_dict()["lr_lambdas"]
+    # loading restores the object's attributes into this scheduler's own object, as torch
+    fresh = StepDecay(1, 1.0)
+    other = LambdaLR(our_optimizer(), [lambda epoch: 1.0, fresh])
+    tsched.lr_lambdas[1].factor = 0.25
+    lr_sequence(topt, [tsched], epochs=4)
+    other.load_state_dict(tsched.state_dict())
+    assert (fresh.every, fresh.factor) == (3, 0.25) and other.last_epoch == 4
+    assert other.get_last_lr() == tsched.get_last_lr()
+    with pytest.raises(ValueError, match="lr_lambdas has 1 entries"):
+        other.load_state_dict({**other.state_dict(), "lr_lambdas": [None]})
+
+
+def test_new_schedulers_validation():
+    opt = our_optimizer()
+    with pytest.raises(TypeError, match="milestones must be a list"):
+        MultiStepLR(opt, milestones=30)
+    with pytest.raises(ValueError, match="milestones must be epochs"):
+        MultiStepLR(opt, milestones=[3, 7.5])
+    with pytest.raises(ValueError, match="milestones must be epochs"):
+        MultiStepLR(opt, milestones=[-1])
+    with pytest.raises(ValueError, match="gamma must be a positive number"):
+        MultiStepLR(opt, milestones=[3], gamma=0)
+    with pytest.raises(ValueError, match="gamma must be a positive number"):
+        ExponentialLR(opt, gamma="0.9")
+    with pytest.raises(TypeError, match="not an Optimizer"):
+        ExponentialLR(object(), gamma=0.9)
+    with pytest.raises(TypeError, match="not an Optimizer"):
+        LambdaLR(object(), lambda epoch: 1.0)
+    with pytest.raises(ValueError, match="expected 2 lr_lambdas"):
+        LambdaLR(opt, [lambda epoch: 1.0])
+    with pytest.raises(TypeError, match="lr_lambda must be a function"):
+        LambdaLR(opt, 0.5)
+    assert [g["lr"] for g in opt.param_groups] == list(LRS)  # nothing was changed
+
+
+# -- SequentialLR -------------------------------------------------------------------------------
+
+
+def sequential(module, opt, case):
+    """SequentialLR cases, built the same way from either module."""
+    if case == "warmup-cosine":
+        schedulers = [module.LinearLR(opt, start_factor=0.1, total_iters=5),
+                      module.CosineAnnealingLR(opt, T_max=12, eta_min=1e-3)]
+        milestones = [5]
+    elif case == "four":  # closed forms at each restart, and LambdaLR's get_lr (it has none)
+        schedulers = [module.ExponentialLR(opt, gamma=1.2),
+                      module.MultiStepLR(opt, milestones=[0, 2, 4]),
+                      module.LambdaLR(opt, lambda epoch: 0.8**epoch),
+                      module.StepLR(opt, step_size=3, gamma=0.5)]
+        milestones = [4, 11, 20]
+    else:  # cosine first, warm restart with LinearLR, decay past its end
+        schedulers = [module.CosineAnnealingLR(opt, T_max=6),
+                      module.LinearLR(opt, start_factor=0.3, end_factor=0.6, total_iters=4),
+                      module.ExponentialLR(opt, gamma=0.9)]
+        milestones = [9, 17]
+    return module.SequentialLR(opt, schedulers, milestones)
+
+
+SEQUENTIAL = ["warmup-cosine", "four", "restart"]
+
+
+@pytest.mark.parametrize("case", SEQUENTIAL)
+def test_sequential_matches_torch(torch, case):
+    opt, topt = our_optimizer(), their_optimizer(torch)
+    sched = sequential(lr_scheduler, opt, case)
+    tsched = sequential(torch.optim.lr_scheduler, topt, case)
+    assert sched.get_last_lr() == tsched.get_last_lr()  # the first scheduler's epoch 0 only
+    ours, theirs = lr_sequence(opt, [sched]), lr_sequence(topt, [tsched])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-13, atol=0)
+    assert len(np.unique(ours[:, 0])) > 10
+    assert [g["lr"] for g in opt.param_groups] == list(ours[-1])
+    assert sched.last_epoch == tsched.last_epoch == EPOCHS
+    assert [s.last_epoch for s in sched._schedulers] == [s.last_epoch for s in tsched._schedulers]
+
+
+def test_sequential_warmup_then_cosine_closed_form():
+    opt = our_optimizer()
+    ours = lr_sequence(opt, [sequential(lr_scheduler, opt, "warmup-cosine")], epochs=20)
+    t = np.arange(21)[:, None]
+    base = np.array(LRS)[None, :]
+    warmup = base * (0.1 + 0.9 * t / 5)
+    cosine = 1e-3 + (base - 1e-3) * (1 + np.cos(np.pi * (t - 5) / 12)) / 2
+    np.testing.assert_allclose(ours, np.where(t < 5, warmup, cosine), rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", SEQUENTIAL)
+def test_sequential_state_dict_round_trips_and_loads_torchs(torch, case):
+    opt = our_optimizer()
+    sched = sequential(lr_scheduler, opt, case)
+    lr_sequence(opt, [sched], epochs=7)
+    saved = json.loads(json.dumps(sched.state_dict()))
+    saved_opt = opt.state_dict()
+    rest = lr_sequence(opt, [sched], epochs=25)
+    resumed = our_optimizer()
+    again = sequential(lr_scheduler, resumed, case)
+    again.load_state_dict(saved)
+    resumed.load_state_dict(saved_opt)
+    np.testing.assert_array_equal(lr_sequence(resumed, [again], epochs=25), rest)
+
+    topt = their_optimizer(torch)
+    tsched = sequential(torch.optim.lr_scheduler, topt, case)
+    lr_sequence(topt, [tsched], epochs=7)
+    tstate = tsched.state_dict()
+    assert set(saved) | {"_get_lr_called_within_step"} >= set(tstate)
+    resumed = our_optimizer()
+    again = sequential(lr_scheduler, resumed, case)
+    again.load_state_dict(tstate)
+    for group, lr in zip(resumed.param_groups, again.get_last_lr(), strict=True):
+        group["lr"] = lr
+    np.testing.assert_allclose(lr_sequence(resumed, [again], epochs=25),
+                               lr_sequence(topt, [tsched], epochs=25), rtol=1e-13, atol=0)
+
+
+def test_sequential_validation():
+    opt = our_optimizer()
+    first, second = LinearLR(opt, total_iters=3), ExponentialLR(opt, gamma=0.9)
+    with pytest.raises(ValueError, match="non-empty"):
+        SequentialLR(opt, [], [])
+    with pytest.raises(ValueError, match="expected 1 milestones"):
+        SequentialLR(opt, [first, second], [3, 6])
+    with pytest.raises(ValueError, match="increasing positive"):
+        SequentialLR(opt, [first, second, StepLR(opt, 2)], [6, 3])
+    with pytest.raises(ValueError, match="increasing positive"):
+        SequentialLR(opt, [first, second], [2.5])
+    with pytest.raises(TypeError, match="not a learning-rate scheduler"):
+        SequentialLR(opt, [first, "cosine"], [3])
+    with pytest.raises(ValueError, match="needs a metric"):
+        SequentialLR(opt, [first, ReduceLROnPlateau(opt)], [3])
+    with pytest.raises(ValueError, match="another optimizer"):
+        SequentialLR(opt, [first, ExponentialLR(our_optimizer(), gamma=0.9)], [3])
+    sched = SequentialLR(opt, [first, second], [3])
+    with pytest.raises(ValueError, match="_schedulers must hold 2"):
+        sched.load_state_dict({**sched.state_dict(), "_schedulers": []})
+
+
+# -- ReduceLROnPlateau ---------------------------------------------------------------------------
+
+
+def plateau_metrics():
+    """A noisy loss curve that flattens out, then a late improvement: plateaus of every length."""
+    noise = np.random.default_rng(7).normal(0.0, 0.03, 90)
+    t = np.arange(90)
+    return 1.0 + 9.0 * np.exp(-t / 12) + noise - 1.5 * (t >= 60)
+
+
+PLATEAU = [
+    {"patience": 3},
+    {"patience": 2, "cooldown": 3, "factor": 0.5, "min_lr": [2e-3, 1e-3]},
+    {"patience": 4, "threshold": 0.05, "min_lr": 1e-4},
+    {"patience": 1, "threshold": 0.05, "threshold_mode": "abs", "factor": 0.7},
+    {"mode": "max", "patience": 2, "threshold": 0.01, "cooldown": 1, "factor": 0.5},
+    {"mode": "max", "patience": 3, "threshold": 0.05, "threshold_mode": "abs", "factor": 0.5,
+     "min_lr": 0.0245, "eps": 1e-3},  # 0.025 -> 0.0245 is within eps: skipped
+]
+
+
+def plateau_trace(opt, sched, metrics):
+    """get_last_lr(), the groups' lr and the counters after each step(metric)."""
+    trace = []
+    for metric in metrics:
+        opt.step()
+        sched.step(metric)
+        trace.append([*sched.get_last_lr(), *(g["lr"] for g in opt.param_groups),
+                      sched.best, sched.num_bad_epochs, sched.cooldown_counter])
+    return np.array(trace)
+
+
+@pytest.mark.parametrize("config", PLATEAU, ids=[str(c) for c in PLATEAU])
+def test_reduce_on_plateau_matches_torch(torch, config):
+    metrics = plateau_metrics()
+    if config.get("mode") == "max":
+        metrics = 12.0 - metrics  # rising to a plateau, like an accuracy
+    opt, topt = our_optimizer(), their_optimizer(torch)
+    sched = ReduceLROnPlateau(opt, **config)
+    tsched = torch.optim.lr_scheduler.ReduceLROnPlateau(topt, **config)
+    assert sched.get_last_lr() == tsched.get_last_lr() == list(LRS)
+    ours = plateau_trace(opt, sched, metrics)
+    np.testing.assert_array_equal(ours, plateau_trace(topt, tsched, metrics))
+    assert len(np.unique(ours[:, 0])) >= 3  # reduced at least twice
+    assert sched.last_epoch == len(metrics)
+
+
+def test_reduce_on_plateau_patience_cooldown_min_lr_by_hand():
+    opt = our_optimizer()
+    sched = ReduceLROnPlateau(opt, patience=2, cooldown=1, factor=0.5, min_lr=[0.02, 0])
+    lrs = plateau_trace(opt, sched, [1.0] * 13)[:, :2]
+    # epoch 1 sets best; bad epochs 2, 3, 4 -> reduce after 4; epoch 5 is cooldown (not
+    # counted); bad 6, 7, 8 -> reduce after 8; cooldown 9; 10, 11, 12 -> after 12
+    reduced_after = [i + 1 for i in range(1, 13) if lrs[i, 1] != lrs[i - 1, 1]]
+    assert reduced_after == [4, 8, 12]
+    np.testing.assert_array_equal(lrs[:, 0], [0.1] * 3 + [0.05] * 4 + [0.025] * 4 + [0.02] * 2)
+    # an improvement resets the count; within the threshold it does not count as one
+    opt = our_optimizer()
+    sched = ReduceLROnPlateau(opt, patience=1, threshold=0.1)
+    lrs = plateau_trace(opt, sched, [1.0, 0.95, 0.8, 0.75, 0.74])[:, 0]
+    assert list(lrs) == [0.1, 0.1, 0.1, 0.1, pytest.approx(0.01)]
+    opt = our_optimizer()
+    sched = ReduceLROnPlateau(opt, mode="max", patience=0, threshold=0.1, threshold_mode="abs")
+    lrs = plateau_trace(opt, sched, [1.0, 1.2, 1.25, 1.4])[:, 0]
+    assert list(lrs) == [0.1, 0.1, pytest.approx(0.01), pytest.approx(0.01)]
+
+
+def test_reduce_on_plateau_state_dict_round_trips_and_loads_torchs(torch):
+    config = PLATEAU[1]
+    metrics = plateau_metrics()
+    opt = our_optimizer()
+    sched = ReduceLROnPlateau(opt, **config)
+    plateau_trace(opt, sched, metrics[:30])
+    saved = json.loads(json.dumps(sched.state_dict()))  # best may be inf: Python's JSON keeps it
+    saved_opt = opt.state_dict()
+    rest = plateau_trace(opt, sched, metrics[30:])
+    resumed = our_optimizer()
+    again = ReduceLROnPlateau(resumed, **config)
+    again.load_state_dict(saved)
+    resumed.load_state_dict(saved_opt)
+    np.testing.assert_array_equal(plateau_trace(resumed, again, metrics[30:]), rest)
+
+    topt = their_optimizer(torch)
+    tsched = torch.optim.lr_scheduler.ReduceLROnPlateau(topt, **config)
+    plateau_trace(topt, tsched, metrics[:30])
+    assert set(tsched.state_dict()) == set(saved)
+    resumed = our_optimizer()
+    again = ReduceLROnPlateau(resumed)  # every setting comes from the state_dict
+    again.load_state_dict(tsched.state_dict())
+    for group, lr in zip(resumed.param_groups, again.get_last_lr(), strict=True):
+        group["lr"] = lr
+    np.testing.assert_array_equal(plateau_trace(resumed, again, metrics[30:]),
+                                  plateau_trace(topt, tsched, metrics[30:]))
+
+
+def test_reduce_on_plateau_validation():
+    opt = our_optimizer()
+    for kwargs, match in [
+        ({"mode": "minimum"}, "mode must be 'min' or 'max'"),
+        ({"threshold_mode": "relative"}, "threshold_mode must be 'rel' or 'abs'"),
+        ({"factor": 1.0}, r"factor must be in \[0, 1\)"),
+        ({"factor": -0.5}, r"factor must be in \[0, 1\)"),
+        ({"patience": -1}, "patience must be a non-negative integer"),
+        ({"cooldown": 1.5}, "cooldown must be a non-negative integer"),
+        ({"threshold": -1e-4}, "threshold must be >= 0"),
+        ({"min_lr": [0.1]}, "expected 2 min_lrs"),
+        ({"min_lr": -1}, "min_lr must be >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ReduceLROnPlateau(opt, **kwargs)
+    with pytest.raises(TypeError, match="not an Optimizer"):
+        ReduceLROnPlateau(object())
+    sched = ReduceLROnPlateau(opt)
+    with pytest.raises(TypeError, match="metrics must be a number"):
+        sched.step([0.5])
+    sched.step(np.float32(0.5))  # NumPy scalars and 0-d arrays are numbers
+    sched.step(np.array(0.4))
+    assert sched.best == pytest.approx(0.4) and sched.last_epoch == 2
+    with pytest.raises(ValueError, match="mode must be"):
+        sched.load_state_dict({**sched.state_dict(), "mode": "up"})

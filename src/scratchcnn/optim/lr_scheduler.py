@@ -1,12 +1,18 @@
 """Learning-rate schedulers, as ``torch.optim.lr_scheduler``: each ``step()`` (call it after
 ``optimizer.step()``, once per epoch) writes the next learning rate into every parameter group's
-``"lr"``. The recursive ("chainable") formulas are PyTorch's, so the values agree with PyTorch's
-step for step, to the last bit, including past the end of a schedule."""
+``"lr"`` (``ReduceLROnPlateau.step(metrics)`` takes the epoch's validation metric). The recursive
+("chainable") formulas are PyTorch's, so the values agree with PyTorch's step for step, to the
+last bit, including past the end of a schedule."""
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping
+import numbers
+import types
+from bisect import bisect_right
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from scratchcnn.optim.optimizer import Optimizer
@@ -20,10 +26,7 @@ class LRScheduler:
     step, so that right after construction ``get_last_lr()`` is the epoch-0 learning rate."""
 
     def __init__(self, optimizer: Optimizer, last_epoch: int = -1) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                f"{type(self).__name__}: {type(optimizer).__name__} is not an Optimizer"
-            )
+        _check_optimizer(self, optimizer)
         self.optimizer = optimizer
         if last_epoch == -1:
             for group in optimizer.param_groups:
@@ -38,6 +41,9 @@ class LRScheduler:
                     )
         self.base_lrs: list[float] = [group["initial_lr"] for group in optimizer.param_groups]
         self.last_epoch = last_epoch
+        self._initial_step()
+
+    def _initial_step(self) -> None:
         self._step_count = 0  # step() calls, kept (as in PyTorch's state_dict) for inspection
         self._is_initial = True
         self.step()
@@ -50,8 +56,19 @@ class LRScheduler:
     def step(self) -> None:
         """Advance one epoch and write the new learning rates into the optimizer."""
         self._step_count += 1
-        self.last_epoch += 1
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+        self._update_lr()
+
+    def _update_lr(self, epoch: int | None = None) -> None:
+        """Advance one epoch (``epoch=None``), or jump to ``epoch`` using the closed form where
+        there is one (as PyTorch does; SequentialLR restarts a scheduler at 0 this way)."""
+        if epoch is None:
+            self.last_epoch += 1
+            values = self.get_lr()
+        else:
+            self.last_epoch = epoch
+            closed_form = getattr(self, "_get_closed_form_lr", None)
+            values = closed_form() if closed_form is not None else self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, values, strict=True):
             group["lr"] = lr
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
@@ -113,6 +130,11 @@ class StepLR(LRScheduler):
             return self._current_lrs()
         return [lr * self.gamma for lr in self._current_lrs()]
 
+    def _get_closed_form_lr(self) -> list[float]:
+        return [
+            base_lr * self.gamma ** (self.last_epoch // self.step_size) for base_lr in self.base_lrs
+        ]
+
 
 class CosineAnnealingLR(LRScheduler):
     r"""Cosine annealing from the initial lr down to ``eta_min`` over ``T_max`` epochs, then back
@@ -152,6 +174,13 @@ class CosineAnnealingLR(LRScheduler):
             for lr in self._current_lrs()
         ]
 
+    def _get_closed_form_lr(self) -> list[float]:
+        return [
+            self.eta_min
+            + (base_lr - self.eta_min) * (1 + math.cos(math.pi * self.last_epoch / self.T_max)) / 2
+            for base_lr in self.base_lrs
+        ]
+
 
 class LinearLR(LRScheduler):
     """Scale the initial lr by a factor going linearly from ``start_factor`` (epoch 0) to
@@ -183,6 +212,18 @@ class LinearLR(LRScheduler):
         span = self.end_factor - self.start_factor
         factor = 1.0 + span / (self.total_iters * self.start_factor + (t - 1) * span)
         return [lr * factor for lr in self._current_lrs()]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return [
+            base_lr
+            * (
+                self.start_factor
+                + (self.end_factor - self.start_factor)
+                * min(self.total_iters, self.last_epoch)
+                / self.total_iters
+            )
+            for base_lr in self.base_lrs
+        ]
 
 
 class OneCycleLR(LRScheduler):
@@ -302,6 +343,403 @@ class OneCycleLR(LRScheduler):
                     break
                 phase_start = phase_end
         return lrs
+
+
+class MultiStepLR(LRScheduler):
+    """Multiply the learning rate by ``gamma`` at each milestone epoch:
+    lr_epoch = initial_lr · gamma ** (number of milestones ≤ epoch). A milestone listed n times
+    multiplies by gamma ** n (``milestones`` is kept as a ``collections.Counter``, as in PyTorch).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        milestones: Iterable[int],
+        gamma: float = 0.1,
+        last_epoch: int = -1,
+    ) -> None:
+        self.milestones = _milestone_counter(milestones)
+        self.gamma = _check_gamma(self, gamma)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        if self.last_epoch not in self.milestones:
+            return self._current_lrs()
+        return [lr * self.gamma ** self.milestones[self.last_epoch] for lr in self._current_lrs()]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        milestones = sorted(self.milestones.elements())
+        return [
+            base_lr * self.gamma ** bisect_right(milestones, self.last_epoch)
+            for base_lr in self.base_lrs
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        """As the base class; ``milestones`` is a ``Counter`` {epoch: count}, as in PyTorch
+        (after a JSON round trip its keys are strings, which load_state_dict accepts)."""
+        state = super().state_dict()
+        state["milestones"] = Counter(self.milestones)
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        saved = self.milestones
+        if isinstance(saved, Mapping):
+            self.milestones = Counter({int(epoch): int(n) for epoch, n in saved.items()})
+        else:
+            self.milestones = _milestone_counter(saved)
+
+
+class ExponentialLR(LRScheduler):
+    """Multiply the learning rate by ``gamma`` every epoch:
+    lr_epoch = initial_lr · gamma ** epoch."""
+
+    def __init__(self, optimizer: Optimizer, gamma: float, last_epoch: int = -1) -> None:
+        self.gamma = _check_gamma(self, gamma)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        if self._is_initial:
+            return self._current_lrs()
+        return [lr * self.gamma for lr in self._current_lrs()]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return [base_lr * self.gamma**self.last_epoch for base_lr in self.base_lrs]
+
+
+class LambdaLR(LRScheduler):
+    """lr_epoch = initial_lr · lr_lambda(epoch), with one function for every parameter group or
+    a list of one per group. ``state_dict()`` holds ``lr_lambdas``: None for a plain function or
+    lambda (not saved), a copy of ``__dict__`` for a callable object, as in PyTorch."""
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        lr_lambda: Callable[[int], float] | Sequence[Callable[[int], float]],
+        last_epoch: int = -1,
+    ) -> None:
+        _check_optimizer(self, optimizer)
+        groups = len(optimizer.param_groups)
+        if isinstance(lr_lambda, (list, tuple)):
+            if len(lr_lambda) != groups:
+                raise ValueError(
+                    f"LambdaLR: expected {groups} lr_lambdas (one per parameter group), "
+                    f"got {len(lr_lambda)}"
+                )
+            self.lr_lambdas = list(lr_lambda)
+        else:
+            self.lr_lambdas = [lr_lambda] * groups
+        for fn in self.lr_lambdas:
+            if not callable(fn):
+                raise TypeError(
+                    "LambdaLR: lr_lambda must be a function of the epoch, or a list of them, "
+                    f"got {type(fn).__name__}"
+                )
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        return [
+            base_lr * lr_lambda(self.last_epoch)
+            for lr_lambda, base_lr in zip(self.lr_lambdas, self.base_lrs, strict=True)
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["lr_lambdas"] = [
+            None
+            if isinstance(fn, types.FunctionType) or not hasattr(fn, "__dict__")
+            else dict(fn.__dict__)
+            for fn in self.lr_lambdas
+        ]
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the counters, and each saved callable object's attributes into this
+        scheduler's own (the functions themselves are never loaded)."""
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(
+                f"LambdaLR.load_state_dict: expected a dict, got {type(state_dict).__name__}"
+            )
+        state = dict(state_dict)
+        saved = state.pop("lr_lambdas", None) or [None] * len(self.lr_lambdas)
+        if len(saved) != len(self.lr_lambdas):
+            raise ValueError(
+                f"LambdaLR.load_state_dict: lr_lambdas has {len(saved)} entries but this "
+                f"scheduler has {len(self.lr_lambdas)}"
+            )
+        super().load_state_dict(state)
+        for fn, attributes in zip(self.lr_lambdas, saved, strict=True):
+            if attributes is not None:
+                fn.__dict__.update(attributes)
+
+
+class SequentialLR(LRScheduler):
+    """Run ``schedulers[0]`` until epoch ``milestones[0]``, then ``schedulers[1]`` until
+    ``milestones[1]``, and so on: at milestone i, scheduler i + 1 restarts at its epoch 0 (its
+    closed form, e.g. the initial lr for CosineAnnealingLR) and is stepped from there, e.g.
+    LinearLR warm-up then CosineAnnealingLR. Construct the schedulers on ``optimizer`` first;
+    only ``schedulers[0]``'s initial step counts (the lr restarts from ``initial_lr``)."""
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        schedulers: Sequence[LRScheduler],
+        milestones: Sequence[int],
+        last_epoch: int = -1,
+    ) -> None:
+        _check_optimizer(self, optimizer)
+        if not isinstance(schedulers, (list, tuple)) or not schedulers:
+            raise ValueError("SequentialLR: schedulers must be a non-empty list of schedulers")
+        for index, scheduler in enumerate(schedulers):
+            if not isinstance(scheduler, LRScheduler):
+                raise TypeError(
+                    f"SequentialLR: schedulers[{index}] is a {type(scheduler).__name__}, "
+                    "not a learning-rate scheduler"
+                )
+            if isinstance(scheduler, ReduceLROnPlateau):
+                raise ValueError(
+                    f"SequentialLR: schedulers[{index}] is a ReduceLROnPlateau, whose step() "
+                    "needs a metric; it cannot be sequenced"
+                )
+            if scheduler.optimizer is not optimizer:
+                raise ValueError(
+                    f"SequentialLR: schedulers[{index}] ({type(scheduler).__name__}) drives "
+                    "another optimizer; all schedulers must belong to this one"
+                )
+        if not isinstance(milestones, (list, tuple)) or len(milestones) != len(schedulers) - 1:
+            raise ValueError(
+                f"SequentialLR: expected {len(schedulers) - 1} milestones (one fewer than the "
+                f"schedulers), got {milestones!r}"
+            )
+        if any(not _is_int(m) or m < 1 for m in milestones) or any(
+            a >= b for a, b in itertools.pairwise(milestones)
+        ):
+            raise ValueError(
+                f"SequentialLR: milestones must be increasing positive epochs, got {milestones!r}"
+            )
+        self._schedulers = list(schedulers)
+        self._milestones = [int(m) for m in milestones]
+        self.last_epoch = last_epoch + 1
+        self.optimizer = optimizer
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"]
+        self.recursive_undo()  # the schedulers' own initial steps do not count
+        index = bisect_right(self._milestones, 0)
+        self._schedulers[index]._initial_step()
+        self._last_lr = self._schedulers[index].get_last_lr()
+
+    def recursive_undo(self, sched: LRScheduler | None = None) -> None:
+        """Take back the initial step of every (nested) scheduler."""
+        scheduler = self if sched is None else sched
+        if hasattr(scheduler, "_schedulers"):
+            for inner in scheduler._schedulers:
+                self.recursive_undo(inner)
+        elif hasattr(scheduler, "last_epoch"):
+            scheduler.last_epoch -= 1
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        index = bisect_right(self._milestones, self.last_epoch)
+        scheduler = self._schedulers[index]
+        if index > 0 and self._milestones[index - 1] == self.last_epoch:
+            scheduler._update_lr(0)
+        else:
+            scheduler.step()
+        self._last_lr = scheduler.get_last_lr()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Its own counters plus ``_schedulers``: every scheduler's state_dict, in order."""
+        state = {
+            key: list(value) if isinstance(value, list) else value
+            for key, value in self.__dict__.items()
+            if key not in ("optimizer", "_schedulers")
+        }
+        state["_schedulers"] = [scheduler.state_dict() for scheduler in self._schedulers]
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(
+                f"SequentialLR.load_state_dict: expected a dict, got {type(state_dict).__name__}"
+            )
+        state = dict(state_dict)
+        saved = state.pop("_schedulers", None)
+        if saved is None or len(saved) != len(self._schedulers):
+            raise ValueError(
+                f"SequentialLR.load_state_dict: _schedulers must hold {len(self._schedulers)} "
+                f"state_dicts, got {None if saved is None else len(saved)}"
+            )
+        super().load_state_dict(state)
+        for scheduler, scheduler_state in zip(self._schedulers, saved, strict=True):
+            scheduler.load_state_dict(scheduler_state)
+
+
+class ReduceLROnPlateau(LRScheduler):
+    """Reduce the learning rate when a metric stops improving; call ``step(metric)`` once per
+    epoch. A metric is better than the best so far when (mode, threshold_mode):
+    min/rel: m < best · (1 - threshold); min/abs: m < best - threshold;
+    max/rel: m > best · (1 + threshold); max/abs: m > best + threshold.
+    After more than ``patience`` epochs without one, lr ← max(lr · factor, min_lr) in every group
+    (unless that changes it by at most ``eps``), then ``cooldown`` epochs pass with bad epochs
+    not counted."""
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        mode: str = "min",
+        factor: float = 0.1,
+        patience: int = 10,
+        threshold: float = 1e-4,
+        threshold_mode: str = "rel",
+        cooldown: int = 0,
+        min_lr: float | Sequence[float] = 0,
+        eps: float = 1e-8,
+    ) -> None:
+        if not _is_real(factor) or not 0 <= factor < 1:
+            raise ValueError(f"ReduceLROnPlateau: factor must be in [0, 1), got {factor!r}")
+        self.factor = factor
+        _check_optimizer(self, optimizer)
+        self.optimizer = optimizer
+        groups = len(optimizer.param_groups)
+        if isinstance(min_lr, (list, tuple)):
+            if len(min_lr) != groups:
+                raise ValueError(
+                    f"ReduceLROnPlateau: expected {groups} min_lrs (one per parameter group), "
+                    f"got {len(min_lr)}"
+                )
+            self.default_min_lr = None
+            self.min_lrs = list(min_lr)
+        else:
+            self.default_min_lr = min_lr
+            self.min_lrs = [min_lr] * groups
+        if any(not _is_real(value) or value < 0 for value in self.min_lrs):
+            raise ValueError(f"ReduceLROnPlateau: min_lr must be >= 0, got {min_lr!r}")
+        for name, value in (("patience", patience), ("cooldown", cooldown)):
+            if not _is_int(value) or value < 0:
+                raise ValueError(
+                    f"ReduceLROnPlateau: {name} must be a non-negative integer, got {value!r}"
+                )
+        for name, value in (("threshold", threshold), ("eps", eps)):
+            if not _is_real(value) or value < 0:
+                raise ValueError(f"ReduceLROnPlateau: {name} must be >= 0, got {value!r}")
+        self.patience = patience
+        self.cooldown = cooldown
+        self.eps = eps
+        self.last_epoch = 0
+        self._last_lr = self._current_lrs()
+        self._init_is_better(mode=mode, threshold=threshold, threshold_mode=threshold_mode)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.best = self.mode_worse
+        self.cooldown_counter = 0
+        self.num_bad_epochs = 0
+
+    def step(self, metrics: float) -> None:  # type: ignore[override]
+        """Record this epoch's metric (a number, e.g. the validation loss) and reduce the
+        learning rates if it has not improved for more than ``patience`` epochs."""
+        try:
+            current = float(metrics)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"ReduceLROnPlateau.step: metrics must be a number, got {type(metrics).__name__}"
+            ) from None
+        self.last_epoch += 1
+        if self._is_better(current, self.best):
+            self.best = current
+            self.num_bad_epochs = 0
+        else:
+            self.num_bad_epochs += 1
+        if self.in_cooldown:
+            self.cooldown_counter -= 1
+            self.num_bad_epochs = 0  # bad epochs in cooldown are not counted
+        if self.num_bad_epochs > self.patience:
+            self._reduce_lr()
+            self.cooldown_counter = self.cooldown
+            self.num_bad_epochs = 0
+        self._last_lr = self._current_lrs()
+
+    def _reduce_lr(self) -> None:
+        groups = self.optimizer.param_groups
+        if len(groups) != len(self.min_lrs):
+            if self.default_min_lr is None:
+                raise RuntimeError(
+                    f"ReduceLROnPlateau: the optimizer has {len(groups)} parameter groups but "
+                    f"min_lrs has {len(self.min_lrs)} (a group was added?); set min_lrs to match"
+                )
+            self.min_lrs = [self.default_min_lr] * len(groups)
+        for group, min_lr in zip(groups, self.min_lrs, strict=True):
+            old_lr = float(group["lr"])
+            new_lr = max(old_lr * self.factor, min_lr)
+            if old_lr - new_lr > self.eps:
+                group["lr"] = new_lr
+
+    @property
+    def in_cooldown(self) -> bool:
+        return self.cooldown_counter > 0
+
+    def _is_better(self, a: float, best: float) -> bool:
+        if self.mode == "min" and self.threshold_mode == "rel":
+            return a < best * (1.0 - self.threshold)
+        if self.mode == "min":
+            return a < best - self.threshold
+        if self.threshold_mode == "rel":
+            return a > best * (self.threshold + 1.0)
+        return a > best + self.threshold
+
+    def _init_is_better(self, mode: str, threshold: float, threshold_mode: str) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"ReduceLROnPlateau: mode must be 'min' or 'max', got {mode!r}")
+        if threshold_mode not in ("rel", "abs"):
+            raise ValueError(
+                f"ReduceLROnPlateau: threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}"
+            )
+        self.mode_worse = math.inf if mode == "min" else -math.inf
+        self.mode = mode
+        self.threshold = threshold
+        self.threshold_mode = threshold_mode
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._init_is_better(
+            mode=self.mode, threshold=self.threshold, threshold_mode=self.threshold_mode
+        )
+
+
+def _check_optimizer(scheduler: LRScheduler, optimizer: Any) -> None:
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"{type(scheduler).__name__}: {type(optimizer).__name__} is not an Optimizer"
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_gamma(scheduler: LRScheduler, gamma: Any) -> float:
+    if not _is_real(gamma) or not gamma > 0:
+        raise ValueError(
+            f"{type(scheduler).__name__}: gamma must be a positive number, got {gamma!r}"
+        )
+    return gamma
+
+
+def _milestone_counter(milestones: Any) -> Counter[int]:
+    if isinstance(milestones, (str, bytes, Mapping)) or not isinstance(milestones, Iterable):
+        raise TypeError(
+            f"MultiStepLR: milestones must be a list of epochs, got {type(milestones).__name__}"
+        )
+    milestones = list(milestones)
+    if any(not _is_int(m) or m < 0 for m in milestones):
+        raise ValueError(
+            f"MultiStepLR: milestones must be epochs (integers >= 0), got {milestones}"
+        )
+    return Counter(int(m) for m in milestones)
 
 
 def _per_group(name: str, groups: list[dict[str, Any]], value: Any) -> list[Any]:
