@@ -251,7 +251,12 @@ def test_a_smoke_run_without_out_leaves_the_target_result_alone(tmp_path, monkey
     assert code == 0
     assert result.read_bytes() == before
     smoke = Path("runs/accuracy/modified/mnist-simple-b64-seeds-5.json")
-    assert json.loads(smoke.read_text())["modified"]["limit_train"] == 64
+    document = json.loads(smoke.read_text())
+    assert document["modified"]["limit_train"] == 64
+    # The file says how it was made: the command as run, not the target's usual one.
+    assert document["command"] == (
+        "scratchcnn accuracy mnist-simple-b64 --seeds 5 --epochs 1 --limit-train 64 "
+        f"--limit-test 32 --dataset mnist-sample --threads 1 --out {smoke}")
     assert f"results: {smoke}" in capsys.readouterr().out
 
 

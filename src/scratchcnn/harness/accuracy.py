@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -86,8 +87,20 @@ def get_target(name: str) -> Target:
         ) from None
 
 
-def command_for(name: str) -> str:
-    return f"scratchcnn accuracy {name} --seeds 0,1,2 --out runs/accuracy/{name}.json"
+def command_for(name: str, seeds: Iterable[int] = DEFAULT_SEEDS, out: str | Path | None = None,
+                overrides: Mapping[str, Any] | None = None, data_dir: str | None = None,
+                threads: int | None = None) -> str:
+    """The ``scratchcnn accuracy`` command line of a run: what a results file records, so that
+    a file from other seeds or a smoke test says how it was made."""
+    words = ["scratchcnn", "accuracy", name, "--seeds", ",".join(map(str, seeds))]
+    for key, value in (overrides or {}).items():
+        words += [f"--{key.replace('_', '-')}", str(value)]
+    if data_dir is not None:
+        words += ["--data-dir", str(data_dir)]
+    if threads is not None:
+        words += ["--threads", str(threads)]
+    words += ["--out", str(out if out is not None else f"runs/accuracy/{name}.json")]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def seed_result(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -201,7 +214,8 @@ def run_target(
         results.append(seed_result(report))
         document = {
             "format": FORMAT, "version": VERSION, "target": name,
-            "description": target.description, "command": command_for(name),
+            "description": target.description,
+            "command": command_for(name, seeds, out, overrides, data_dir, threads),
             "recipe": {k: v for k, v in report["config"].items() if k not in ("seed",)},
             "dataset": {k: report["dataset"][k] for k in ("name", "train_size", "test_size")},
             "modified": overrides, "seeds": results,
