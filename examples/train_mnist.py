@@ -62,7 +62,8 @@ for epoch in range(args.epochs):
         loss = loss_fn(model(x), y)
         model.backward(loss_fn.backward())
         optimizer.step()
-        loss_sum += loss.item() * len(part)
+        if len(part):  # the last batch may leave a rank none (and a mean of nothing is NaN)
+            loss_sum += loss.item() * len(part)
     totals = np.array([loss_sum])
     dist.all_reduce(totals)  # every rank's share of the epoch's loss
     if rank == 0:

@@ -27,6 +27,7 @@ where the other ranks are at most their jitter behind: ``Work.wait`` polls befor
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,7 +93,9 @@ class DistributedDataParallel(Module):
     mean.) Under ``no_sync()`` each backward is scaled by its own forward's n_r / N, so the
     gradient accumulated over several batches is the sum of their one-process mean-loss
     gradients. A parameter whose ``.grad`` is None on a rank counts as zeros there; after a
-    synchronised backward every parameter has a ``.grad``.
+    synchronised backward it has a ``.grad`` if any rank gave it one, and stays None (untouched
+    by the optimizer, as in one process) if none did. Whether a backward synchronises is decided
+    by its forward, as in torch: a forward inside ``no_sync()`` gives a backward that does not.
 
     ``.grad`` is a view of the gradient vector (as torch DDP's ``gradient_as_bucket_view``):
     copy it to keep it past the next backward.
@@ -119,14 +122,21 @@ class DistributedDataParallel(Module):
             raise ValueError("DistributedDataParallel: the module has no parameters")
         if len({param.dtype for param in params}) != 1:
             raise ValueError("DistributedDataParallel: the parameters must share one dtype")
+        _check_same_parameters_on_every_rank(params)
         if _end_to_end_vector([param.data for param in params]) is None:
             flatten_parameters(params)
         self._params: list[Parameter] = params
-        self._gradients = np.zeros(sum(param.size for param in params), params[0].dtype)
-        self._grad_views = vector_views(self._gradients, [param.shape for param in params])
+        size = sum(param.size for param in params)
+        # The P gradients, then one count per parameter of the ranks that have its gradient:
+        # reduced together, so that a parameter no rank used keeps .grad None.
+        self._gradients = np.zeros(size + len(params), params[0].dtype)
+        self._grad_views = vector_views(self._gradients[:size],
+                                        [param.shape for param in params])
+        self._has_grad = self._gradients[size:]
         for param, view in zip(params, self._grad_views, strict=True):
             param.grad_buffer = view
         self._sync = True
+        self._forward_sync: bool | None = None  # the last forward's no_sync state, until backward
         # The last forward's sample counts (this rank's, all ranks'), being added up.
         self._counts = np.zeros(2, np.int64)
         self._counts_work: dist.Work | None = None
@@ -151,12 +161,14 @@ class DistributedDataParallel(Module):
         return f"broadcast_buffers={self.broadcast_buffers}"
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        if is_grad_enabled():
+            self._forward_sync = self._sync
         if is_grad_enabled() and dist.get_world_size() > 1:
             if self.broadcast_buffers and self._sync:
                 self._broadcast_buffers()
             self._take_share()  # a previous forward's count still on its way (no backward)
             # N, added up while the module's forward runs (no extra wait for the other ranks).
-            local = len(inputs[0]) if inputs else 0
+            local = _batch_length(inputs, kwargs)
             self._counts = np.array([local, local], dtype=np.int64)  # [n_r, N after the sum]
             self._counts_work = dist.all_reduce(self._counts[1:], op=dist.ReduceOp.SUM,
                                                 async_op=True)
@@ -177,7 +189,9 @@ class DistributedDataParallel(Module):
             grad_output = np.asarray(grad_output)
             grad_output = grad_output * grad_output.dtype.type(share)
         grad_input = self.module.backward(grad_output, **kwargs)
-        if self._sync and dist.get_world_size() > 1:
+        sync = self._sync if self._forward_sync is None else self._forward_sync
+        self._forward_sync = None
+        if sync and dist.get_world_size() > 1:
             self._all_reduce_gradients()
         return grad_input
 
@@ -186,16 +200,20 @@ class DistributedDataParallel(Module):
         params, views = self._params, self._grad_views
         # Normally backward wrote every gradient into its view; anything else (a .grad set by
         # hand, or a layout changed since construction) is copied in, None as zeros.
-        if not all(param.grad is view for param, view in zip(params, views, strict=True)):
-            for param, view in zip(params, views, strict=True):
+        if all(param.grad is view for param, view in zip(params, views, strict=True)):
+            self._has_grad.fill(1)
+        else:
+            for index, (param, view) in enumerate(zip(params, views, strict=True)):
+                self._has_grad[index] = param.grad is not None
                 if param.grad is None:
                     view.fill(0)
                 elif param.grad is not view:
                     np.copyto(view, param.grad)
         dist.all_reduce(self._gradients, op=dist.ReduceOp.SUM)
-        for param, view in zip(params, views, strict=True):
+        for param, view, ranks_with_grad in zip(params, views, self._has_grad, strict=True):
             if param.grad is None:
-                param.grad = view
+                if ranks_with_grad:
+                    param.grad = view
             elif param.grad is not view:
                 np.copyto(param.grad, view)
 
@@ -210,3 +228,29 @@ class DistributedDataParallel(Module):
             yield
         finally:
             self._sync = previous
+
+
+def _batch_length(inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """This rank's sample count: the length of the first array among the forward's arguments
+    (positional or keyword), as the gradients' weighting needs it."""
+    for value in (*inputs, *kwargs.values()):
+        if hasattr(value, "__len__") and hasattr(value, "shape"):
+            return len(value)
+    raise TypeError("DistributedDataParallel.forward: no input array among the arguments; pass "
+                    "this rank's part of the batch (an array of shape (n, ...))")
+
+
+def _check_same_parameters_on_every_rank(params: list[Parameter]) -> None:
+    """A ValueError on every rank unless all ranks hold parameters of the same shapes and dtypes
+    in the same order: the broadcast and the all-reduces would otherwise mix up their numbers."""
+    if dist.get_world_size() == 1:
+        return
+    layout = repr([(param.shape, param.dtype.str) for param in params]).encode()
+    signature = zlib.crc32(layout)
+    extremes = np.array([signature, -signature], dtype=np.int64)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)  # the largest and the smallest
+    if extremes[0] != -extremes[1]:
+        raise ValueError(
+            f"DistributedDataParallel: the ranks' models differ (rank {dist.get_rank()}: "
+            f"{len(params)} parameters, shapes {[param.shape for param in params]}); every rank "
+            "must build the same model")
