@@ -40,3 +40,26 @@ def test_ranks_with_different_models_are_refused_on_every_rank():
     errors = [finding["error"] for finding in run_two_ranks("mismatch")]
     assert len(errors) == 2
     assert all("the ranks' models differ" in error for error in errors)
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    """A process group of one, as without mpiexec."""
+    from scratchcnn import distributed as dist
+
+    for name in (*launch.MPIEXEC_VARIABLES, launch.LAUNCH_MARKER):
+        monkeypatch.delenv(name, raising=False)
+    dist.init_process_group()
+    yield
+    dist.destroy_process_group()
+
+
+def test_torchs_tuning_options_are_accepted_and_a_gpu_is_refused(one_process):
+    from scratchcnn import nn
+
+    model = nn.Sequential(nn.Linear(3, 2))
+    nn.parallel.DistributedDataParallel(
+        model, None, None, broadcast_buffers=False, bucket_cap_mb=25,
+        find_unused_parameters=True, gradient_as_bucket_view=True, static_graph=True)
+    with pytest.raises(ValueError, match=r"device_ids=\[0\], but scratchcnn runs on the CPU"):
+        nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(3, 2)), device_ids=[0])

@@ -107,10 +107,22 @@ class DistributedDataParallel(Module):
     ``ddp.module.state_dict()`` to load it into the bare model later.
     """
 
-    def __init__(self, module: Module, *, broadcast_buffers: bool = True) -> None:
+    def __init__(self, module: Module, device_ids: Any = None, output_device: Any = None, *,
+                 broadcast_buffers: bool = True, bucket_cap_mb: float | None = None,
+                 find_unused_parameters: bool = False, gradient_as_bucket_view: bool = False,
+                 static_graph: bool = False) -> None:
+        """torch's options that only tune its buckets and graph bookkeeping are accepted and
+        change nothing here: the gradients always go in one bucket that ``.grad`` views, and
+        unused parameters are always found (they keep ``.grad`` None). ``device_ids`` and
+        ``output_device`` may only say the CPU (None, as torch's CPU modules take)."""
         super().__init__()
         if not isinstance(module, Module):
             raise TypeError(f"DistributedDataParallel wraps a Module, got {type(module).__name__}")
+        for name, value in (("device_ids", device_ids), ("output_device", output_device)):
+            if value not in (None, [], "cpu") and str(value) != "cpu":
+                raise ValueError(f"DistributedDataParallel: {name}={value!r}, but scratchcnn "
+                                 "runs on the CPU only; leave it None, as for a CPU module in "
+                                 "torch")
         if not dist.is_initialized():
             raise RuntimeError("DistributedDataParallel: the default process group has not "
                                "been initialized; call scratchcnn.distributed."
