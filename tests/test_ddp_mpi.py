@@ -6,8 +6,10 @@ is the same training run here, on the whole batches, without DistributedDataPara
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import re
 import signal
 import subprocess
@@ -27,6 +29,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs mpi4py and mpiexec (pip install 'scratchcnn[mpi]')")
 
 WORKER = Path(__file__).parent / "mpi_scripts" / "ddp_worker.py"
+FAULT_WORKER = Path(__file__).parent / "mpi_scripts" / "fault_worker.py"
 MODELS = ("simple-cnn", "bn-cnn")
 
 
@@ -40,12 +43,13 @@ def _worker_module():
 worker = _worker_module()
 
 
-def run_ranks(ranks: int, *args: str, mca_tcp: bool = False, timeout: float = 120
+def run_ranks(ranks: int, *args: str, mca_tcp: bool = False, timeout: float = 120,
+              script: Path = WORKER, marker: str | None = None
               ) -> tuple[subprocess.CompletedProcess, float, str]:
-    """Run the worker as ``ranks`` ranks; (result, seconds taken, the marker its command line
-    carries, for pgrep)."""
-    marker = f"ddp-test-{uuid.uuid4().hex}"
-    command, env = launch.mpiexec_command(ranks, [str(WORKER), *args, marker], module=None)
+    """Run the worker (or ``script``) as ``ranks`` ranks; (result, seconds taken, the marker its
+    command line carries, for pgrep)."""
+    marker = marker or f"ddp-test-{uuid.uuid4().hex}"
+    command, env = launch.mpiexec_command(ranks, [str(script), *args, marker], module=None)
     if mca_tcp:  # the transport between machines, here over 127.0.0.1
         command[1:1] = ["--mca", "btl", "tcp,self"]
     start = time.perf_counter()
@@ -138,6 +142,56 @@ def test_a_failing_rank_ends_the_whole_job(mode):
         assert "[rank 1] Traceback (most recent call last):" in result.stderr
     time.sleep(0.5)
     assert not leftover_processes(marker)
+
+
+def ends_quickly_with(mode: str, error: str, returncode: int = 1
+                      ) -> subprocess.CompletedProcess:
+    """Run fault_worker.py's ``mode`` on 2 ranks: the job must end within seconds, with rank 1's
+    ``error`` line and ``returncode``, leaving no process."""
+    marker = f"ddp-test-{uuid.uuid4().hex}"
+    try:
+        result, seconds, _ = run_ranks(2, mode, timeout=30, script=FAULT_WORKER, marker=marker)
+    except subprocess.TimeoutExpired:
+        for pid in leftover_processes(marker).split():  # ranks orphaned by killing mpiexec
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        pytest.fail(f"{mode}: the job hung (killed after 30 s)")
+    assert result.returncode == returncode, result.stderr[-3000:]
+    assert seconds < 20
+    assert error in result.stderr, result.stderr[-3000:]
+    time.sleep(0.5)
+    assert not leftover_processes(marker)
+    return result
+
+
+def test_a_rank_raising_through_try_finally_destroy_ends_the_job():
+    # torch's idiom: destroy_process_group used to restore sys.excepthook, so rank 1 waited in
+    # MPI_Finalize at exit and rank 0 in its all-reduce, forever.
+    result = ends_quickly_with("finally", "[rank 1] RuntimeError: rank 1 fails inside try/finally")
+    assert "[rank 1] Traceback (most recent call last):" in result.stderr
+
+
+def test_init_process_group_refusing_one_rank_ends_the_job():
+    # rank=0 on every rank: only rank 1's init_process_group raises, before it used to install
+    # the abort, while rank 0 waits in its first all-reduce.
+    ends_quickly_with("rank-argument", "[rank 1] ValueError: init_process_group: rank=0, but "
+                                       "mpiexec made this process rank 1; leave rank out")
+
+
+def test_destroy_then_init_again_and_a_failure_after_the_last_destroy():
+    # The group comes back after destroy (MPI is not finalized by it), and the abort on an
+    # uncaught exception outlives the last destroy (rank 0 sleeps 60 s otherwise).
+    result = ends_quickly_with("reinit", "[rank 1] ValueError: rank 1 fails after "
+                                         "destroy_process_group")
+    assert sorted(line for line in result.stdout.splitlines() if line.startswith("rank ")) == [
+        "rank 0 round 0 sum 3", "rank 0 round 1 sum 5", "rank 1 round 0 sum 3",
+        "rank 1 round 1 sum 5"]
+
+
+def test_os_exit_of_one_rank_ends_the_job_with_its_code():
+    # What the module's docstring advises instead of sys.exit(code) (which hangs: Python tells
+    # no hook of a SystemExit, and MPI_Finalize at exit waits for every rank).
+    ends_quickly_with("os-exit", "", returncode=3)
 
 
 def test_collectives_on_three_ranks():

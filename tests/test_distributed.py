@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -26,7 +27,7 @@ from scratchcnn.optim import Adam
 @pytest.fixture
 def no_mpi(monkeypatch):
     """Not under mpiexec, and mpi4py impossible to import (as if not installed)."""
-    for name in (*launch.MPIEXEC_VARIABLES, launch.LAUNCH_MARKER):
+    for name in (*launch.MPIEXEC_VARIABLES, launch.LAUNCH_MARKER, "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setitem(sys.modules, "mpi4py", None)
     yield
@@ -43,10 +44,13 @@ def world_of_one(no_mpi):
 @pytest.fixture
 def two_identical_ranks(world_of_one, monkeypatch):
     """The group as seen by one of two ranks that hold the same arrays: a sum over the ranks
-    is twice this one's, a broadcast changes nothing."""
+    is twice this one's, a maximum or a broadcast changes nothing; ``calls`` records the sums'
+    sizes."""
     calls = []
 
     def all_reduce(array, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if op is dist.ReduceOp.MAX:  # DDP's check that the ranks' models agree: they do
+            return dist.Work() if async_op else None
         assert op is dist.ReduceOp.SUM
         calls.append(array.size)
         array *= 2
@@ -123,6 +127,47 @@ def test_started_by_mpiexec_without_mpi4py_names_the_fix(no_mpi, monkeypatch, va
                                            r".*pip install 'scratchcnn\[mpi\]'"):
         dist.init_process_group()
     assert not dist.is_initialized()
+
+
+def test_a_process_started_by_torchrun_is_told_to_use_mpiexec(no_mpi, monkeypatch):
+    # torchrun sets WORLD_SIZE (and RANK) but no MPI variable: each process would be a world of
+    # one, and N of them would train and save alone.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(RuntimeError, match=r"^init_process_group: WORLD_SIZE=3 \(torchrun's\) "
+                                           r"is set, but this process was not started by "
+                                           r"mpiexec.*`mpiexec -n 3 python script.py` instead "
+                                           r"of torchrun$"):
+        dist.init_process_group(init_method="env://")
+    assert not dist.is_initialized()
+    for value in ("1", "", "two"):  # a world of one, as before
+        monkeypatch.setenv("WORLD_SIZE", value)
+        dist.init_process_group()
+        assert dist.get_world_size() == 1
+        dist.destroy_process_group()
+    monkeypatch.setenv("WORLD_SIZE", "3")  # mpiexec's ranks are what counts under mpiexec
+    monkeypatch.setenv(launch.MPIEXEC_VARIABLES[0], "2")
+    with pytest.raises(RuntimeError, match="mpi4py cannot be loaded"):
+        dist.init_process_group()
+
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+@pytest.mark.skipif(not os.access(TORCHRUN, os.X_OK), reason="needs torchrun (PyTorch)")
+def test_torchrun_launch_fails_in_every_process(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("from scratchcnn import distributed as dist\n"
+                      "dist.init_process_group(init_method='env://')\n"
+                      "print('trained alone as rank', dist.get_rank(), flush=True)\n")
+    env = {name: value for name, value in os.environ.items()
+           if name not in (*launch.MPIEXEC_VARIABLES, launch.LAUNCH_MARKER)}
+    result = subprocess.run([TORCHRUN, "--nproc_per_node=2", str(script)], env=env,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode != 0
+    assert "trained alone" not in result.stdout
+    assert ("launch with `mpiexec -n 2 python script.py` instead of torchrun"
+            in result.stdout + result.stderr), result.stderr[-3000:]
 
 
 # -- the launcher -------------------------------------------------------------------------------

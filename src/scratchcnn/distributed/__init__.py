@@ -12,6 +12,22 @@ ways, ``python train.py`` and ``mpiexec -n 2 python train.py``.
 
 Collectives work in place on C-contiguous NumPy arrays, which every rank passes with the same
 shape and dtype, in the same order (MPI matches calls by order, not by name).
+
+How a job ends when one rank fails (the others may be waiting for it in a collective):
+
+* an uncaught exception, also one raised by ``init_process_group`` itself or still propagating
+  after ``destroy_process_group`` (``try: train() finally: destroy_process_group()``): the rank
+  prints its traceback and aborts the whole job (``MPI_Abort``), see ``init_process_group``;
+* a rank killed by a signal (SIGKILL included): mpiexec sees it die and ends the job;
+* ``sys.exit(code)`` (or ``raise SystemExit(code)``) with a non-zero code while other ranks still
+  run: NOT handled, the job hangs. Python gives ``sys.excepthook`` no SystemExit, and tells no
+  exit handler the exit status; at exit mpi4py calls ``MPI_Finalize``, which waits for every
+  rank, and the ranks waiting in a collective wait for this one forever. Leave a failing rank
+  with an exception instead, or with ``os._exit(code)`` (after flushing your files), which skips
+  ``MPI_Finalize``: mpiexec then sees the non-zero exit and ends the job.
+
+Launched by torchrun (``WORLD_SIZE`` > 1 but not mpiexec), ``init_process_group`` refuses to
+start, naming ``mpiexec -n N python script.py``: each process would otherwise train alone.
 """
 
 from __future__ import annotations
@@ -26,7 +42,12 @@ from typing import Any
 
 import numpy as np
 
-from scratchcnn.distributed._environment import MPI_INSTALL, launched_by_mpiexec
+from scratchcnn.distributed._environment import (
+    FOREIGN_WORLD_SIZE,
+    MPI_INSTALL,
+    foreign_world_size,
+    launched_by_mpiexec,
+)
 
 __all__ = [
     "ReduceOp",
@@ -64,10 +85,13 @@ class _ProcessGroup:
     rank: int
     size: int
     blas_limits: Any = None  # threadpoolctl's limiter, undone by destroy_process_group
-    previous_excepthook: Any = None
 
 
 _group: _ProcessGroup | None = None
+# sys.excepthook before _abort_job_on_exception replaced it (which then stays until exit), and
+# whether the last init_process_group asked for the abort.
+_previous_excepthook: Any = None
+_abort_enabled = False
 
 
 def is_available() -> bool:
@@ -106,11 +130,16 @@ def init_process_group(
       None leaves them alone. ``destroy_process_group`` restores them.
     * ``abort_on_exception`` (default True): an uncaught exception in this rank prints its
       traceback, each line prefixed ``[rank r]``, and aborts the whole job (``MPI_Abort``), so
-      that the other ranks do not wait forever in their next collective. (A rank killed by a
-      signal ends the job too: mpiexec sees it die. A rank that leaves with ``sys.exit(code)``
-      raises no exception: use ``os._exit(code)`` to leave while the others still run.)
+      that the other ranks do not wait forever in their next collective. The hook is installed
+      before this function checks its arguments (a ``rank`` that is wrong on one rank only
+      ends the job too) and stays installed until the process exits, also after
+      ``destroy_process_group``: an exception still propagating through ``try: ... finally:
+      destroy_process_group()`` would otherwise leave this rank waiting in ``MPI_Finalize``
+      and the others in their collective, forever. (A rank killed by a signal ends the job
+      too: mpiexec sees it die. ``sys.exit(code)`` does not: see the module's docstring.)
 
-    Outside mpiexec this process is the whole world (rank 0 of 1) and mpi4py is not imported.
+    Outside mpiexec this process is the whole world (rank 0 of 1) and mpi4py is not imported;
+    but with torchrun's ``WORLD_SIZE`` > 1 set, a RuntimeError says to launch with mpiexec.
     Launched by mpiexec without a working mpi4py: a RuntimeError naming the fix.
     """
     global _group
@@ -123,25 +152,41 @@ def init_process_group(
         raise ValueError(f"init_method {init_method!r} is not supported: the ranks find each "
                          "other through mpiexec (leave init_method out)")
     if not launched_by_mpiexec():
+        others = foreign_world_size()
+        if others is not None:
+            raise RuntimeError(
+                f"init_process_group: {FOREIGN_WORLD_SIZE}={others} (torchrun's) is set, but "
+                f"this process was not started by mpiexec, so it would train alone as rank 0 "
+                f"of 1; launch with `mpiexec -n {others} python script.py` instead of torchrun")
         group = _ProcessGroup(comm=None, rank=0, size=1)
     else:
         mpi = _import_mpi()
         comm = mpi.COMM_WORLD
         group = _ProcessGroup(comm=comm, rank=comm.Get_rank(), size=comm.Get_size())
+    if group.size > 1:
+        # Before the checks below, whose errors may differ between ranks: a rank that raises
+        # here while the others go on to their first collective must end the job too.
+        _install_abort_hook(abort_on_exception)
     for name, given, actual in (("world_size", world_size, group.size),
                                 ("rank", rank, group.rank)):
         if given != -1 and given != actual:
             raise ValueError(f"init_process_group: {name}={given}, but mpiexec made this "
                              f"process {name} {actual}; leave {name} out")
-    if group.size > 1:
-        if blas_threads is not None:
-            from threadpoolctl import threadpool_limits
+    if group.size > 1 and blas_threads is not None:
+        from threadpoolctl import threadpool_limits
 
-            group.blas_limits = threadpool_limits(limits=blas_threads)
-        if abort_on_exception:
-            group.previous_excepthook = sys.excepthook
-            sys.excepthook = _abort_job_on_exception
+        group.blas_limits = threadpool_limits(limits=blas_threads)
     _group = group
+
+
+def _install_abort_hook(enabled: bool) -> None:
+    """Make ``_abort_job_on_exception`` this process's ``sys.excepthook`` (once: it stays until
+    exit), aborting the job or not as ``enabled`` says."""
+    global _previous_excepthook, _abort_enabled
+    _abort_enabled = enabled
+    if enabled and sys.excepthook is not _abort_job_on_exception:
+        _previous_excepthook = sys.excepthook
+        sys.excepthook = _abort_job_on_exception
 
 
 def _import_mpi() -> Any:
@@ -160,9 +205,14 @@ def _abort_job_on_exception(kind: type[BaseException], error: BaseException,
                             trace: TracebackType | None) -> None:
     """``sys.excepthook`` of a rank: its traceback, each line prefixed with the rank, then
     ``MPI_Abort``, which makes mpiexec end every rank (the others may be waiting for this one
-    in a collective, and would wait forever)."""
-    group = _group
-    prefix = f"[rank {group.rank if group else '?'}] "
+    in a collective, and would wait forever). Whether or not the process group is still
+    initialized; but only while MPI runs (initialized, not finalized) with more than one rank,
+    and the last ``init_process_group`` asked for it: else the hook it replaced runs."""
+    comm = _running_world()
+    if comm is None or not _abort_enabled:
+        (_previous_excepthook or sys.__excepthook__)(kind, error, trace)
+        return
+    prefix = f"[rank {comm.Get_rank()}] "
     if issubclass(kind, KeyboardInterrupt):
         lines = ["interrupted\n"]  # Ctrl-C reaches every rank: N tracebacks would say nothing
     else:
@@ -171,8 +221,16 @@ def _abort_job_on_exception(kind: type[BaseException], error: BaseException,
     sys.stderr.write("".join(prefix + line for line in text.splitlines(keepends=True)))
     sys.stderr.flush()
     sys.stdout.flush()
-    if group is not None and group.comm is not None:
-        group.comm.Abort(1)
+    comm.Abort(1)
+
+
+def _running_world() -> Any:
+    """mpi4py's ``COMM_WORLD`` if MPI is initialized, not yet finalized, and has more than one
+    rank; else None (mpi4py is not imported here if it was not already)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+        return None
+    return mpi.COMM_WORLD if mpi.COMM_WORLD.Get_size() > 1 else None
 
 
 def _require_group(caller: str) -> _ProcessGroup:
@@ -316,13 +374,13 @@ def _check_group_argument(group: Any, caller: str) -> None:
 
 
 def destroy_process_group(group: None = None) -> None:
-    """Leave the process group: BLAS threads and ``sys.excepthook`` are restored. MPI itself
-    stays up (it cannot start twice in one process), so ``init_process_group`` may run again."""
+    """Leave the process group (torch's name): BLAS threads are restored. Nothing here talks to
+    the other ranks, and MPI itself stays up (it cannot start twice in one process; mpi4py
+    finalizes it at exit), so ``init_process_group`` may run again. The abort on an uncaught
+    exception stays installed (see ``init_process_group``)."""
     global _group
     _check_group_argument(group, "destroy_process_group")
     group_ = _require_group("destroy_process_group")
     if group_.blas_limits is not None:
         group_.blas_limits.restore_original_limits()
-    if group_.previous_excepthook is not None and sys.excepthook is _abort_job_on_exception:
-        sys.excepthook = group_.previous_excepthook
     _group = None

@@ -25,3 +25,18 @@ def launched_by_scratchcnn() -> bool:
     """Whether this rank was started by ``launch.run_under_mpiexec`` (a CLI command re-run as
     ranks), not by a user's own mpiexec."""
     return os.environ.get(LAUNCH_MARKER) == "1"
+
+
+# Set by torchrun (torch.distributed.run) in each process it starts, and by launchers built like it
+# (torch.distributed.launch, accelerate, deepspeed): the job's size, which mpiexec does not set.
+FOREIGN_WORLD_SIZE = "WORLD_SIZE"
+
+
+def foreign_world_size() -> int | None:
+    """The job size a non-MPI launcher such as torchrun gave this process (``WORLD_SIZE``), if
+    it says more than one process; None otherwise (unset, 1 or not a number)."""
+    try:
+        size = int(os.environ.get(FOREIGN_WORLD_SIZE, ""))
+    except ValueError:
+        return None
+    return size if size > 1 else None
