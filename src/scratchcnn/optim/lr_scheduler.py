@@ -291,7 +291,7 @@ class OneCycleLR(LRScheduler):
             ]
 
         groups = optimizer.param_groups
-        max_lrs = _per_group("max_lr", groups, max_lr)
+        max_lrs = _per_group("OneCycleLR", "max_lr", groups, max_lr)
         if last_epoch == -1:
             for group, group_max_lr in zip(groups, max_lrs, strict=True):
                 group["initial_lr"] = group_max_lr / div_factor
@@ -305,8 +305,8 @@ class OneCycleLR(LRScheduler):
                     "pass cycle_momentum=False"
                 )
             self.use_beta1 = "betas" in optimizer.defaults
-            max_momenta = _per_group("max_momentum", groups, max_momentum)
-            base_momenta = _per_group("base_momentum", groups, base_momentum)
+            max_momenta = _per_group("OneCycleLR", "max_momentum", groups, max_momentum)
+            base_momenta = _per_group("OneCycleLR", "base_momentum", groups, base_momentum)
             if last_epoch == -1:
                 for group, top, bottom in zip(groups, max_momenta, base_momenta, strict=True):
                     self._set_momentum(group, top)
@@ -419,16 +419,7 @@ class LambdaLR(LRScheduler):
         last_epoch: int = -1,
     ) -> None:
         _check_optimizer(self, optimizer)
-        groups = len(optimizer.param_groups)
-        if isinstance(lr_lambda, (list, tuple)):
-            if len(lr_lambda) != groups:
-                raise ValueError(
-                    f"LambdaLR: expected {groups} lr_lambdas (one per parameter group), "
-                    f"got {len(lr_lambda)}"
-                )
-            self.lr_lambdas = list(lr_lambda)
-        else:
-            self.lr_lambdas = [lr_lambda] * groups
+        self.lr_lambdas = _per_group("LambdaLR", "lr_lambda", optimizer.param_groups, lr_lambda)
         for fn in self.lr_lambdas:
             if not callable(fn):
                 raise TypeError(
@@ -600,18 +591,9 @@ class ReduceLROnPlateau(LRScheduler):
         self.factor = factor
         _check_optimizer(self, optimizer)
         self.optimizer = optimizer
-        groups = len(optimizer.param_groups)
-        if isinstance(min_lr, (list, tuple)):
-            if len(min_lr) != groups:
-                raise ValueError(
-                    f"ReduceLROnPlateau: expected {groups} min_lrs (one per parameter group), "
-                    f"got {len(min_lr)}"
-                )
-            self.default_min_lr = None
-            self.min_lrs = list(min_lr)
-        else:
-            self.default_min_lr = min_lr
-            self.min_lrs = [min_lr] * groups
+        self.min_lrs = _per_group("ReduceLROnPlateau", "min_lr", optimizer.param_groups, min_lr)
+        # torch keeps the single value to give groups added later (add_param_group).
+        self.default_min_lr = None if isinstance(min_lr, (list, tuple)) else min_lr
         if any(not _is_real(value) or value < 0 for value in self.min_lrs):
             raise ValueError(f"ReduceLROnPlateau: min_lr must be >= 0, got {min_lr!r}")
         for name, value in (("patience", patience), ("cooldown", cooldown)):
@@ -742,13 +724,12 @@ def _milestone_counter(milestones: Any) -> Counter[int]:
     return Counter(int(m) for m in milestones)
 
 
-def _per_group(name: str, groups: list[dict[str, Any]], value: Any) -> list[Any]:
-    """``value`` repeated for every group, or checked to have one entry per group."""
+def _per_group(owner: str, name: str, groups: list[dict[str, Any]], value: Any) -> list[Any]:
+    """``value`` repeated for every group, or checked to have one entry per group (a list or
+    tuple); ``owner`` and ``name`` (the argument's, e.g. "min_lr") name them in the error."""
     if isinstance(value, (list, tuple)):
         if len(value) != len(groups):
-            raise ValueError(
-                f"{name} has {len(value)} values but the optimizer has {len(groups)} "
-                "parameter groups"
-            )
+            raise ValueError(f"{owner}: {name} has {len(value)} values, expected "
+                             f"{len(groups)} {name}s (one per parameter group)")
         return list(value)
     return [value] * len(groups)
