@@ -213,16 +213,16 @@ def _read_sample_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
             table = np.loadtxt(stream, delimiter=",", dtype=np.int64, ndmin=2)
     except (OSError, EOFError, zlib.error, ValueError) as error:
         raise DatasetError(f"{path}: cannot parse the MNIST sample CSV ({error})") from None
-    if table.shape[1] != 28 * 28 + 1:
-        raise DatasetError(
-            f"{path}: expected 785 columns (784 pixels and a label), got {table.shape[1]}"
-        )
+    pixel_count = IMAGE_SIZE[0] * IMAGE_SIZE[1]
+    if table.shape[1] != pixel_count + 1:
+        raise DatasetError(f"{path}: expected {pixel_count + 1} columns ({pixel_count} pixels "
+                           f"and a label), got {table.shape[1]}")
     pixels, labels = table[:, :-1], table[:, -1]
     if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
         raise DatasetError(f"{path}: pixel values outside 0-255")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise DatasetError(f"{path}: labels outside 0-9")
-    return pixels.astype(np.uint8).reshape(-1, 1, 28, 28), labels
+    return pixels.astype(np.uint8).reshape(-1, 1, *IMAGE_SIZE), labels
 
 
 def stratified_split(labels: np.ndarray, test_per_class: int, seed: int
