@@ -60,17 +60,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def default_results_path(target: str, seeds: list[int], modified: bool) -> str:
-    """Where a run writes without --out. Only the target's own recipe on its default seeds
-    writes runs/accuracy/TARGET.json: a smoke test (modified) or other seeds must not replace
-    an hours-long result that sits there."""
-    from scratchcnn.harness.accuracy import DEFAULT_SEEDS
-
-    name = target if list(seeds) == list(DEFAULT_SEEDS) else \
-        f"{target}-seeds-{'-'.join(map(str, seeds))}"
-    return f"runs/accuracy/{'modified/' if modified else ''}{name}.json"
-
-
 def run(args: argparse.Namespace) -> int:
     from scratchcnn.cli import CommandError, check_output_file, require, start_ranks
     from scratchcnn.harness import accuracy
@@ -86,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                                                      "dataset")
                  if getattr(args, key) is not None}
     require("torch", "an accuracy target (it trains the PyTorch twin too)")
-    out = args.out or default_results_path(args.target, args.seeds, bool(overrides))
+    out = args.out or accuracy.default_results_path(args.target, args.seeds, bool(overrides))
     check_output_file(out)
     code = start_ranks(args, args.threads)
     if code is not None:

@@ -87,6 +87,16 @@ def get_target(name: str) -> Target:
         ) from None
 
 
+def default_results_path(target: str, seeds: Iterable[int], modified: bool) -> str:
+    """Where a run writes without --out. Only the target's own recipe on its default seeds
+    writes runs/accuracy/TARGET.json: a smoke test (modified) or other seeds must not replace
+    an hours-long result that sits there."""
+    seeds = list(seeds)
+    name = target if seeds == list(DEFAULT_SEEDS) else \
+        f"{target}-seeds-{'-'.join(map(str, seeds))}"
+    return f"runs/accuracy/{'modified/' if modified else ''}{name}.json"
+
+
 def command_for(name: str, seeds: Iterable[int] = DEFAULT_SEEDS, out: str | Path | None = None,
                 overrides: Mapping[str, Any] | None = None, data_dir: str | None = None,
                 threads: int | None = None) -> str:
@@ -99,7 +109,8 @@ def command_for(name: str, seeds: Iterable[int] = DEFAULT_SEEDS, out: str | Path
         words += ["--data-dir", str(data_dir)]
     if threads is not None:
         words += ["--threads", str(threads)]
-    words += ["--out", str(out if out is not None else f"runs/accuracy/{name}.json")]
+    words += ["--out", str(out if out is not None
+                           else default_results_path(name, seeds, bool(overrides)))]
     return " ".join(shlex.quote(word) for word in words)
 
 
