@@ -70,7 +70,14 @@ class LRScheduler:
             values = closed_form() if closed_form is not None else self.get_lr()
         for group, lr in zip(self.optimizer.param_groups, values, strict=True):
             group["lr"] = lr
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        self._last_lr = self._current_lrs()
+
+    def _state_mapping(self, state_dict: Any) -> dict[str, Any]:
+        """``state_dict`` as a dict of its own, or a ValueError if it is not a mapping."""
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: expected a dict, got "
+                             f"{type(state_dict).__name__}")
+        return dict(state_dict)
 
     def get_last_lr(self) -> list[float]:
         """The learning rates the last ``step()`` set, one per parameter group."""
@@ -90,8 +97,7 @@ class LRScheduler:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a state saved by ``state_dict()`` of the same scheduler class."""
         where = f"{type(self).__name__}.load_state_dict"
-        if not isinstance(state_dict, Mapping):
-            raise ValueError(f"{where}: expected a dict, got {type(state_dict).__name__}")
+        state_dict = self._state_mapping(state_dict)
         known = set(self.state_dict())
         # torch's schedulers also save a flag of their own call stack, False between steps.
         state_dict = {k: v for k, v in state_dict.items() if k not in _TORCH_ONLY_KEYS}
@@ -447,11 +453,7 @@ class LambdaLR(LRScheduler):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the counters, and each saved callable object's attributes into this
         scheduler's own (the functions themselves are never loaded)."""
-        if not isinstance(state_dict, Mapping):
-            raise ValueError(
-                f"LambdaLR.load_state_dict: expected a dict, got {type(state_dict).__name__}"
-            )
-        state = dict(state_dict)
+        state = self._state_mapping(state_dict)
         saved = state.pop("lr_lambdas", None) or [None] * len(self.lr_lambdas)
         if len(saved) != len(self.lr_lambdas):
             raise ValueError(
@@ -549,11 +551,7 @@ class SequentialLR(LRScheduler):
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        if not isinstance(state_dict, Mapping):
-            raise ValueError(
-                f"SequentialLR.load_state_dict: expected a dict, got {type(state_dict).__name__}"
-            )
-        state = dict(state_dict)
+        state = self._state_mapping(state_dict)
         saved = state.pop("_schedulers", None)
         if saved is None or len(saved) != len(self._schedulers):
             raise ValueError(
